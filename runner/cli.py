@@ -1,0 +1,208 @@
+"""`lora-sweep`: a thin entry point. Parses the subcommand, lets Hydra compose the config, calls the pieces.
+
+    lora-sweep run    [overrides]      generate the sweep (default: the demo sweep on the tiny model)
+    lora-sweep plan   [overrides]      expand + validate, print the summary, write the plan (no torch)
+    lora-sweep report SWEEP_FOLDER     redraw the grids from a sweep folder
+
+Sweep files are the `sweep` config group: every `sweeps/*.yaml` (the project's and the current
+directory's) is registered under its file name, so `sweep=NAME` selects one and
+`sweep.base.guidance_scale=5` overrides inside it; `sweep=path/to/file.yaml` works too.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from runner.request import did_you_mean
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = PROJECT_ROOT / "conf"
+SWEEP_KEYS = ("name", "description", "base", "grid", "report", "max_images")
+
+USAGE = """usage: lora-sweep COMMAND [overrides...]
+
+commands:
+  run     generate a sweep: plan, validate, generate what is not done yet, log to MLflow, draw grids
+  plan    expand and validate a sweep, print its summary and write plan.parquet/plan.csv (no GPU, no torch)
+  report  redraw the comparison grids of a sweep folder: lora-sweep report outputs/demo
+
+overrides use Hydra's syntax:
+  lora-sweep run                                     the demo sweep on the embedded tiny model
+  lora-sweep run sweep=blends                        another file of sweeps/
+  lora-sweep run sweep=my_sweep.yaml engine.batch_size=8 sweep.base.guidance_scale=5
+  lora-sweep run tracking=none                       no MLflow
+  lora-sweep run retry_failed=true                   only the images that failed before
+  lora-sweep run --cfg job                           print the composed config and exit
+  lora-sweep run --help                              config groups and every setting
+"""
+
+HYDRA_HELP = """lora-sweep ${hydra.job.name}: LoRA sweeps for text-to-image diffusion.
+
+Config groups (choose with GROUP=OPTION):
+$APP_CONFIG_GROUPS
+Sweep files are the `sweep` group: sweeps/*.yaml, selected with sweep=NAME or sweep=path/to/file.yaml.
+Override any field with KEY=VALUE, e.g. sweep.base.guidance_scale=5 engine.batch_size=8.
+
+The composed config:
+$CONFIG
+"""
+
+
+def sweep_dirs() -> list[Path]:
+    """Where sweep files are looked up: ./sweeps first, then the project's sweeps/."""
+    dirs = [Path.cwd() / "sweeps", PROJECT_ROOT / "sweeps"]
+    return list(dict.fromkeys(d.resolve() for d in dirs if d.is_dir()))
+
+
+def load_sweep_file(path: Path) -> dict[str, Any]:
+    """Read one sweep file, with a one-line error for what YAML or the schema would say at length."""
+    from runner.run import UserError
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise UserError(f"sweep: {path} is not valid YAML ({problem} at{where}); fix the file") from None
+    except OSError as exc:
+        raise UserError(f"sweep: cannot read {path} ({exc.strerror})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"sweep: {path} must be a mapping with base: and grid:; see sweeps/demo.yaml")
+    for key in data:
+        if key not in SWEEP_KEYS:
+            hint = did_you_mean(str(key), SWEEP_KEYS) or f"known keys: {', '.join(SWEEP_KEYS)}"
+            raise UserError(f"sweep.{key}: unknown key in {path.name}; {hint}")
+    data.setdefault("name", path.stem)
+    return data
+
+
+def register_sweeps(argv: list[str]) -> list[str]:
+    """Put the sweep files in Hydra's ConfigStore (group `sweep`); returns argv with file paths made names."""
+    from hydra.core.config_store import ConfigStore
+
+    from runner.run import UserError
+
+    cs = ConfigStore.instance()
+    selected = next((a.split("=", 1)[1] for a in argv if a.startswith("sweep=")), "demo")
+    new_argv = list(argv)
+    if selected.endswith((".yaml", ".yml")):
+        path = Path(selected)
+        if not path.is_file():
+            raise UserError(f"sweep: file {selected} does not exist; give a path to a sweep YAML or a name from sweeps/")
+        cs.store(group="sweep", name=path.stem, node=load_sweep_file(path))
+        new_argv = [f"sweep={path.stem}" if a == f"sweep={selected}" else a for a in argv]
+        selected = path.stem
+    known: list[str] = []
+    for folder in reversed(sweep_dirs()):  # ./sweeps registered last, so it wins
+        for path in sorted(folder.glob("*.y*ml")):
+            known.append(path.stem)
+            if path.stem == selected and not selected.endswith(".yaml"):
+                cs.store(group="sweep", name=path.stem, node=load_sweep_file(path))
+            elif path.stem != selected:
+                try:
+                    cs.store(group="sweep", name=path.stem, node=load_sweep_file(path))
+                except UserError:
+                    pass  # a broken file that is not selected does not block this run
+    if selected not in known and not any(a.startswith("sweep=") and a.endswith((".yaml", ".yml")) for a in argv):
+        hint = did_you_mean(selected, known) or f"known sweeps: {', '.join(sorted(set(known))) or 'none'}"
+        raise UserError(f"sweep: no sweep named '{selected}' in {', '.join(map(str, sweep_dirs())) or 'sweeps/'}; {hint}")
+    return new_argv
+
+
+def _hydra_command(command: str, argv: list[str]) -> None:
+    import hydra
+    from omegaconf import DictConfig
+
+    from runner.config import register_configs
+
+    register_configs()
+    argv = register_sweeps(argv)
+
+    def task(cfg: DictConfig) -> None:
+        from runner.run import UserError
+
+        try:
+            if command == "run":
+                from runner.run import run_sweep
+
+                summary = run_sweep(cfg)
+                if summary.interrupted:
+                    sys.exit(130)
+            else:
+                plan_command(cfg)
+        except UserError as exc:
+            fail(exc.lines)
+
+    task.__name__ = command  # Hydra's job name
+    sys.argv = [f"lora-sweep {command}", *argv, f"hydra.help.template={HYDRA_HELP!r}"] if "--help" in argv else [f"lora-sweep {command}", *argv]
+    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()
+
+
+def plan_command(cfg: Any) -> None:
+    from runner.run import describe_plan, plan_or_fail, sweep_folder
+
+    prepared = plan_or_fail(cfg)
+    describe_plan(prepared, sys.stdout)
+    folder = sweep_folder(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    from runner.store import atomic_write_parquet
+
+    atomic_write_parquet(folder / "plan.parquet", prepared.plan)
+    prepared.plan.to_csv(folder / "plan.csv", index=False)
+    requests = len(prepared.plan)
+    print(f"wrote {folder / 'plan.parquet'} and plan.csv ({requests} rows; {requests} requests on a remote engine)")
+
+
+def report_command(argv: list[str]) -> None:
+    import pandas as pd
+    from omegaconf import OmegaConf
+
+    from runner.report import make_grids
+    from runner.store import SweepStore
+
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print("usage: lora-sweep report SWEEP_FOLDER   (e.g. outputs/demo)")
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    store = SweepStore(argv[0])
+    if not store.plan_path.exists():
+        fail([f"report: {store.root} has no plan.parquet; give a sweep folder written by lora-sweep run"])
+    grid = OmegaConf.load(store.config_path).sweep.report if store.config_path.exists() else OmegaConf.create({"grid": {"x": "lora_strength", "y": "lora_model"}, "cell_size": 128})
+    results = store.read_results() if store.results_path.exists() or store.journal_path.exists() else pd.DataFrame(columns=["id", "status", "file"])
+    paths = make_grids(store.read_plan(), results, store.root, grid.grid.x, grid.grid.y, grid.cell_size)
+    print(f"wrote {len(paths)} grids to {store.grids}")
+
+
+def fail(lines: list[str]) -> None:
+    for line in lines:
+        print(f"error: {line}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from runner.run import UserError, run_environment_defaults
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    command, rest = argv[0], argv[1:]
+    run_environment_defaults()
+    try:
+        if command in ("run", "plan"):
+            _hydra_command(command, rest)
+        elif command == "report":
+            report_command(rest)
+        else:
+            hint = did_you_mean(command, ["run", "plan", "report"])
+            fail([f"unknown command '{command}'; {hint or 'use run, plan or report'}"])
+    except UserError as exc:
+        fail(exc.lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Structured configs: the schema Hydra validates every YAML file and override against.
+
+Groups mirror the code: `model/` -> registry, `engine/` -> engines, `tracking/` -> tracking,
+`sweep/` (the files in sweeps/) -> plan. Request fields inside `sweep.base` and `sweep.grid` are
+left open here and checked by `runner.request`, which knows the spec's loose types and gives
+one-line errors with "did you mean".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from: a diffusers folder, a single-file checkpoint or a hub id (local cache only)."""
+
+    source: str = "???"
+    variant: str | None = None
+    builtin: bool = False  # the project builds it into paths.assets when missing (the demo model)
+    lcm: bool = False  # LCM-distilled weights (LCMScheduler is meant for them)
+
+
+@dataclass
+class LoraSource:
+    """A LoRA file (or folder + weight_name, or hub id + weight_name)."""
+
+    source: str = "???"
+    weight_name: str | None = None
+    builtin: bool = False
+    lcm: bool = False  # an LCM LoRA (LCMScheduler is meant for it)
+
+
+@dataclass
+class ModelConfig:
+    id: str = "tiny-sd"  # the default request model_id
+
+
+@dataclass
+class EngineConfig:
+    kind: str = "local"  # local | remote
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    batch_size: int = 4  # seeds of one cell generated in one call
+    substitute_schedulers: bool = False  # run a documented substitute for non-generator schedulers
+    cache_prompt_embeddings: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str | None = None  # any MLflow URI; default sqlite:///<paths.outputs>/mlflow.db
+    artifact_location: str | None = None  # default <paths.outputs>/mlartifacts for new experiments
+    experiment: str | None = None  # default: the sweep name
+    queue_size: int = 64  # images waiting for the background writer before generation waits
+
+
+@dataclass
+class GridAxes:
+    x: str | None = "lora_strength"
+    y: str | None = "lora_model"
+
+
+@dataclass
+class ReportConfig:
+    grid: GridAxes = field(default_factory=GridAxes)
+    cell_size: int = 128  # pixels of each image in a grid
+
+
+@dataclass
+class SweepConfig:
+    name: str = "???"
+    description: str = ""
+    base: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, Any] = field(default_factory=dict)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    max_images: int = 5000  # refuse larger plans unless raised
+
+
+@dataclass
+class ValidationConfig:
+    max_lora_strength: float = 1.0  # the spec's limit; local sweeps may raise it to 2
+
+
+@dataclass
+class PathsConfig:
+    outputs: str = "outputs"
+    assets: str = "outputs/assets"
+
+
+@dataclass
+class Config:
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    models: dict[str, ModelSource] = field(default_factory=dict)
+    loras: dict[str, LoraSource] = field(default_factory=dict)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    retry_failed: bool = False  # only run the ids that failed before
+    progress: bool = True
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="lora_sweep_schema", node=Config)

@@ -1,0 +1,46 @@
+"""Engines behind one interface. Capabilities are plain data, so planning never imports torch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from runner.engines.base import Capabilities, Engine, ImageResult
+from runner.schedulers import GENERATORS
+
+LOCAL_CAPABILITIES = Capabilities(
+    kind="local",
+    schedulers=frozenset(GENERATORS),
+    not_applied={
+        "enhance_prompt": "prompt enhancement is the provider's own model; the prompt is used as written",
+        "multi_lingual": "no translation model is loaded; the prompt is used as written",
+        "panorama": "the panorama pipeline is not wired into the local engine yet",
+        "self_attention": "self-attention guidance is not wired into the local engine yet",
+        "upscale": "no upscaler model is configured",
+        "safety_checker": "no safety checker model is loaded",
+        "tomesd": "token merging is not applied",
+        "highres_fix": "high-res fix is not applied",
+        "embeddings_model": "textual inversion embeddings are not loaded yet",
+        "vae": "a separate VAE is not loaded yet",
+        "webhook": "the local engine has no webhook",
+    },
+)
+
+CAPABILITIES = {"local": LOCAL_CAPABILITIES}
+
+
+def capabilities(kind: str) -> Capabilities:
+    if kind not in CAPABILITIES:
+        raise KeyError(kind)
+    return CAPABILITIES[kind]
+
+
+def create_engine(kind: str, **kwargs: Any) -> Engine:
+    """Import and build an engine; torch is imported only here."""
+    if kind == "local":
+        from runner.engines.local import LocalEngine
+
+        return LocalEngine(**kwargs)
+    raise KeyError(kind)
+
+
+__all__ = ["Capabilities", "Engine", "ImageResult", "capabilities", "create_engine"]

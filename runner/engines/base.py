@@ -1,0 +1,54 @@
+"""The engine interface: what the runner, the server and a worker pool need from any engine.
+
+An engine turns plan rows into images. It may reorder rows (to switch adapters rarely) and yields
+one `ImageResult` per row as images finish, so the caller can store and log them while the next
+batch runs. It never writes files or logs to MLflow: that is the store's and the tracker's job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import pandas as pd
+
+
+@dataclass
+class ImageResult:
+    id: str
+    status: str  # ok | failed
+    image: Any = None  # PIL.Image.Image when ok
+    error: str = ""
+    seed: int | None = None  # the seed really used
+    scheduler: str = ""  # the scheduler class really run
+    generation_s: float = 0.0  # this image's share of its batch's wall time
+    batch_size: int = 1
+    notes: list[str] = field(default_factory=list)  # substitutions, fields not applied, warnings
+    meta: dict[str, Any] = field(default_factory=dict)  # engine-specific (remote meta, device, ...)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine can honour; validation checks the plan against it before the first image."""
+
+    kind: str
+    schedulers: frozenset[str]
+    # request field -> why it is not applied when set (warned once per sweep, recorded per row)
+    not_applied: dict[str, str] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    kind: str
+
+    def prepare(self, plan: pd.DataFrame) -> None:
+        """Load what the pending rows need (pipeline, adapters); called once before generate."""
+
+    def generate(self, rows: pd.DataFrame) -> Iterator[ImageResult]:
+        """Generate every row, yielding one result per row (failed rows included) as they finish."""
+
+    def describe(self) -> dict[str, str]:
+        """Tags for tracking: device, dtype, library versions."""
+
+    def close(self) -> None:
+        """Release models and connections; safe to call twice."""

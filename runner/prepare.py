@@ -1,0 +1,84 @@
+"""Config -> validated plan: what `lora-sweep plan` prints and `lora-sweep run` executes. No torch.
+
+Reads files only to hash them (the registry); expansion and validation stay pure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from runner.engines import capabilities
+from runner.plan import Identity, PlanError, build_plan, with_ids
+from runner.registry import HashCache, Registry, resolve_all
+from runner.request import Limits, Problem, split_loras
+from runner.validate import validate_plan
+
+
+@dataclass
+class PreparedSweep:
+    name: str
+    plan: pd.DataFrame
+    registry: Registry | None
+    identity: Identity | None
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    duplicates: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def engine_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The engine settings that decide pixels (as configured: `auto` stays `auto`)."""
+    return {"kind": cfg.engine.kind, "device": cfg.engine.device, "dtype": cfg.engine.dtype}
+
+
+def prepare_sweep(cfg: DictConfig) -> PreparedSweep:
+    name = cfg.sweep.name
+    try:
+        caps = capabilities(cfg.engine.kind)
+    except KeyError:
+        return PreparedSweep(name, pd.DataFrame(), None, None, [str(Problem("engine.kind", f"unknown engine '{cfg.engine.kind}'", "use engine=local"))])
+    if not cfg.sweep.base and not cfg.sweep.grid:
+        return PreparedSweep(name, pd.DataFrame(), None, None, [str(Problem("sweep.base", "the sweep has no base request and no grid", "give at least sweep.base.prompt"))])
+
+    limits = Limits(max_lora_strength=float(cfg.validation.max_lora_strength))
+    if not 0.1 <= limits.max_lora_strength <= 2:
+        return PreparedSweep(name, pd.DataFrame(), None, None, [str(Problem("validation.max_lora_strength", f"{limits.max_lora_strength} is outside 0.1..2", "use 1 (the spec) or up to 2"))])
+    base = OmegaConf.to_container(cfg.sweep.base, resolve=True)
+    grid = OmegaConf.to_container(cfg.sweep.grid, resolve=True)
+    try:
+        built = build_plan(base, grid, default_model_id=cfg.model.id, limits=limits)
+    except PlanError as exc:
+        return PreparedSweep(name, pd.DataFrame(), None, None, [str(p) for p in exc.problems])
+    if built.problems:
+        return PreparedSweep(name, built.plan, None, None, built.problems)
+
+    plan = built.plan
+    models = OmegaConf.to_container(cfg.models, resolve=True)
+    loras = OmegaConf.to_container(cfg.loras, resolve=True)
+    lora_ids = {lora for blend in plan["lora_model"].unique() for lora in split_loras(blend)}
+    hashes = HashCache(Path(cfg.paths.outputs) / ".cache" / "hashes.json")
+    registry = resolve_all(models, loras, set(plan["model_id"].unique()), lora_ids, hashes)
+    identity = Identity(
+        model_hashes={k: v.identity for k, v in registry.models.items()},
+        lora_hashes={k: v.identity for k, v in registry.loras.items()},
+        engine=engine_identity(cfg),
+    )
+    plan, duplicates = with_ids(plan, identity)
+    lcm_ids = frozenset(k for k, v in {**models, **loras}.items() if (v or {}).get("lcm"))
+    checked = validate_plan(
+        plan,
+        caps,
+        substitute_schedulers=cfg.engine.get("substitute_schedulers", False),
+        max_images=cfg.sweep.max_images,
+        lcm_ids=lcm_ids,
+    )
+    problems = [str(p) for p in registry.problems] + checked.problems
+    return PreparedSweep(name, checked.plan, registry, identity, problems, checked.warnings, duplicates)

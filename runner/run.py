@@ -1,0 +1,253 @@
+"""The main job: config -> plan -> engine -> store + tracker -> grids, with resume and a summary.
+
+Everything here composes the pieces; each piece owns its job (plan, validate, engines, store,
+tracking, writer, report).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from runner.plan import summarize
+from runner.prepare import PreparedSweep, prepare_sweep
+from runner.store import SweepLocked, SweepStore
+
+SECRET_KEY = re.compile(r"(^|_)(key|api_key|secret|token|password)$", re.IGNORECASE)
+
+
+class UserError(Exception):
+    """Bad input: printed as one line per problem, exit code 2, no traceback."""
+
+    def __init__(self, lines: list[str] | str):
+        self.lines = [lines] if isinstance(lines, str) else list(lines)
+        super().__init__("\n".join(self.lines))
+
+
+@dataclass
+class Summary:
+    sweep: str
+    folder: Path
+    planned: int
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    generate_s: float = 0.0  # from the engine ready to the last image written and logged
+    interrupted: bool = False
+    grids: list[Path] = field(default_factory=list)
+    tracking_uri: str | None = None
+    parent_run_id: str | None = None
+    tracking_errors: int = 0
+
+    @property
+    def images_per_s(self) -> float:
+        done = self.ok + self.failed
+        return done / self.generate_s if self.generate_s > 0 else 0.0
+
+
+def redact(config: Any) -> Any:
+    """The config with every secret-looking value replaced, for saving and logging."""
+    if isinstance(config, dict):
+        return {k: ("***" if SECRET_KEY.search(str(k)) and v else redact(v)) for k, v in config.items()}
+    if isinstance(config, list):
+        return [redact(v) for v in config]
+    return config
+
+
+def config_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(cfg, resolve=True))))
+
+
+def sweep_folder(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.outputs) / cfg.sweep.name
+
+
+def ensure_builtin_assets(cfg: DictConfig) -> None:
+    """Build the embedded tiny model and LoRAs if a builtin source the config names is missing."""
+    sources = [*cfg.models.values(), *cfg.loras.values()]
+    if any(s.get("builtin") and not Path(s.source).exists() for s in sources):
+        from runner.assets import ensure_demo_assets
+
+        print(f"building the embedded tiny model and LoRAs into {cfg.paths.assets} (once) ...", flush=True)
+        ensure_demo_assets(cfg.paths.assets)
+
+
+def plan_or_fail(cfg: DictConfig) -> PreparedSweep:
+    prepared = prepare_sweep(cfg)
+    if prepared.problems:
+        raise UserError(prepared.problems)
+    return prepared
+
+
+def describe_plan(prepared: PreparedSweep, out: TextIO) -> None:
+    info = summarize(prepared.plan)
+    axes = ", ".join(f"{k}={v}" for k, v in info["axes"].items()) or "none"
+    dup = f" ({prepared.duplicates} duplicate rows dropped)" if prepared.duplicates else ""
+    print(f"plan '{prepared.name}': {info['rows']} images, {info['blends']} distinct blends, axes: {axes}{dup}", file=out)
+    for warning in prepared.warnings:
+        print(f"warning: {warning}", file=out)
+
+
+def open_tracker(cfg: DictConfig, store: SweepStore):
+    if not cfg.tracking.enabled:
+        return None, None
+    from runner.tracking import Tracker, default_uri
+
+    outputs = Path(cfg.paths.outputs)
+    uri = cfg.tracking.uri or default_uri(outputs)
+    artifacts = cfg.tracking.artifact_location or (outputs.resolve() / "mlartifacts").as_uri()
+    try:
+        return Tracker(uri, cfg.tracking.experiment or cfg.sweep.name, artifacts), uri
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"tracking.uri: cannot use MLflow at {uri} ({first[:200]}); start the server, fix the URI, or run with tracking=none") from None
+
+
+def run_sweep(cfg: DictConfig, out: TextIO = sys.stdout) -> Summary:
+    """Generate every image of the sweep that is not done yet; see the module docstring."""
+    ensure_builtin_assets(cfg)
+    prepared = plan_or_fail(cfg)
+    plan = prepared.plan
+    store = SweepStore(sweep_folder(cfg))
+    try:
+        store.acquire()
+    except SweepLocked as exc:
+        raise UserError(f"sweep.name: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"paths.outputs: cannot write {store.root} ({exc.strerror}); choose a writable folder with paths.outputs=DIR") from None
+    try:
+        return _run_locked(cfg, prepared, plan, store, out)
+    finally:
+        store.release()
+
+
+def _run_locked(cfg: DictConfig, prepared: PreparedSweep, plan: pd.DataFrame, store: SweepStore, out: TextIO) -> Summary:
+    describe_plan(prepared, out)
+    store.write_plan(plan)
+    store.write_config(config_yaml(cfg))
+    done = store.ok_ids()
+    if cfg.retry_failed:
+        pending = plan[plan["id"].isin(store.failed_ids() - done)]
+    else:
+        pending = plan[~plan["id"].isin(done)]
+    summary = Summary(cfg.sweep.name, store.root, len(plan), skipped=len(plan) - len(pending))
+    if summary.skipped:
+        print(f"{summary.skipped} images already done in {store.root}; generating the other {len(pending)}", file=out)
+
+    tracker, summary.tracking_uri = open_tracker(cfg, store)
+    registry = prepared.registry
+    hashes = {f"model:{k}": v.sha256 for k, v in registry.models.items()} | {f"lora:{k}": v.sha256 for k, v in registry.loras.items()}
+    base_tags = {
+        "lora_sweep.sweep": cfg.sweep.name,
+        "engine": cfg.engine.kind,
+        **{f"model.{k}.sha256": v.sha256 for k, v in registry.models.items()},
+        **{f"model.{k}.short_hash": v.short_hash for k, v in registry.models.items()},
+        **{f"lora.{k}.sha256": v.sha256 for k, v in registry.loras.items()},
+        **{f"lora.{k}.short_hash": v.short_hash for k, v in registry.loras.items()},
+    }
+    if tracker:
+        summary.parent_run_id = tracker.start_parent(
+            cfg.sweep.name, base_tags, {"sweep": cfg.sweep.name, "images": str(len(plan)), **{f"axis.{k}": str(v) for k, v in summarize(plan)["axes"].items()}}
+        )
+
+    status = "FINISHED"
+    if len(pending):
+        summary, status = _generate(cfg, prepared, pending, store, tracker, hashes, base_tags, summary)
+
+    results = store.snapshot()
+    from runner.report import make_grids
+
+    grid = cfg.sweep.report.grid
+    summary.grids = make_grids(plan, results, store.root, grid.x, grid.y, cfg.sweep.report.cell_size)
+    if tracker:
+        results.to_csv(store.root / "results.csv", index=False)
+        tracker.finish_parent(
+            status,
+            files={"": store.plan_path, "results": store.results_path, "results_csv": store.root / "results.csv", "config": store.config_path},
+            folders={"grids": store.grids},
+            metrics={"images_ok": summary.ok, "images_failed": summary.failed, "images_per_s": summary.images_per_s},
+        )
+    print_summary(summary, out)
+    return summary
+
+
+def _generate(cfg, prepared, pending, store, tracker, hashes, base_tags, summary):
+    from tqdm import tqdm
+
+    from runner.engines import create_engine
+    from runner.writer import BackgroundWriter
+
+    registry = prepared.registry
+    settings = OmegaConf.to_container(cfg.engine, resolve=True)
+    engine = create_engine(settings.pop("kind"), models=registry.models, loras=registry.loras, **settings)
+    status = "FINISHED"
+    writer = None
+    try:
+        engine.prepare(pending)
+        tags = {**base_tags, **{f"lib.{k}" if k not in ("engine", "device", "dtype") else k: v for k, v in engine.describe().items()}}
+        rows = {r["id"]: r for r in prepared.plan.to_dict("records")}
+        writer = BackgroundWriter(store, tracker, rows, hashes, tags, cfg.tracking.queue_size)
+        started = time.perf_counter()  # images/s counts generation + writing, not imports and loading
+        bar = tqdm(total=len(pending), unit="img", desc=cfg.sweep.name, disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
+        try:
+            for result in engine.generate(pending):
+                writer.put(result)
+                if result.status == "ok":
+                    summary.ok += 1
+                else:
+                    summary.failed += 1
+                bar.update(1)
+                bar.set_postfix(failed=summary.failed, refresh=False)
+        finally:
+            bar.close()
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        status = "KILLED"
+    finally:
+        if writer is not None:
+            writer.close()
+            summary.tracking_errors = writer.tracking_errors
+            summary.generate_s = time.perf_counter() - started
+        engine.close()
+    return summary, status
+
+
+def print_summary(s: Summary, out: TextIO) -> None:
+    state = "interrupted" if s.interrupted else "done"
+    print(
+        f"{state}: {s.ok} ok, {s.failed} failed, {s.skipped} skipped of {s.planned} images"
+        + (f" at {s.images_per_s:.2f} images/s" if s.generate_s else ""),
+        file=out,
+    )
+    print(f"outputs: {s.folder}  (images/, results.parquet, grids/, config.yaml)", file=out)
+    if s.grids:
+        print(f"grids:   {len(s.grids)} in {s.folder / 'grids'}, e.g. {s.grids[0]}", file=out)
+    if s.tracking_uri:
+        from runner.tracking import ui_command
+
+        print(f"mlflow:  experiment '{s.sweep}', parent run {s.parent_run_id}", file=out)
+        print(f"         open it with: {ui_command(s.tracking_uri)}", file=out)
+    if s.tracking_errors:
+        print(f"warning: {s.tracking_errors} images could not be logged to MLflow", file=out)
+    if s.failed:
+        print("retry the failed images with: lora-sweep run <same overrides> retry_failed=true", file=out)
+    if s.interrupted:
+        print("continue where it stopped with the same command", file=out)
+
+
+def run_environment_defaults() -> None:
+    """No hub traffic at run time, ever."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")

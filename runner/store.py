@@ -1,0 +1,207 @@
+"""The sweep folder: plan, results, images, config, lock. Knows nothing of MLflow or torch.
+
+    outputs/<sweep>/
+      config.yaml        the composed config, secrets removed
+      plan.parquet       the whole plan
+      results.parquet    one row per finished or failed id (temp file + rename)
+      results.jsonl      the journal: one line per image as it finishes (append + fsync)
+      images/<id>.png    complete PNGs only (temp file + rename)
+      grids/             comparison grids
+      .lock              the pid of the running sweep
+
+An interrupted sweep loses at most the images in flight: every finished image is in the journal,
+and the parquet snapshot is rebuilt from it. The latest record of an id wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+RESULT_COLUMNS = [
+    "id",
+    "status",
+    "error",
+    "file",
+    "seed",
+    "scheduler",
+    "generation_s",
+    "batch_size",
+    "notes",
+    "finished_at",
+    "tracked",
+]
+
+
+class SweepLocked(RuntimeError):
+    pass
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.EPERM
+    return True
+
+
+class SweepStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.images = self.root / "images"
+        self.grids = self.root / "grids"
+        self.plan_path = self.root / "plan.parquet"
+        self.results_path = self.root / "results.parquet"
+        self.journal_path = self.root / "results.jsonl"
+        self.config_path = self.root / "config.yaml"
+        self.lock_path = self.root / ".lock"
+        self._journal = None
+        self._last_snapshot = 0.0
+
+    # ------------------------------------------------------------ lock
+
+    def acquire(self) -> None:
+        """Take the sweep's lock; a lock left by a dead process is taken over."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    owner = int(self.lock_path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    owner = 0
+                if owner and owner != os.getpid() and pid_alive(owner):
+                    raise SweepLocked(
+                        f"sweep folder {self.root} is in use by process {owner}; wait for it to finish or stop it first"
+                    ) from None
+                with contextlib.suppress(FileNotFoundError):
+                    self.lock_path.unlink()
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(str(os.getpid()))
+            return
+        raise SweepLocked(f"could not take the lock {self.lock_path}")
+
+    def release(self) -> None:
+        self.close_journal()
+        with contextlib.suppress(OSError, ValueError):
+            if int(self.lock_path.read_text().strip()) == os.getpid():
+                self.lock_path.unlink()
+
+    # ------------------------------------------------------------ plan and config
+
+    def write_plan(self, plan: pd.DataFrame) -> None:
+        atomic_write_parquet(self.plan_path, plan)
+
+    def read_plan(self) -> pd.DataFrame:
+        return pd.read_parquet(self.plan_path)
+
+    def write_config(self, text: str) -> None:
+        atomic_write_bytes(self.config_path, text.encode())
+
+    # ------------------------------------------------------------ images
+
+    def image_path(self, image_id: str) -> Path:
+        return self.images / f"{image_id}.png"
+
+    def write_image(self, image_id: str, png: bytes) -> Path:
+        path = self.image_path(image_id)
+        atomic_write_bytes(path, png)
+        return path
+
+    # ------------------------------------------------------------ results
+
+    def append_result(self, record: dict[str, Any]) -> None:
+        """Journal one finished image at once; snapshot the parquet every few seconds."""
+        if self._journal is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._journal = open(self.journal_path, "a", encoding="utf-8")
+        self._journal.write(json.dumps(record, default=str) + "\n")
+        self._journal.flush()
+        os.fsync(self._journal.fileno())
+        if time.monotonic() - self._last_snapshot > 5:
+            self.snapshot()
+
+    def close_journal(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+
+    def _journal_records(self) -> Iterable[dict[str, Any]]:
+        if not self.journal_path.exists():
+            return []
+        records = []
+        with open(self.journal_path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    continue  # a line cut by a kill: that image was in flight
+        return records
+
+    def read_results(self) -> pd.DataFrame:
+        """One row per id, the latest record winning (parquet snapshot + journal)."""
+        frames = []
+        if self.results_path.exists():
+            frames.append(pd.read_parquet(self.results_path))
+        journal = list(self._journal_records())
+        if journal:
+            frames.append(pd.DataFrame(journal))
+        if not frames:
+            return pd.DataFrame(columns=RESULT_COLUMNS)
+        results = pd.concat(frames, ignore_index=True)
+        results = results.drop_duplicates("id", keep="last").reset_index(drop=True)
+        return results.reindex(columns=[*RESULT_COLUMNS, *[c for c in results.columns if c not in RESULT_COLUMNS]])
+
+    def snapshot(self) -> pd.DataFrame:
+        results = self.read_results()
+        atomic_write_parquet(self.results_path, results)
+        self._last_snapshot = time.monotonic()
+        return results
+
+    def ok_ids(self) -> set[str]:
+        results = self.read_results()
+        ok = results[results["status"] == "ok"]
+        return {i for i in ok["id"] if self.image_path(i).exists()}
+
+    def failed_ids(self) -> set[str]:
+        results = self.read_results()
+        return set(results.loc[results["status"] == "failed", "id"])

@@ -1,0 +1,148 @@
+"""MLflow: experiment = sweep, one parent run per sweep (reused when it continues), one child run per image.
+
+Uses `MlflowClient` with explicit run ids (no global active run), so the background writer can log
+from its own thread. Child runs are keyed by the image id (tag `lora_sweep.id`): a sweep that is
+continued reuses the run of an id instead of logging it twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from runner.request import FIELDS, split_loras, split_strengths
+
+log = logging.getLogger(__name__)
+
+ROLE_TAG = "lora_sweep.role"
+ID_TAG = "lora_sweep.id"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def default_uri(outputs: Path) -> str:
+    return f"sqlite:///{outputs.resolve() / 'mlflow.db'}"
+
+
+def ui_command(uri: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def request_params(row: Mapping[str, Any]) -> dict[str, str]:
+    """Every request field as the API would take it, plus one `lora_strength.<id>` per LoRA."""
+    params = {}
+    for name, spec in FIELDS.items():
+        value = row.get(name)
+        if spec.kind == "bool":
+            value = "yes" if value else "no"
+        params[name] = "" if value is None else str(value)
+    for lora, strength in zip(split_loras(row.get("lora_model")), split_strengths(row.get("lora_strength"))):
+        params[f"lora_strength.{lora}"] = str(strength)
+    return params
+
+
+class Tracker:
+    def __init__(self, uri: str, experiment: str, artifact_location: str | None = None):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self._mlflow = mlflow
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
+        else:
+            self.experiment_id = found.experiment_id
+        self.parent_id: str | None = None
+        self.children: dict[str, tuple[str, str]] = {}  # image id -> (run id, status)
+
+    # ------------------------------------------------------------ parent
+
+    def start_parent(self, sweep: str, tags: Mapping[str, str], params: Mapping[str, str]) -> str:
+        """The sweep's parent run: the existing one if this sweep ran before, else a new one."""
+        existing = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'parent'", order_by=["attributes.start_time ASC"], max_results=1
+        )
+        if existing:
+            self.parent_id = existing[0].info.run_id
+            self.client.update_run(self.parent_id, status="RUNNING")
+        else:
+            run = self.client.create_run(self.experiment_id, run_name=sweep, tags={ROLE_TAG: "parent", **tags})
+            self.parent_id = run.info.run_id
+            self._log_params(self.parent_id, params)
+        self.client.set_tag(self.parent_id, "lora_sweep.last_started", time.strftime("%Y-%m-%dT%H:%M:%S"))
+        self._load_children()
+        return self.parent_id
+
+    def _load_children(self) -> None:
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}'", max_results=50000
+        )
+        for run in runs:
+            image_id = run.data.tags.get(ID_TAG)
+            if image_id and (image_id not in self.children or run.info.status == "FINISHED"):
+                self.children[image_id] = (run.info.run_id, run.info.status)
+
+    def finish_parent(self, status: str, files: Mapping[str, Path], folders: Mapping[str, Path], metrics: Mapping[str, float]) -> None:
+        """Attach the sweep's plan, results, grids and config; end the parent run with `status`."""
+        if self.parent_id is None:
+            return
+        for name, value in metrics.items():
+            self.client.log_metric(self.parent_id, name, float(value))
+        for artifact_path, file in files.items():
+            if file.exists():
+                self.client.log_artifact(self.parent_id, str(file), artifact_path or None)
+        for artifact_path, folder in folders.items():
+            if folder.exists() and any(folder.iterdir()):
+                self.client.log_artifacts(self.parent_id, str(folder), artifact_path)
+        self.client.set_terminated(self.parent_id, status)
+
+    # ------------------------------------------------------------ children
+
+    def log_image(self, row: Mapping[str, Any], result: Any, image_path: Path | None, tags: Mapping[str, str]) -> None:
+        """One child run per image id: params, tags, generation time and the PNG."""
+        known = self.children.get(row["id"])
+        if known:
+            run_id = known[0]
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=row["id"],
+                tags={PARENT_TAG: self.parent_id, ID_TAG: row["id"], **tags},
+            )
+            run_id = run.info.run_id
+            self._log_params(run_id, {**request_params(row), "blend": row.get("blend", "")})
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        run_tags = {
+            "scheduler_used": result.scheduler,
+            "seed_used": str(result.seed),
+            "status": result.status,
+            "notes": "; ".join(result.notes)[:5000],
+        }
+        if result.error:
+            run_tags["error"] = result.error[:5000]
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric("generation_s", result.generation_s, now, 0), Metric("batch_size", float(result.batch_size), now, 0)],
+            tags=[RunTag(k, v) for k, v in run_tags.items()],
+        )
+        if image_path is not None:
+            self.client.log_artifact(run_id, str(image_path))
+        status = "FINISHED" if result.status == "ok" else "FAILED"
+        self.client.set_terminated(run_id, status)
+        self.children[row["id"]] = (run_id, status)
+
+    def _log_params(self, run_id: str, params: Mapping[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[start : start + 100])

@@ -1,0 +1,72 @@
+"""Every plan row against the engine's abilities, before the first image. Pure: no torch, no I/O.
+
+Problems stop the sweep (all reported at once, one line each). Warnings are said once per sweep
+and what really happens is recorded on each row (`scheduler_used`, `notes`), never silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from runner.engines.base import Capabilities
+from runner.plan import count_problems
+from runner.request import Problem
+from runner.schedulers import choose
+
+
+@dataclass
+class Validation:
+    plan: pd.DataFrame  # with scheduler_used and notes
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def validate_plan(
+    plan: pd.DataFrame,
+    caps: Capabilities,
+    *,
+    substitute_schedulers: bool = False,
+    max_images: int = 5000,
+    lcm_ids: frozenset[str] = frozenset(),
+) -> Validation:
+    """Check scheduler choices and fields the engine cannot honour; record what will really run.
+
+    `lcm_ids` are model or LoRA ids with LCM-distilled weights (LCMScheduler needs one of them).
+    """
+    problems: list[Problem] = []
+    warnings: dict[str, None] = {}
+    used, notes = [], []
+    if len(plan) > max_images:
+        problems.append(
+            Problem("sweep.max_images", f"the plan has {len(plan)} images, over the limit of {max_images}", f"shrink the grid or set sweep.max_images={len(plan)}")
+        )
+    for row in plan.to_dict("records"):
+        row_notes: list[str] = []
+        choice, error = choose(row["scheduler"], substitute_schedulers)
+        if choice is None:
+            problems.append(Problem("scheduler", error))
+            used.append("")
+        elif choice.used not in caps.schedulers:
+            problems.append(Problem("scheduler", f"the {caps.kind} engine cannot run {choice.used}", "pick another scheduler"))
+            used.append("")
+        else:
+            used.append(choice.used)
+            if choice.note:
+                row_notes.append(choice.note)
+                warnings[choice.note] = None
+        if row["scheduler"] == "LCMScheduler":
+            members = {row["model_id"], *filter(None, str(row["lora_model"]).split(","))}
+            if not members & lcm_ids:
+                note = "LCMScheduler without LCM weights or an LCM LoRA gives poor images (mark LCM models/LoRAs with lcm: true)"
+                row_notes.append(note)
+                warnings[note] = None
+        for name, why in caps.not_applied.items():
+            if row.get(name) not in (None, False, "", 0):
+                note = f"{name} not applied: {why}"
+                row_notes.append(note)
+                warnings[note] = None
+        notes.append("; ".join(row_notes))
+    plan = plan.assign(scheduler_used=used, notes=notes)
+    return Validation(plan, count_problems(problems), list(warnings))

@@ -1,0 +1,137 @@
+"""The background writer: PNG encoding, image files, results journal and MLflow, off the generation path.
+
+The engine hands each finished image to a bounded queue and goes on denoising; one thread
+encodes, writes and logs. When the queue is full the engine waits (memory stays bounded);
+`close()` drains and joins it, at the end and on Ctrl-C, so what finished is never lost.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+from runner.engines.base import ImageResult
+from runner.request import FIELDS, split_loras
+from runner.store import SweepStore
+
+log = logging.getLogger(__name__)
+_STOP = object()
+
+
+def png_bytes(image: Image.Image, row: Mapping[str, Any], hashes: Mapping[str, str]) -> bytes:
+    """The PNG with its parameters in text chunks: A1111's `parameters` line and our full request."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", a1111_parameters(row, hashes))
+    request = {k: row.get(k) for k in FIELDS}
+    info.add_text("lora_sweep", json.dumps({"id": row["id"], **request}, default=str))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info, compress_level=4)
+    return buffer.getvalue()
+
+
+def a1111_parameters(row: Mapping[str, Any], hashes: Mapping[str, str]) -> str:
+    """The `parameters` text the web UIs write and read (prompt, negative prompt, settings line)."""
+    settings = [
+        f"Steps: {row['num_inference_steps']}",
+        f"Sampler: {row.get('scheduler_used') or row['scheduler']}",
+        f"CFG scale: {row['guidance_scale']}",
+        f"Seed: {row['seed']}",
+        f"Size: {row['width']}x{row['height']}",
+        f"Model hash: {hashes.get('model:' + str(row['model_id']), '')[:10]}",
+        f"Model: {row['model_id']}",
+        f"Clip skip: {row['clip_skip']}",
+    ]
+    loras = split_loras(row.get("lora_model"))
+    if loras:
+        settings.append('Lora hashes: "' + ", ".join(f"{n}: {hashes.get('lora:' + n, '')[:12]}" for n in loras) + '"')
+        settings.append(f"Lora weights: \"{row.get('lora_strength')}\"")
+    settings.append(f"lora-sweep id: {row['id']}")
+    text = str(row["prompt"])
+    if row.get("negative_prompt"):
+        text += f"\nNegative prompt: {row['negative_prompt']}"
+    return text + "\n" + ", ".join(settings)
+
+
+class BackgroundWriter:
+    def __init__(
+        self,
+        store: SweepStore,
+        tracker: Any,
+        rows: Mapping[str, Mapping[str, Any]],
+        hashes: Mapping[str, str],
+        tags: Mapping[str, str],
+        maxsize: int = 64,
+    ):
+        self.store = store
+        self.tracker = tracker
+        self.rows = rows
+        self.hashes = hashes
+        self.tags = dict(tags)
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, maxsize))
+        self.written = 0
+        self.tracking_errors = 0
+        self.busy_s = 0.0
+        self._thread = threading.Thread(target=self._loop, name="lora-sweep-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, result: ImageResult) -> None:
+        self.queue.put(result)
+
+    def close(self) -> None:
+        """Write everything queued, then stop the thread."""
+        if self._thread.is_alive():
+            self.queue.put(_STOP)
+            self._thread.join()
+        self.store.snapshot()
+
+    def _loop(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is _STOP:
+                return
+            started = time.perf_counter()
+            try:
+                self._write(item)
+            except Exception:  # a write error must not kill the thread and stall the engine
+                log.exception("could not write image %s", item.id)
+            self.busy_s += time.perf_counter() - started
+
+    def _write(self, result: ImageResult) -> None:
+        row = {**self.rows[result.id], "scheduler_used": result.scheduler or self.rows[result.id].get("scheduler_used")}
+        path = None
+        if result.status == "ok":
+            path = self.store.write_image(result.id, png_bytes(result.image, row, self.hashes))
+        tracked = False
+        if self.tracker is not None:
+            try:
+                self.tracker.log_image(row, result, path, self.tags)
+                tracked = True
+            except Exception as exc:
+                self.tracking_errors += 1
+                if self.tracking_errors == 1:
+                    log.warning("MLflow logging failed (%s); images and results are still written", exc)
+        self.store.append_result(
+            {
+                "id": result.id,
+                "status": result.status,
+                "error": result.error,
+                "file": str(path.relative_to(self.store.root)) if path else "",
+                "seed": result.seed,
+                "scheduler": result.scheduler,
+                "generation_s": round(result.generation_s, 4),
+                "batch_size": result.batch_size,
+                "notes": "; ".join(result.notes),
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "tracked": tracked,
+                **{f"meta.{k}": v for k, v in result.meta.items()},
+            }
+        )
+        self.written += 1
