@@ -134,9 +134,7 @@ def save_tiny_lora(pipe, path: Path, seed: int, rank: int = 4, text_encoder: boo
     unet_layers = get_peft_model_state_dict(pipe.unet, adapter_name="build")
     te_layers = None
     if text_encoder:
-        te_config = LoraConfig(
-            r=rank, lora_alpha=rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False
-        )
+        te_config = LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
         pipe.text_encoder.add_adapter(te_config, adapter_name="build")
         te_layers = get_peft_model_state_dict(pipe.text_encoder, adapter_name="build")
     path.parent.mkdir(parents=True, exist_ok=True)

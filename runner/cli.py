@@ -139,7 +139,9 @@ def _hydra_command(command: str, argv: list[str]) -> None:
             fail(exc.lines)
 
     task.__name__ = command  # Hydra's job name
-    sys.argv = [f"lora-sweep {command}", *argv, f"hydra.help.template={HYDRA_HELP!r}"] if "--help" in argv else [f"lora-sweep {command}", *argv]
+    sys.argv = (
+        [f"lora-sweep {command}", *argv, f"hydra.help.template={HYDRA_HELP!r}"] if "--help" in argv else [f"lora-sweep {command}", *argv]
+    )
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()
 
 
@@ -171,8 +173,16 @@ def report_command(argv: list[str]) -> None:
     store = SweepStore(argv[0])
     if not store.plan_path.exists():
         fail([f"report: {store.root} has no plan.parquet; give a sweep folder written by lora-sweep run"])
-    grid = OmegaConf.load(store.config_path).sweep.report if store.config_path.exists() else OmegaConf.create({"grid": {"x": "lora_strength", "y": "lora_model"}, "cell_size": 128})
-    results = store.read_results() if store.results_path.exists() or store.journal_path.exists() else pd.DataFrame(columns=["id", "status", "file"])
+    grid = (
+        OmegaConf.load(store.config_path).sweep.report
+        if store.config_path.exists()
+        else OmegaConf.create({"grid": {"x": "lora_strength", "y": "lora_model"}, "cell_size": 128})
+    )
+    results = (
+        store.read_results()
+        if store.results_path.exists() or store.journal_path.exists()
+        else pd.DataFrame(columns=["id", "status", "file"])
+    )
     paths = make_grids(store.read_plan(), results, store.root, grid.grid.x, grid.grid.y, grid.cell_size)
     print(f"wrote {len(paths)} grids to {store.grids}")
 

@@ -82,7 +82,9 @@ def expand_values(where: str, spec: Any) -> list[Any]:
             if not isinstance(count, int) or count < 1:
                 raise PlanError([Problem(where, f"count must be a positive integer, got {count!r}", "e.g. {start: 0, count: 4}")])
             return [_clean_number(start + i * step) for i in range(count)]
-        raise PlanError([Problem(where, f"cannot read axis {dict(spec)!r}", "use a list, {range: [start, stop, step]} or {start: 0, count: N}")])
+        raise PlanError(
+            [Problem(where, f"cannot read axis {dict(spec)!r}", "use a list, {range: [start, stop, step]} or {start: 0, count: N}")]
+        )
     if isinstance(spec, (list, tuple)):
         if not spec:
             raise PlanError([Problem(where, "is an empty list", "give at least one value or remove the axis")])
@@ -104,7 +106,9 @@ def _inclusive_range(where: str, start: Any, stop: Any, step: Any) -> list[Any]:
     except (TypeError, ValueError):
         raise PlanError([Problem(where, "range bounds must be numbers", "e.g. {range: [0.2, 1.0, 0.2]}")]) from None
     if fstep == 0 or (fstop - fstart) / fstep < 0:
-        raise PlanError([Problem(where, f"range [{start}, {stop}, {step}] is empty", "check the order of start and stop and the sign of step")])
+        raise PlanError(
+            [Problem(where, f"range [{start}, {stop}, {step}] is empty", "check the order of start and stop and the sign of step")]
+        )
     n = int(math.floor((fstop - fstart) / fstep + 1e-9)) + 1
     values = [fstart + i * fstep for i in range(n)]
     return [int(v) for v in values] if ints else [round(v, 6) for v in values]
@@ -117,7 +121,15 @@ def expand_blends(spec: Any) -> list[list[str]]:
         known = {"each", "pairs", "combinations", "k", "baseline"}
         unknown = [k for k in spec if k not in known]
         if unknown:
-            raise PlanError([Problem(f"{where}.{unknown[0]}", "unknown blend generator", did_you_mean(unknown[0], known) or "use each, pairs or combinations")])
+            raise PlanError(
+                [
+                    Problem(
+                        f"{where}.{unknown[0]}",
+                        "unknown blend generator",
+                        did_you_mean(unknown[0], known) or "use each, pairs or combinations",
+                    )
+                ]
+            )
         blends: list[list[str]] = []
         if spec.get("baseline"):
             blends.append([])
@@ -163,7 +175,13 @@ def strength_options(blend: list[str], spec: Any, base_strength: Any) -> list[An
         elif mode == "zip":
             n = max(len(v) for v in per_lora)
             if any(len(v) not in (1, n) for v in per_lora):
-                raise PlanError([Problem(f"{where}.mode", "zip needs lists of the same length (or of one value)", "make the per-LoRA lists equally long")])
+                raise PlanError(
+                    [
+                        Problem(
+                            f"{where}.mode", "zip needs lists of the same length (or of one value)", "make the per-LoRA lists equally long"
+                        )
+                    ]
+                )
             combos = zip(*[v * n if len(v) == 1 else v for v in per_lora])
         else:
             raise PlanError([Problem(f"{where}.mode", f"unknown mode {mode!r}", "use cross or zip")])
@@ -219,7 +237,13 @@ def _zip_axis(spec: Any) -> list[dict[str, Any]]:
         lists[key] = expand_values(f"sweep.grid.zip.{key}", values)
     lengths = {len(v) for v in lists.values()}
     if len(lengths) != 1:
-        raise PlanError([Problem("sweep.grid.zip", f"lists have different lengths {sorted(lengths)}", "give every zipped field the same number of values")])
+        raise PlanError(
+            [
+                Problem(
+                    "sweep.grid.zip", f"lists have different lengths {sorted(lengths)}", "give every zipped field the same number of values"
+                )
+            ]
+        )
     return [dict(zip(lists, values)) for values in zip(*lists.values())]
 
 

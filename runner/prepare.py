@@ -44,13 +44,27 @@ def prepare_sweep(cfg: DictConfig) -> PreparedSweep:
     try:
         caps = capabilities(cfg.engine.kind)
     except KeyError:
-        return PreparedSweep(name, pd.DataFrame(), None, None, [str(Problem("engine.kind", f"unknown engine '{cfg.engine.kind}'", "use engine=local"))])
+        return PreparedSweep(
+            name, pd.DataFrame(), None, None, [str(Problem("engine.kind", f"unknown engine '{cfg.engine.kind}'", "use engine=local"))]
+        )
     if not cfg.sweep.base and not cfg.sweep.grid:
-        return PreparedSweep(name, pd.DataFrame(), None, None, [str(Problem("sweep.base", "the sweep has no base request and no grid", "give at least sweep.base.prompt"))])
+        return PreparedSweep(
+            name,
+            pd.DataFrame(),
+            None,
+            None,
+            [str(Problem("sweep.base", "the sweep has no base request and no grid", "give at least sweep.base.prompt"))],
+        )
 
     limits = Limits(max_lora_strength=float(cfg.validation.max_lora_strength))
     if not 0.1 <= limits.max_lora_strength <= 2:
-        return PreparedSweep(name, pd.DataFrame(), None, None, [str(Problem("validation.max_lora_strength", f"{limits.max_lora_strength} is outside 0.1..2", "use 1 (the spec) or up to 2"))])
+        return PreparedSweep(
+            name,
+            pd.DataFrame(),
+            None,
+            None,
+            [str(Problem("validation.max_lora_strength", f"{limits.max_lora_strength} is outside 0.1..2", "use 1 (the spec) or up to 2"))],
+        )
     base = OmegaConf.to_container(cfg.sweep.base, resolve=True)
     grid = OmegaConf.to_container(cfg.sweep.grid, resolve=True)
     try:

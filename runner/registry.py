@@ -120,7 +120,9 @@ def resolve_model(model_id: str, source: str, hashes: HashCache) -> tuple[Resolv
         return Resolved(model_id, "diffusers_folder", path, sha256=hashes.tree_sha256(path)), None
     if path.is_file():
         if path.suffix not in (".safetensors", ".ckpt"):
-            return None, Problem(where, f"{source} is not a .safetensors or .ckpt checkpoint", "give a checkpoint file or a diffusers folder")
+            return None, Problem(
+                where, f"{source} is not a .safetensors or .ckpt checkpoint", "give a checkpoint file or a diffusers folder"
+            )
         return Resolved(model_id, "single_file", path, sha256=hashes.file_sha256(path)), None
     if HUB_ID.match(source) and not source.endswith(WEIGHT_SUFFIXES):
         cached = _hub_cache_path(source)
@@ -140,11 +142,17 @@ def resolve_lora(lora_id: str, source: str, weight_name: str | None, hashes: Has
     if path.is_dir() or (not path.exists() and HUB_ID.match(source) and not source.endswith(WEIGHT_SUFFIXES)):
         folder = path if path.is_dir() else _hub_cache_path(source)
         if folder is None:
-            return None, Problem(where, f"hub LoRA '{source}' is not in the local cache", f"pre-download it with: huggingface-cli download {source}")
+            return None, Problem(
+                where, f"hub LoRA '{source}' is not in the local cache", f"pre-download it with: huggingface-cli download {source}"
+            )
         if weight_name is None:
             candidates = sorted(folder.glob("*.safetensors"))
             if len(candidates) != 1:
-                return None, Problem(f"loras.{lora_id}.weight_name", f"{folder} holds {len(candidates)} .safetensors files", "set weight_name to the file to load")
+                return None, Problem(
+                    f"loras.{lora_id}.weight_name",
+                    f"{folder} holds {len(candidates)} .safetensors files",
+                    "set weight_name to the file to load",
+                )
             weight_name = candidates[0].name
         path = folder / weight_name
     if not path.is_file():
@@ -208,4 +216,6 @@ def _unknown(field: str, name: str, known: Mapping[str, Any], registry: str) -> 
 
     guess = closest(name, known)
     fix = f"did you mean '{guess}'?" if guess else f"add it under `{registry}:` in the config"
-    return Problem(field, f"unknown {'LoRA' if registry == 'loras' else 'model'} id '{name}'", f"{fix} (known: {', '.join(known) or 'none'})")
+    return Problem(
+        field, f"unknown {'LoRA' if registry == 'loras' else 'model'} id '{name}'", f"{fix} (known: {', '.join(known) or 'none'})"
+    )

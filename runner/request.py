@@ -230,7 +230,9 @@ def parse_request(raw: Mapping[str, Any], limits: Limits = Limits()) -> tuple[di
     for name in raw:
         if name in SECRET_FIELDS:
             problems.append(
-                Problem(name, "API keys do not belong in sweep files", "set the key in the environment variable named by engine.api_key_env")
+                Problem(
+                    name, "API keys do not belong in sweep files", "set the key in the environment variable named by engine.api_key_env"
+                )
             )
         elif name not in FIELDS:
             hint = did_you_mean(name, FIELDS)
@@ -271,12 +273,18 @@ def _check_limits(req: dict[str, Any], lim: Limits) -> list[Problem]:
         problems.append(Problem("samples", f"{req['samples']} is outside 1..{lim.max_samples}", "use more seeds instead of more samples"))
     if not lim.min_steps <= req["num_inference_steps"] <= lim.max_steps:
         problems.append(
-            Problem("num_inference_steps", f"{req['num_inference_steps']} is outside {lim.min_steps}..{lim.max_steps}", "use for example 30")
+            Problem(
+                "num_inference_steps", f"{req['num_inference_steps']} is outside {lim.min_steps}..{lim.max_steps}", "use for example 30"
+            )
         )
     g = req["guidance_scale"]
     if not lim.min_guidance <= g <= lim.max_guidance:
         problems.append(
-            Problem("guidance_scale", f"{format_number(g)} is outside {format_number(lim.min_guidance)}..{format_number(lim.max_guidance)}", "use for example 7.5")
+            Problem(
+                "guidance_scale",
+                f"{format_number(g)} is outside {format_number(lim.min_guidance)}..{format_number(lim.max_guidance)}",
+                "use for example 7.5",
+            )
         )
     c = req["clip_skip"]
     if not lim.min_clip_skip <= c <= lim.max_clip_skip:
@@ -301,7 +309,11 @@ def _check_limits(req: dict[str, Any], lim: Limits) -> list[Problem]:
             if lim.max_lora_strength < 2:
                 fix += " (local sweeps may allow up to 2 with validation.max_lora_strength=2)"
             problems.append(
-                Problem("lora_strength", f"{format_number(s)} is outside {format_number(lim.min_lora_strength)}..{format_number(lim.max_lora_strength)}", fix)
+                Problem(
+                    "lora_strength",
+                    f"{format_number(s)} is outside {format_number(lim.min_lora_strength)}..{format_number(lim.max_lora_strength)}",
+                    fix,
+                )
             )
     return problems
 
@@ -333,4 +345,3 @@ def to_api_fields(req: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[name] = v
     return out
-

@@ -108,7 +108,9 @@ def open_tracker(cfg: DictConfig, store: SweepStore):
         return Tracker(uri, cfg.tracking.experiment or cfg.sweep.name, artifacts), uri
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"tracking.uri: cannot use MLflow at {uri} ({first[:200]}); start the server, fix the URI, or run with tracking=none") from None
+        raise UserError(
+            f"tracking.uri: cannot use MLflow at {uri} ({first[:200]}); start the server, fix the URI, or run with tracking=none"
+        ) from None
 
 
 def run_sweep(cfg: DictConfig, out: TextIO = sys.stdout) -> Summary:
@@ -122,7 +124,9 @@ def run_sweep(cfg: DictConfig, out: TextIO = sys.stdout) -> Summary:
     except SweepLocked as exc:
         raise UserError(f"sweep.name: {exc}") from None
     except OSError as exc:
-        raise UserError(f"paths.outputs: cannot write {store.root} ({exc.strerror}); choose a writable folder with paths.outputs=DIR") from None
+        raise UserError(
+            f"paths.outputs: cannot write {store.root} ({exc.strerror}); choose a writable folder with paths.outputs=DIR"
+        ) from None
     try:
         return _run_locked(cfg, prepared, plan, store, out)
     finally:
@@ -155,7 +159,9 @@ def _run_locked(cfg: DictConfig, prepared: PreparedSweep, plan: pd.DataFrame, st
     }
     if tracker:
         summary.parent_run_id = tracker.start_parent(
-            cfg.sweep.name, base_tags, {"sweep": cfg.sweep.name, "images": str(len(plan)), **{f"axis.{k}": str(v) for k, v in summarize(plan)["axes"].items()}}
+            cfg.sweep.name,
+            base_tags,
+            {"sweep": cfg.sweep.name, "images": str(len(plan)), **{f"axis.{k}": str(v) for k, v in summarize(plan)["axes"].items()}},
         )
 
     status = "FINISHED"
@@ -171,7 +177,12 @@ def _run_locked(cfg: DictConfig, prepared: PreparedSweep, plan: pd.DataFrame, st
         results.to_csv(store.root / "results.csv", index=False)
         tracker.finish_parent(
             status,
-            files={"": store.plan_path, "results": store.results_path, "results_csv": store.root / "results.csv", "config": store.config_path},
+            files={
+                "": store.plan_path,
+                "results": store.results_path,
+                "results_csv": store.root / "results.csv",
+                "config": store.config_path,
+            },
             folders={"grids": store.grids},
             metrics={"images_ok": summary.ok, "images_failed": summary.failed, "images_per_s": summary.images_per_s},
         )

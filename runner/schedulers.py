@@ -73,8 +73,7 @@ def choose(name: str, substitute: bool) -> tuple[SchedulerChoice | None, str]:
             note = f"{name} {info.reason}; ran {info.substitute} instead"
             return SchedulerChoice(name, info.substitute, note), ""
         return None, (
-            f"{name} {info.reason}; use {info.substitute} "
-            f"(or set engine.substitute_schedulers=true to run {info.substitute} and record it)"
+            f"{name} {info.reason}; use {info.substitute} (or set engine.substitute_schedulers=true to run {info.substitute} and record it)"
         )
     if name in GENERATORS:
         return SchedulerChoice(name, name), ""

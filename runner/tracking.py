@@ -80,9 +80,7 @@ class Tracker:
         return self.parent_id
 
     def _load_children(self) -> None:
-        runs = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}'", max_results=50000
-        )
+        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}'", max_results=50000)
         for run in runs:
             image_id = run.data.tags.get(ID_TAG)
             if image_id and (image_id not in self.children or run.info.status == "FINISHED"):

@@ -40,7 +40,11 @@ def validate_plan(
     used, notes = [], []
     if len(plan) > max_images:
         problems.append(
-            Problem("sweep.max_images", f"the plan has {len(plan)} images, over the limit of {max_images}", f"shrink the grid or set sweep.max_images={len(plan)}")
+            Problem(
+                "sweep.max_images",
+                f"the plan has {len(plan)} images, over the limit of {max_images}",
+                f"shrink the grid or set sweep.max_images={len(plan)}",
+            )
         )
     for row in plan.to_dict("records"):
         row_notes: list[str] = []

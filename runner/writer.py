@@ -52,7 +52,7 @@ def a1111_parameters(row: Mapping[str, Any], hashes: Mapping[str, str]) -> str:
     loras = split_loras(row.get("lora_model"))
     if loras:
         settings.append('Lora hashes: "' + ", ".join(f"{n}: {hashes.get('lora:' + n, '')[:12]}" for n in loras) + '"')
-        settings.append(f"Lora weights: \"{row.get('lora_strength')}\"")
+        settings.append(f'Lora weights: "{row.get("lora_strength")}"')
     settings.append(f"lora-sweep id: {row['id']}")
     text = str(row["prompt"])
     if row.get("negative_prompt"):

@@ -201,7 +201,9 @@ class LocalEngine:
         try:
             self._load_model(cell["model_id"])
             self._set_adapters(cell["lora_model"], cell["lora_strength"])
-            self._set_scheduler(cell["scheduler_used"], {"use_karras_sigmas": cell["use_karras_sigmas"], "algorithm_type": cell["algorithm_type"]})
+            self._set_scheduler(
+                cell["scheduler_used"], {"use_karras_sigmas": cell["use_karras_sigmas"], "algorithm_type": cell["algorithm_type"]}
+            )
             started = time.perf_counter()
             images = self._denoise(cell, [int(r["seed"]) for r in batch])
             elapsed = time.perf_counter() - started
