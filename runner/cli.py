@@ -40,17 +40,6 @@ overrides use Hydra's syntax:
   lora-sweep run --help                              config groups and every setting
 """
 
-HYDRA_HELP = """lora-sweep ${hydra.job.name}: LoRA sweeps for text-to-image diffusion.
-
-Config groups (choose with GROUP=OPTION):
-$APP_CONFIG_GROUPS
-Sweep files are the `sweep` group: sweeps/*.yaml, selected with sweep=NAME or sweep=path/to/file.yaml.
-Override any field with KEY=VALUE, e.g. sweep.base.guidance_scale=5 engine.batch_size=8.
-
-The composed config:
-$CONFIG
-"""
-
 
 def sweep_dirs() -> list[Path]:
     """Where sweep files are looked up: ./sweeps first, then the project's sweeps/."""
@@ -138,11 +127,13 @@ def _hydra_command(command: str, argv: list[str]) -> None:
         except UserError as exc:
             fail(exc.lines)
 
-    task.__name__ = command  # Hydra's job name
-    sys.argv = (
-        [f"lora-sweep {command}", *argv, f"hydra.help.template={HYDRA_HELP!r}"] if "--help" in argv else [f"lora-sweep {command}", *argv]
-    )
+    sys.argv = [f"lora-sweep {command}", f"hydra.job.name={command}", *open_request_overrides(argv)]
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()
+
+
+def open_request_overrides(argv: list[str]) -> list[str]:
+    """`sweep.base.X=v` / `sweep.grid.X=v` set request fields whether or not the file has them (Hydra's `++`)."""
+    return [f"++{a}" if a.startswith(("sweep.base.", "sweep.grid.")) and "=" in a else a for a in argv]
 
 
 def plan_command(cfg: Any) -> None:

@@ -103,7 +103,9 @@ def open_tracker(cfg: DictConfig, store: SweepStore):
 
     outputs = Path(cfg.paths.outputs)
     uri = cfg.tracking.uri or default_uri(outputs)
-    artifacts = cfg.tracking.artifact_location or (outputs.resolve() / "mlartifacts").as_uri()
+    artifacts = cfg.tracking.artifact_location
+    if not artifacts and not uri.startswith(("http://", "https://", "databricks")):
+        artifacts = (outputs.resolve() / "mlartifacts").as_uri()  # beside the sqlite store, not ./mlruns
     try:
         return Tracker(uri, cfg.tracking.experiment or cfg.sweep.name, artifacts), uri
     except Exception as exc:

@@ -1,0 +1,103 @@
+"""Bad input is refused before the first image: exit 2, one line per problem naming the field and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+BAD_OVERRIDES = [
+    (["sweep.grid.lora_model=[ganyu,nope]"], "lora_model: unknown LoRA id 'nope'"),
+    (["sweep.grid.lora_model=[gany]"], "did you mean 'ganyu'"),
+    (["sweep.grid.lora_model=[ganyu]", "sweep.grid.lora_strength=['0.4,0.5']"], "lora_strength: 2 strengths for 1 LoRAs"),
+    (["sweep.grid.lora_strength=[1.5]"], "lora_strength: 1.5 is outside 0.1..1"),
+    (["sweep.base.width=100"], "width: 100 must be a multiple of 8"),
+    (["sweep.base.height=2048"], "height: 2048 must be a multiple of 8 in 8..1024"),
+    (["sweep.base.samples=5"], "samples: 5 is outside 1..4"),
+    (["sweep.base.guidance_scale=25"], "guidance_scale: 25 is outside 1..20"),
+    (["sweep.base.clip_skip=9"], "clip_skip: 9 is outside 1..8"),
+    (["sweep.grid.scheduler=[EulerDiscrete]"], "did you mean 'EulerDiscreteScheduler'"),
+    (["sweep.grid.scheduler=[DDIMInverseScheduler]"], "scheduler: DDIMInverseScheduler inverts an image"),
+    (["sweep.grid.scheduler=[KarrasVeScheduler]"], "use EulerDiscreteScheduler"),
+    (["sweep.base.guidanc_scale=5"], "did you mean 'guidance_scale'"),
+    (["sweep.base.width=abc"], "width: expected an integer"),
+    (["sweep.max_images=5"], "sweep.max_images: the plan has"),
+    (["model.id=nope"], "model_id: unknown model id 'nope'"),
+    (
+        ["models.tiny-sd.source=/does/not/exist", "models.tiny-sd.builtin=false"],
+        "models.tiny-sd.source: path /does/not/exist does not exist",
+    ),
+    (["validation.max_lora_strength=5"], "validation.max_lora_strength"),
+]
+
+
+def check_refused(workspace, small_sweep, command, overrides, expected):
+    result = workspace.cli(command, f"sweep={small_sweep}", *overrides)
+    assert result.code == 2, result.out + result.err
+    assert "Traceback" not in result.err
+    assert any(expected in line for line in result.err_lines), result.err
+    assert all(line.startswith("error: ") for line in result.err_lines), result.err
+    assert not (workspace.outputs / "small" / "images").exists()
+    assert not (workspace.outputs / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("overrides, expected", BAD_OVERRIDES, ids=[e for _, e in BAD_OVERRIDES])
+def test_plan_refuses_bad_input(workspace, small_sweep, overrides, expected):
+    check_refused(workspace, small_sweep, "plan", overrides, expected)
+
+
+@pytest.mark.parametrize("overrides, expected", [BAD_OVERRIDES[0], BAD_OVERRIDES[4], BAD_OVERRIDES[10]])
+def test_run_refuses_bad_input_before_the_first_image(workspace, small_sweep, overrides, expected):
+    check_refused(workspace, small_sweep, "run", overrides, expected)
+
+
+def test_every_problem_is_reported_at_once(workspace, small_sweep):
+    result = workspace.cli(
+        "plan", f"sweep={small_sweep}", "sweep.base.width=100", "sweep.base.clip_skip=0", "sweep.base.guidance_scale=0.5"
+    )
+    assert result.code == 2
+    fields = [line.split(":")[1].strip() for line in result.err_lines]
+    assert fields == ["width", "guidance_scale", "clip_skip"]
+
+
+def test_problems_shared_by_rows_are_said_once_with_a_count(workspace, small_sweep):
+    result = workspace.cli("plan", f"sweep={small_sweep}", "sweep.grid.lora_strength=[1.5]")
+    assert result.code == 2
+    assert len(result.err_lines) == 1
+    assert "(4 rows)" in result.err_lines[0]
+
+
+def test_strength_above_one_allowed_when_configured(workspace, small_sweep):
+    result = workspace.cli("plan", f"sweep={small_sweep}", "sweep.grid.lora_strength=[1.5]", "validation.max_lora_strength=2")
+    assert result.code == 0, result.err
+
+
+def test_substituted_scheduler_is_recorded_not_refused(workspace, small_sweep):
+    result = workspace.cli("plan", f"sweep={small_sweep}", "sweep.grid.scheduler=[IPNDMScheduler]", "engine.substitute_schedulers=true")
+    assert result.code == 0, result.err
+    assert "warning: IPNDMScheduler" in result.out and "ran PNDMScheduler instead" in result.out
+    import pandas as pd
+
+    plan = pd.read_parquet(workspace.outputs / "small" / "plan.parquet")
+    assert set(plan["scheduler_used"]) == {"PNDMScheduler"}
+    assert plan["notes"].str.contains("ran PNDMScheduler instead").all()
+
+
+def test_fields_the_engine_cannot_honour_warned_once(workspace, small_sweep):
+    result = workspace.cli("plan", f"sweep={small_sweep}", "sweep.base.enhance_prompt=yes", "sweep.base.upscale=yes")
+    assert result.code == 0, result.err
+    warnings = [line for line in result.out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2
+    assert any("enhance_prompt not applied" in w for w in warnings)
+
+
+def test_malformed_sweep_yaml_is_one_line(workspace):
+    path = workspace.sweep("broken", "base:\n  prompt: [unclosed\n")
+    result = workspace.cli("plan", f"sweep={path}")
+    assert result.code == 2
+    assert len(result.err_lines) == 1 and "is not valid YAML" in result.err and "line" in result.err
+
+
+def test_unknown_sweep_key_did_you_mean(workspace):
+    path = workspace.sweep("typo", {"base": {"prompt": "x"}, "gird": {"seed": [1]}})
+    result = workspace.cli("plan", f"sweep={path}")
+    assert result.code == 2
+    assert "sweep.gird: unknown key" in result.err and "did you mean 'grid'" in result.err
