@@ -203,11 +203,12 @@ def _generate(cfg, prepared, pending, store, tracker, hashes, base_tags, summary
     engine = create_engine(settings.pop("kind"), models=registry.models, loras=registry.loras, **settings)
     status = "FINISHED"
     writer = None
+    started = time.perf_counter()
     try:
-        engine.prepare(pending)
         tags = {**base_tags, **{f"lib.{k}" if k not in ("engine", "device", "dtype") else k: v for k, v in engine.describe().items()}}
         rows = {r["id"]: r for r in prepared.plan.to_dict("records")}
         writer = BackgroundWriter(store, tracker, rows, hashes, tags, cfg.tracking.queue_size)
+        engine.prepare(pending)
         started = time.perf_counter()  # images/s counts generation + writing, not imports and loading
         bar = tqdm(total=len(pending), unit="img", desc=cfg.sweep.name, disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
         try:
@@ -264,3 +265,4 @@ def run_environment_defaults() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -46,20 +46,20 @@ def request_params(row: Mapping[str, Any]) -> dict[str, str]:
 
 
 class Tracker:
-    def __init__(self, uri: str, experiment: str, artifact_location: str | None = None):
-        import mlflow
+    def __init__(self, uri: str, experiment: str | None = None, artifact_location: str | None = None, experiment_id: str | None = None):
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
-        self._mlflow = mlflow
-        found = self.client.get_experiment_by_name(experiment)
-        if found is None:
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
-        else:
-            self.experiment_id = found.experiment_id
+        if experiment_id is None:
+            found = self.client.get_experiment_by_name(experiment)
+            if found is None:
+                experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
+            else:
+                experiment_id = found.experiment_id
+        self.experiment_id = experiment_id
         self.parent_id: str | None = None
-        self.children: dict[str, tuple[str, str]] = {}  # image id -> (run id, status)
+        self.children: dict[str, tuple[str, str, str]] = {}  # image id -> (run id, status, artifact uri)
 
     # ------------------------------------------------------------ parent
 
@@ -84,7 +84,7 @@ class Tracker:
         for run in runs:
             image_id = run.data.tags.get(ID_TAG)
             if image_id and (image_id not in self.children or run.info.status == "FINISHED"):
-                self.children[image_id] = (run.info.run_id, run.info.status)
+                self.children[image_id] = (run.info.run_id, run.info.status, run.info.artifact_uri)
 
     def finish_parent(self, status: str, files: Mapping[str, Path], folders: Mapping[str, Path], metrics: Mapping[str, float]) -> None:
         """Attach the sweep's plan, results, grids and config; end the parent run with `status`."""
@@ -103,20 +103,13 @@ class Tracker:
     # ------------------------------------------------------------ children
 
     def log_image(self, row: Mapping[str, Any], result: Any, image_path: Path | None, tags: Mapping[str, str]) -> None:
-        """One child run per image id: params, tags, generation time and the PNG."""
-        known = self.children.get(row["id"])
-        if known:
-            run_id = known[0]
-            self.client.update_run(run_id, status="RUNNING")
-        else:
-            run = self.client.create_run(
-                self.experiment_id,
-                run_name=row["id"],
-                tags={PARENT_TAG: self.parent_id, ID_TAG: row["id"], **tags},
-            )
-            run_id = run.info.run_id
-            self._log_params(run_id, {**request_params(row), "blend": row.get("blend", "")})
-        from mlflow.entities import Metric, RunTag
+        """One child run per image id: params, tags, generation time and the PNG.
+
+        Four store calls per image (create, one batch, artifact, end): this runs for every image,
+        and on a small machine its CPU time is taken from generation.
+        """
+        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
         now = int(time.time() * 1000)
         run_tags = {
@@ -127,16 +120,33 @@ class Tracker:
         }
         if result.error:
             run_tags["error"] = result.error[:5000]
+        known = self.children.get(row["id"])
+        params: list[Param] = []
+        if known:
+            run_id, _, artifact_uri = known
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=row["id"],
+                tags={PARENT_TAG: self.parent_id, ID_TAG: row["id"], **tags},
+            )
+            run_id, artifact_uri = run.info.run_id, run.info.artifact_uri
+            params = [Param(k, str(v)[:6000]) for k, v in {**request_params(row), "blend": row.get("blend", "")}.items()]
+            if len(params) > 100:  # MLflow's limit per batch (blends of many LoRAs)
+                self._log_params(run_id, {p.key: p.value for p in params})
+                params = []
         self.client.log_batch(
             run_id,
             metrics=[Metric("generation_s", result.generation_s, now, 0), Metric("batch_size", float(result.batch_size), now, 0)],
+            params=params,
             tags=[RunTag(k, v) for k, v in run_tags.items()],
         )
         if image_path is not None:
-            self.client.log_artifact(run_id, str(image_path))
+            get_artifact_repository(artifact_uri).log_artifact(str(image_path))
         status = "FINISHED" if result.status == "ok" else "FAILED"
         self.client.set_terminated(run_id, status)
-        self.children[row["id"]] = (run_id, status)
+        self.children[row["id"]] = (run_id, status, artifact_uri)
 
     def _log_params(self, run_id: str, params: Mapping[str, str]) -> None:
         from mlflow.entities import Param
