@@ -2,6 +2,7 @@
 
     lora-sweep run    [overrides]      generate the sweep (default: the demo sweep on the tiny model)
     lora-sweep plan   [overrides]      expand + validate, print the summary, write the plan (no torch)
+    lora-sweep sync   [overrides]      back-fill MLflow from the sweep folder (no generation)
     lora-sweep report SWEEP_FOLDER     redraw the grids from a sweep folder
 
 Sweep files are the `sweep` config group: every `sweeps/*.yaml` (the project's and the current
@@ -11,6 +12,7 @@ directory's) is registered under its file name, so `sweep=NAME` selects one and
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ USAGE = """usage: lora-sweep COMMAND [overrides...]
 commands:
   run     generate a sweep: plan, validate, generate what is not done yet, log to MLflow, draw grids
   plan    expand and validate a sweep, print its summary and write plan.parquet/plan.csv (no GPU, no torch)
+  sync    log to MLflow what a run could not (tracking server down), refresh grids; generates nothing
   report  redraw the comparison grids of a sweep folder: lora-sweep report outputs/demo
 
 overrides use Hydra's syntax:
@@ -70,8 +73,11 @@ def load_sweep_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def register_sweeps(argv: list[str]) -> list[str]:
-    """Put the sweep files in Hydra's ConfigStore (group `sweep`); returns argv with file paths made names."""
+def register_sweeps(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Put the sweep files in Hydra's ConfigStore (group `sweep`).
+
+    Returns argv with file paths made names, and the selected sweep's content.
+    """
     from hydra.core.config_store import ConfigStore
 
     from runner.run import UserError
@@ -83,15 +89,19 @@ def register_sweeps(argv: list[str]) -> list[str]:
         path = Path(selected)
         if not path.is_file():
             raise UserError(f"sweep: file {selected} does not exist; give a path to a sweep YAML or a name from sweeps/")
-        cs.store(group="sweep", name=path.stem, node=load_sweep_file(path))
+        chosen = load_sweep_file(path)
+        cs.store(group="sweep", name=path.stem, node=chosen)
         new_argv = [f"sweep={path.stem}" if a == f"sweep={selected}" else a for a in argv]
         selected = path.stem
+    else:
+        chosen = {}
     known: list[str] = []
     for folder in reversed(sweep_dirs()):  # ./sweeps registered last, so it wins
         for path in sorted(folder.glob("*.y*ml")):
             known.append(path.stem)
-            if path.stem == selected and not selected.endswith(".yaml"):
-                cs.store(group="sweep", name=path.stem, node=load_sweep_file(path))
+            if path.stem == selected and not chosen:
+                chosen = load_sweep_file(path)
+                cs.store(group="sweep", name=path.stem, node=chosen)
             elif path.stem != selected:
                 try:
                     cs.store(group="sweep", name=path.stem, node=load_sweep_file(path))
@@ -100,7 +110,7 @@ def register_sweeps(argv: list[str]) -> list[str]:
     if selected not in known and not any(a.startswith("sweep=") and a.endswith((".yaml", ".yml")) for a in argv):
         hint = did_you_mean(selected, known) or f"known sweeps: {', '.join(sorted(set(known))) or 'none'}"
         raise UserError(f"sweep: no sweep named '{selected}' in {', '.join(map(str, sweep_dirs())) or 'sweeps/'}; {hint}")
-    return new_argv
+    return new_argv, chosen
 
 
 def _hydra_command(command: str, argv: list[str]) -> None:
@@ -110,30 +120,109 @@ def _hydra_command(command: str, argv: list[str]) -> None:
     from runner.config import register_configs
 
     register_configs()
-    argv = register_sweeps(argv)
+    argv, sweep = register_sweeps(argv)
+    argv = request_overrides(argv, sweep)
+    precheck_composition(argv)
 
     def task(cfg: DictConfig) -> None:
         from runner.run import UserError
 
         try:
-            if command == "run":
+            if command in ("run", "sync"):
                 from runner.run import run_sweep
 
-                summary = run_sweep(cfg)
+                summary = run_sweep(cfg, generate=command == "run")
                 if summary.interrupted:
                     sys.exit(130)
+                if summary.failed:
+                    sys.exit(1)
             else:
                 plan_command(cfg)
         except UserError as exc:
             fail(exc.lines)
 
-    sys.argv = [f"lora-sweep {command}", f"hydra.job.name={command}", *open_request_overrides(argv)]
+    sys.argv = [f"lora-sweep {command}", f"hydra.job.name={command}", *argv]
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()
 
 
-def open_request_overrides(argv: list[str]) -> list[str]:
-    """`sweep.base.X=v` / `sweep.grid.X=v` set request fields whether or not the file has them (Hydra's `++`)."""
-    return [f"++{a}" if a.startswith(("sweep.base.", "sweep.grid.")) and "=" in a else a for a in argv]
+def precheck_composition(argv: list[str]) -> None:
+    """Compose once with Hydra's compose API so a bad override or config is one line, not Hydra's report.
+
+    Skipped for Hydra's own flags (--help, --cfg, -m, ...), which hydra.main handles itself.
+    """
+    if any(a.startswith("-") for a in argv):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from runner.run import UserError
+
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=argv)
+    except Exception as exc:
+        raise UserError(composition_error(exc)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    folder = Path(cfg.paths.outputs) / cfg.sweep.name  # Hydra's run dir: it must be creatable
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"paths.outputs: cannot write {folder} ({exc.strerror}); choose a writable folder with paths.outputs=DIR") from None
+
+
+def composition_error(exc: BaseException) -> str:
+    """Hydra/OmegaConf's multi-line error -> 'field: what is wrong; fix'."""
+    chain, seen = [], exc
+    while seen is not None:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = "\n".join(str(e) for e in chain)
+    key = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.strip().startswith("full_key:")), "")
+    lines = [line.strip() for e in reversed(chain) for line in str(e).splitlines() if line.strip()]
+    formatted = [line.strip() for e in chain for line in str(e).splitlines() if line.strip()]
+    reason = next((line for line in formatted if line.startswith("Value ") and "$VALUE" not in line), None) or next(
+        (line for line in lines if not line.startswith(("full_key", "reference_type", "object_type", "To append"))), type(exc).__name__
+    )
+    missing = re.search(r"Could not find '([\w/.-]+)/([\w.-]+)'", text)
+    if missing:
+        group, option = missing.groups()
+        options = [line.strip() for line in text.split("Available options:", 1)[-1].splitlines() if line.strip()]
+        return f"{group}: no option '{option}'; {did_you_mean(option, options) or 'available: ' + ', '.join(options)}"
+    key_name = key.rsplit(".", 1)[-1] if key else ""
+    hint = ""
+    if "not in struct" in text or "not in" in reason and key:
+        from omegaconf import OmegaConf
+
+        from runner.config import Config
+
+        parent = OmegaConf.structured(Config)
+        for part in key.split(".")[:-1]:
+            parent = parent.get(part) if isinstance(parent, dict) or hasattr(parent, "get") else None
+            if parent is None:
+                break
+        if parent is not None and hasattr(parent, "keys"):
+            hint = did_you_mean(key_name, [str(k) for k in parent.keys()])
+    return f"{key or 'config'}: {reason}; {hint or 'check the override or config file (lora-sweep run --help lists the settings)'}"
+
+
+def request_overrides(argv: list[str], sweep: dict[str, Any]) -> list[str]:
+    """`sweep.base.X=v` / `sweep.grid.X=v` set a request field or axis whatever the file has there.
+
+    Hydra would need `+` for a field the file lacks, and cannot turn a mapping axis
+    (`seed: {range: ...}`) into a list; so an axis the file has is deleted and added again.
+    """
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        parts = key.split(".")
+        if not eq or parts[0] != "sweep" or len(parts) < 3 or parts[1] not in ("base", "grid"):
+            out.append(arg)
+        elif len(parts) == 3 and parts[2] in (sweep.get(parts[1]) or {}):
+            out += [f"~{key}", f"+{key}={value}"]
+        else:
+            out.append(f"++{key}={value}")
+    return out
 
 
 def plan_command(cfg: Any) -> None:
@@ -142,11 +231,15 @@ def plan_command(cfg: Any) -> None:
     prepared = plan_or_fail(cfg)
     describe_plan(prepared, sys.stdout)
     folder = sweep_folder(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
+    from runner.run import UserError
     from runner.store import atomic_write_parquet
 
-    atomic_write_parquet(folder / "plan.parquet", prepared.plan)
-    prepared.plan.to_csv(folder / "plan.csv", index=False)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_parquet(folder / "plan.parquet", prepared.plan)
+        prepared.plan.to_csv(folder / "plan.csv", index=False)
+    except OSError as exc:
+        raise UserError(f"paths.outputs: cannot write {folder} ({exc.strerror}); choose a writable folder with paths.outputs=DIR") from None
     requests = len(prepared.plan)
     print(f"wrote {folder / 'plan.parquet'} and plan.csv ({requests} rows; {requests} requests on a remote engine)")
 
@@ -194,15 +287,18 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     run_environment_defaults()
     try:
-        if command in ("run", "plan"):
+        if command in ("run", "plan", "sync"):
             _hydra_command(command, rest)
         elif command == "report":
             report_command(rest)
         else:
-            hint = did_you_mean(command, ["run", "plan", "report"])
-            fail([f"unknown command '{command}'; {hint or 'use run, plan or report'}"])
+            hint = did_you_mean(command, ["run", "plan", "sync", "report"])
+            fail([f"unknown command '{command}'; {hint or 'use run, plan, sync or report'}"])
     except UserError as exc:
         fail(exc.lines)
+    except KeyboardInterrupt:
+        print("interrupted; run the same command to continue where it stopped", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,62 @@ class HashCache:
         self._dirty = False
 
 
+LORA_KEY_MARKERS = ("lora_A", "lora_B", "lora_down", "lora_up", "lora.down", "lora.up", ".alpha", "lora_linear_layer")
+LYCORIS_MARKERS = {"hada_w1": "LoHa", "lokr_w1": "LoKr", "oft_blocks": "OFT", ".glora_": "GLoRA"}
+
+
+def safetensors_keys(file: Path) -> list[str]:
+    """The tensor names in a .safetensors file, read from its JSON header (no torch, no weights)."""
+    with open(file, "rb") as fh:
+        size_bytes = fh.read(8)
+        if len(size_bytes) != 8:
+            raise ValueError("file is too short")
+        size = int.from_bytes(size_bytes, "little")
+        if size <= 0 or size > 100_000_000 or size > file.stat().st_size - 8:
+            raise ValueError("header size is invalid")
+        header = json.loads(fh.read(size))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    return [k for k in header if k != "__metadata__"]
+
+
+def check_lora_file(lora_id: str, path: Path) -> Problem | None:
+    """A clear refusal for files that are not LoRAs (or not safetensors at all) before any weight is loaded."""
+    where = f"loras.{lora_id}.source"
+    if path.suffix != ".safetensors":
+        return None  # .bin/.pt LoRAs are checked when loaded
+    try:
+        keys = safetensors_keys(path)
+    except (OSError, ValueError) as exc:
+        return Problem(where, f"{path.name} is not a readable .safetensors file ({exc})", "re-download or re-export the LoRA")
+    for marker, kind in LYCORIS_MARKERS.items():
+        if any(marker in k for k in keys):
+            return Problem(
+                where, f"{path.name} is a LyCORIS {kind}, which this engine does not load", "use a plain LoRA (LoCon/LoRA) export"
+            )
+    if not any(m in k for k in keys for m in LORA_KEY_MARKERS):
+        return Problem(where, f"{path.name} has no LoRA weights (tensors like {keys[0] if keys else 'none'})", "point it at a LoRA file")
+    return None
+
+
+def check_model_folder(model_id: str, folder: Path) -> Problem | None:
+    """Every component model_index.json names must be a folder beside it."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError) as exc:
+        return Problem(f"models.{model_id}.source", f"{folder}/model_index.json cannot be read ({exc})", "re-save the pipeline")
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        if not (folder / name).is_dir():
+            return Problem(
+                f"models.{model_id}.source",
+                f"{folder} has no '{name}' folder, which model_index.json lists",
+                "copy the whole pipeline folder",
+            )
+    return None
+
+
 def _hub_cache_path(repo_id: str) -> Path | None:
     """The local snapshot of a hub repo, or None. Never downloads."""
     try:
@@ -117,6 +173,9 @@ def resolve_model(model_id: str, source: str, hashes: HashCache) -> tuple[Resolv
     if path.is_dir():
         if not (path / "model_index.json").exists():
             return None, Problem(where, f"{source} is a folder without model_index.json", "point it at a diffusers pipeline folder")
+        problem = check_model_folder(model_id, path)
+        if problem:
+            return None, problem
         return Resolved(model_id, "diffusers_folder", path, sha256=hashes.tree_sha256(path)), None
     if path.is_file():
         if path.suffix not in (".safetensors", ".ckpt"):
@@ -157,6 +216,9 @@ def resolve_lora(lora_id: str, source: str, weight_name: str | None, hashes: Has
         path = folder / weight_name
     if not path.is_file():
         return None, Problem(where, f"LoRA file {path} does not exist", "fix the path in the loras registry")
+    problem = check_lora_file(lora_id, path)
+    if problem:
+        return None, problem
     return Resolved(lora_id, "lora_file", path, weight_name=path.name, sha256=hashes.file_sha256(path)), None
 
 

@@ -115,9 +115,14 @@ def open_tracker(cfg: DictConfig, store: SweepStore):
         ) from None
 
 
-def run_sweep(cfg: DictConfig, out: TextIO = sys.stdout) -> Summary:
-    """Generate every image of the sweep that is not done yet; see the module docstring."""
-    ensure_builtin_assets(cfg)
+def run_sweep(cfg: DictConfig, out: TextIO = sys.stdout, generate: bool = True) -> Summary:
+    """Generate every image of the sweep that is not done yet; see the module docstring.
+
+    With generate=False (`lora-sweep sync`) only the MLflow back-fill, the grids and the parent run's
+    artifacts are brought up to date.
+    """
+    if generate:
+        ensure_builtin_assets(cfg)
     prepared = plan_or_fail(cfg)
     plan = prepared.plan
     store = SweepStore(sweep_folder(cfg))
@@ -130,26 +135,74 @@ def run_sweep(cfg: DictConfig, out: TextIO = sys.stdout) -> Summary:
             f"paths.outputs: cannot write {store.root} ({exc.strerror}); choose a writable folder with paths.outputs=DIR"
         ) from None
     try:
-        return _run_locked(cfg, prepared, plan, store, out)
+        return _run_locked(cfg, prepared, plan, store, out, generate)
     finally:
         store.release()
 
 
-def _run_locked(cfg: DictConfig, prepared: PreparedSweep, plan: pd.DataFrame, store: SweepStore, out: TextIO) -> Summary:
+def changed_files(before: dict[str, dict[str, str]], now: dict[str, dict[str, str]]) -> list[str]:
+    """Lines naming each model or LoRA whose file changed since the last run of this sweep."""
+    lines = []
+    for kind in ("models", "loras"):
+        for name, sha in now.get(kind, {}).items():
+            old = before.get(kind, {}).get(name)
+            if old and sha and old != sha:
+                what = "model" if kind == "models" else "LoRA"
+                lines.append(
+                    f"{what} '{name}' changed on disk since the last run (sha256 {old[:10]} -> {sha[:10]}): its images get new ids and are generated again"
+                )
+    return lines
+
+
+def backfill_tracking(tracker, store: SweepStore, plan: pd.DataFrame, rows: dict, tags: dict, out: TextIO) -> int:
+    """Log to MLflow the finished images that are in the results but not in MLflow (it was down)."""
+    from runner.engines.base import ImageResult
+
+    results = store.read_results()
+    results = results[results["id"].isin(plan["id"]) & results["status"].isin(["ok", "failed"])]
+    missing = [r for r in results.to_dict("records") if tracker.children.get(r["id"], ("", ""))[1] not in ("FINISHED", "FAILED")]
+    for record in missing:
+        path = store.image_path(record["id"]) if record["status"] == "ok" else None
+        if path is not None and not path.exists():
+            continue
+        result = ImageResult(
+            id=record["id"],
+            status=record["status"],
+            error=str(record.get("error") or ""),
+            seed=int(record["seed"]),
+            scheduler=str(record.get("scheduler") or ""),
+            generation_s=float(record.get("generation_s") or 0),
+            batch_size=int(record.get("batch_size") or 1),
+            notes=[n for n in str(record.get("notes") or "").split("; ") if n],
+        )
+        tracker.log_image(rows[record["id"]], result, path, {**tags, "lora_sweep.backfilled": "true"})
+        store.append_result({**record, "tracked": True})
+    if missing:
+        print(f"logged {len(missing)} earlier images to MLflow that were not logged when they were made", file=out)
+    return len(missing)
+
+
+def _run_locked(cfg: DictConfig, prepared: PreparedSweep, plan: pd.DataFrame, store: SweepStore, out: TextIO, generate: bool) -> Summary:
     describe_plan(prepared, out)
+    registry = prepared.registry
+    identity = {"models": {k: v.sha256 for k, v in registry.models.items()}, "loras": {k: v.sha256 for k, v in registry.loras.items()}}
+    for line in changed_files(store.read_identity(), identity):
+        print(line, file=out)
     store.write_plan(plan)
     store.write_config(config_yaml(cfg))
+    store.write_identity(identity)
     done = store.ok_ids()
-    if cfg.retry_failed:
+    if not generate:
+        pending = plan.iloc[0:0]
+    elif cfg.retry_failed:
         pending = plan[plan["id"].isin(store.failed_ids() - done)]
     else:
         pending = plan[~plan["id"].isin(done)]
     summary = Summary(cfg.sweep.name, store.root, len(plan), skipped=len(plan) - len(pending))
-    if summary.skipped:
+    if summary.skipped and generate:
         print(f"{summary.skipped} images already done in {store.root}; generating the other {len(pending)}", file=out)
 
     tracker, summary.tracking_uri = open_tracker(cfg, store)
-    registry = prepared.registry
     hashes = {f"model:{k}": v.sha256 for k, v in registry.models.items()} | {f"lora:{k}": v.sha256 for k, v in registry.loras.items()}
     base_tags = {
         "lora_sweep.sweep": cfg.sweep.name,
@@ -165,6 +218,8 @@ def _run_locked(cfg: DictConfig, prepared: PreparedSweep, plan: pd.DataFrame, st
             base_tags,
             {"sweep": cfg.sweep.name, "images": str(len(plan)), **{f"axis.{k}": str(v) for k, v in summarize(plan)["axes"].items()}},
         )
+        rows = {r["id"]: r for r in plan.to_dict("records")}
+        backfill_tracking(tracker, store, plan, rows, base_tags, out)
 
     status = "FINISHED"
     if len(pending):
@@ -250,7 +305,7 @@ def print_summary(s: Summary, out: TextIO) -> None:
         print(f"mlflow:  experiment '{s.sweep}', parent run {s.parent_run_id}", file=out)
         print(f"         open it with: {ui_command(s.tracking_uri)}", file=out)
     if s.tracking_errors:
-        print(f"warning: {s.tracking_errors} images could not be logged to MLflow", file=out)
+        print(f"warning: {s.tracking_errors} images could not be logged to MLflow; the next run or `lora-sweep sync` logs them", file=out)
     if s.failed:
         print("retry the failed images with: lora-sweep run <same overrides> retry_failed=true", file=out)
     if s.interrupted:
@@ -266,3 +321,8 @@ def run_environment_defaults() -> None:
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # one clear policy against a tracking server: a few quick retries, then the writer moves on
+    # and the next run back-fills what was not logged
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")

@@ -92,6 +92,7 @@ class SweepStore:
         self.journal_path = self.root / "results.jsonl"
         self.config_path = self.root / "config.yaml"
         self.lock_path = self.root / ".lock"
+        self.identity_path = self.root / "identity.json"
         self._journal = None
         self._last_snapshot = 0.0
 
@@ -136,6 +137,16 @@ class SweepStore:
 
     def write_config(self, text: str) -> None:
         atomic_write_bytes(self.config_path, text.encode())
+
+    def read_identity(self) -> dict[str, dict[str, str]]:
+        """The model and LoRA hashes of the last run (what its images were made from)."""
+        try:
+            return json.loads(self.identity_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def write_identity(self, identity: dict[str, dict[str, str]]) -> None:
+        atomic_write_bytes(self.identity_path, json.dumps(identity, indent=1, sort_keys=True).encode())
 
     # ------------------------------------------------------------ images
 

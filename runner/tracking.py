@@ -143,7 +143,10 @@ class Tracker:
             tags=[RunTag(k, v) for k, v in run_tags.items()],
         )
         if image_path is not None:
-            get_artifact_repository(artifact_uri).log_artifact(str(image_path))
+            if artifact_uri.startswith("file:"):  # a local store: skip the client's run lookup per image
+                get_artifact_repository(artifact_uri).log_artifact(str(image_path))
+            else:  # mlflow-artifacts:/ and friends resolve through this client's server
+                self.client.log_artifact(run_id, str(image_path))
         status = "FINISHED" if result.status == "ok" else "FAILED"
         self.client.set_terminated(run_id, status)
         self.children[row["id"]] = (run_id, status, artifact_uri)

@@ -24,6 +24,7 @@ from runner.store import SweepStore
 
 log = logging.getLogger(__name__)
 _STOP = object()
+MAX_TRACKING_FAILURES = 3
 
 
 def png_bytes(image: Image.Image, row: Mapping[str, Any], hashes: Mapping[str, str]) -> bytes:
@@ -78,6 +79,8 @@ class BackgroundWriter:
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, maxsize))
         self.written = 0
         self.tracking_errors = 0
+        self.tracking_down = False  # after MAX_TRACKING_FAILURES in a row: the next run back-fills
+        self._failures_in_a_row = 0
         self.busy_s = 0.0
         self._thread = threading.Thread(target=self._loop, name="lora-sweep-writer", daemon=True)
         self._thread.start()
@@ -109,15 +112,7 @@ class BackgroundWriter:
         path = None
         if result.status == "ok":
             path = self.store.write_image(result.id, png_bytes(result.image, row, self.hashes))
-        tracked = False
-        if self.tracker is not None:
-            try:
-                self.tracker.log_image(row, result, path, self.tags)
-                tracked = True
-            except Exception as exc:
-                self.tracking_errors += 1
-                if self.tracking_errors == 1:
-                    log.warning("MLflow logging failed (%s); images and results are still written", exc)
+        tracked = self._track(row, result, path)
         self.store.append_result(
             {
                 "id": result.id,
@@ -135,3 +130,24 @@ class BackgroundWriter:
             }
         )
         self.written += 1
+
+    def _track(self, row: Mapping[str, Any], result: ImageResult, path: Any) -> bool:
+        """Log to MLflow if it is up; a store that keeps failing is left alone until the next run."""
+        if self.tracker is None or self.tracking_down:
+            if self.tracker is not None:
+                self.tracking_errors += 1
+            return False
+        try:
+            self.tracker.log_image(row, result, path, self.tags)
+            self._failures_in_a_row = 0
+            return True
+        except Exception as exc:
+            self.tracking_errors += 1
+            self._failures_in_a_row += 1
+            log.warning(
+                "MLflow logging failed for %s (%s); the image and its result are written", result.id, str(exc).splitlines()[0][:200]
+            )
+            if self._failures_in_a_row >= MAX_TRACKING_FAILURES:
+                self.tracking_down = True
+                log.warning("MLflow is unreachable; not logging the rest of this run (the next run or `lora-sweep sync` back-fills it)")
+            return False
