@@ -95,8 +95,10 @@ class PathsConfig:
 class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    models: dict[str, ModelSource] = field(default_factory=dict)
-    loras: dict[str, LoraSource] = field(default_factory=dict)
+    # id -> ModelSource / LoraSource fields. Open maps (checked by runner.registry) so that an entry
+    # can be added from the command line: +loras.mine={source: /path/mine.safetensors}
+    models: dict[str, Any] = field(default_factory=dict)
+    loras: dict[str, Any] = field(default_factory=dict)
     engine: EngineConfig = field(default_factory=EngineConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)

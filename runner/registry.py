@@ -229,6 +229,25 @@ class Registry:
     problems: list[Problem]
 
 
+ENTRY_KEYS = {"models": ("source", "variant", "builtin", "lcm"), "loras": ("source", "weight_name", "builtin", "lcm")}
+
+
+def check_entry(registry: str, name: str, entry: Any) -> Problem | None:
+    """A registry entry is a mapping with a `source` and known keys only."""
+    from runner.request import did_you_mean
+
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("source"), str) or not entry.get("source"):
+        return Problem(f"{registry}.{name}", "needs a source (a path or hub id)", f"e.g. +{registry}.{name}={{source: /path/to/file}}")
+    for key in entry:
+        if key not in ENTRY_KEYS[registry]:
+            return Problem(
+                f"{registry}.{name}.{key}",
+                "unknown key",
+                did_you_mean(key, ENTRY_KEYS[registry]) or f"known: {', '.join(ENTRY_KEYS[registry])}",
+            )
+    return None
+
+
 def resolve_all(
     models: Mapping[str, Any],
     loras: Mapping[str, Any],
@@ -243,6 +262,9 @@ def resolve_all(
             registry.problems.append(_unknown("model_id", model_id, models, "models"))
             continue
         spec = models[model_id]
+        if problem := check_entry("models", model_id, spec):
+            registry.problems.append(problem)
+            continue
         if spec.get("builtin") and not Path(spec["source"]).exists():
             resolved, problem = Resolved(model_id, "diffusers_folder", Path(spec["source"]), builtin=True), None
         else:
@@ -255,6 +277,9 @@ def resolve_all(
             registry.problems.append(_unknown("lora_model", lora_id, loras, "loras"))
             continue
         spec = loras[lora_id]
+        if problem := check_entry("loras", lora_id, spec):
+            registry.problems.append(problem)
+            continue
         if spec.get("builtin") and not Path(spec["source"]).exists():
             resolved, problem = Resolved(lora_id, "lora_file", Path(spec["source"]), builtin=True), None
         else:

@@ -72,8 +72,8 @@ def sweep_folder(cfg: DictConfig) -> Path:
 
 def ensure_builtin_assets(cfg: DictConfig) -> None:
     """Build the embedded tiny model and LoRAs if a builtin source the config names is missing."""
-    sources = [*cfg.models.values(), *cfg.loras.values()]
-    if any(s.get("builtin") and not Path(s.source).exists() for s in sources):
+    sources = [s for s in [*cfg.models.values(), *cfg.loras.values()] if isinstance(s, DictConfig)]
+    if any(s.get("builtin") and not Path(str(s.get("source", ""))).exists() for s in sources):
         from runner.assets import ensure_demo_assets
 
         print(f"building the embedded tiny model and LoRAs into {cfg.paths.assets} (once) ...", flush=True)
@@ -149,7 +149,8 @@ def changed_files(before: dict[str, dict[str, str]], now: dict[str, dict[str, st
             if old and sha and old != sha:
                 what = "model" if kind == "models" else "LoRA"
                 lines.append(
-                    f"{what} '{name}' changed on disk since the last run (sha256 {old[:10]} -> {sha[:10]}): its images get new ids and are generated again"
+                    f"{what} '{name}' changed on disk since the last run (sha256 {old[:10]} -> {sha[:10]}): "
+                    "its images get new ids and are generated again"
                 )
     return lines
 
@@ -232,6 +233,14 @@ def _run_locked(cfg: DictConfig, prepared: PreparedSweep, plan: pd.DataFrame, st
     summary.grids = make_grids(plan, results, store.root, grid.x, grid.y, cfg.sweep.report.cell_size)
     if tracker:
         results.to_csv(store.root / "results.csv", index=False)
+        finish_parent(tracker, summary, status, store, out)
+    print_summary(summary, out)
+    return summary
+
+
+def finish_parent(tracker, summary: Summary, status: str, store: SweepStore, out: TextIO) -> None:
+    """Attach the sweep's files to the parent run and end it; MLflow being down must not lose the run."""
+    try:
         tracker.finish_parent(
             status,
             files={
@@ -243,8 +252,9 @@ def _run_locked(cfg: DictConfig, prepared: PreparedSweep, plan: pd.DataFrame, st
             folders={"grids": store.grids},
             metrics={"images_ok": summary.ok, "images_failed": summary.failed, "images_per_s": summary.images_per_s},
         )
-    print_summary(summary, out)
-    return summary
+    except Exception as exc:
+        summary.tracking_errors += 1
+        print(f"warning: could not finish the MLflow parent run ({str(exc).splitlines()[0][:160]})", file=out)
 
 
 def _generate(cfg, prepared, pending, store, tracker, hashes, base_tags, summary):

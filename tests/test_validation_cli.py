@@ -101,3 +101,65 @@ def test_unknown_sweep_key_did_you_mean(workspace):
     result = workspace.cli("plan", f"sweep={path}")
     assert result.code == 2
     assert "sweep.gird: unknown key" in result.err and "did you mean 'grid'" in result.err
+
+
+MORE_BAD_OVERRIDES = [
+    (["sweep.grid.seed=[]"], "sweep.grid.seed: is an empty list"),
+    (["engine.batch_size=abc"], "engine.batch_size: Value 'abc' of type 'str' could not be converted to Integer"),
+    (["engine.batchsize=2"], "did you mean 'batch_size'"),
+    (["tracking=nonee"], "tracking: no option 'nonee'; did you mean 'none'"),
+    (["engine.kind=gpu"], "engine.kind: unknown engine 'gpu'"),
+    (["sweep.base.key=abc123"], "key: API keys do not belong in sweep files"),
+    (["sweep.base.safety_checker=maybe"], 'safety_checker: expected "yes" or "no"'),
+    (["sweep.grid.seed=[-5]"], "seed: seed must be in 0.."),
+    (["sweep.grid.lora_model={pairs: [ganyu]}", "~sweep.grid.lora_strength"], "sweep.grid.lora_model: generates no blends"),
+    (["+loras.x={weight_name: a.safetensors}", "sweep.grid.lora_model=[x]"], "loras.x: needs a source"),
+    (["+loras.x={source: /tmp/a.safetensors, wieght_name: a}", "sweep.grid.lora_model=[x]"], "did you mean 'weight_name'"),
+    (["paths.outputs=/etc/passwd/outputs"], "paths.outputs: cannot write /etc/passwd/outputs"),
+]
+
+
+@pytest.mark.parametrize("overrides, expected", MORE_BAD_OVERRIDES, ids=[e for _, e in MORE_BAD_OVERRIDES])
+def test_plan_refuses_bad_config(workspace, small_sweep, overrides, expected):
+    check_refused(workspace, small_sweep, "plan", overrides, expected)
+
+
+def write_safetensors(path, names):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    save_file({name: np.zeros((2, 2), dtype=np.float32) for name in names}, str(path))
+    return path
+
+
+def not_a_lora(ws):
+    return write_safetensors(ws.root / "unet_weights.safetensors", ["down_blocks.0.conv.weight"]), "has no LoRA weights"
+
+
+def corrupt_safetensors(ws):
+    path = ws.root / "corrupt.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    return path, "is not a readable .safetensors file"
+
+
+def lycoris_loha(ws):
+    return write_safetensors(ws.root / "loha.safetensors", ["lora_unet_down_blocks_0.hada_w1_a"]), "is a LyCORIS LoHa"
+
+
+@pytest.mark.parametrize("make", [not_a_lora, corrupt_safetensors, lycoris_loha])
+def test_bad_lora_files_are_refused_before_loading(workspace, small_sweep, make):
+    path, expected = make(workspace)
+    overrides = [f"+loras.bad={{source: {path}}}", "sweep.grid.lora_model=[ganyu,bad]"]
+    check_refused(workspace, small_sweep, "run", overrides, f"loras.bad.source: {path.name} {expected}")
+
+
+def test_model_folder_with_a_missing_component_is_refused(workspace, small_sweep):
+    import shutil
+
+    broken = workspace.root / "broken-model"
+    shutil.copytree(workspace.assets / "tiny-sd", broken)
+    shutil.rmtree(broken / "unet")
+    overrides = [f"+models.broken={{source: {broken}}}", "model.id=broken"]
+    check_refused(workspace, small_sweep, "run", overrides, "models.broken.source: ")
+    result = workspace.cli("plan", f"sweep={small_sweep}", *overrides)
+    assert "has no 'unet' folder" in result.err

@@ -1,0 +1,221 @@
+"""A sweep survives faults: each test causes the fault for real and checks nothing is lost or duplicated."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tests.test_mlflow_server import free_port, start_mlflow_server
+from tests.test_run import mlflow_runs
+
+pytestmark = pytest.mark.slow
+
+SLOW_SWEEP = {
+    "name": "long",
+    "base": {"prompt": "a red fox", "width": 128, "height": 128, "num_inference_steps": 8},
+    "grid": {"lora_model": ["ganyu", "more_details"], "seed": {"start": 0, "count": 16}},
+}
+
+
+def start_run(ws, *overrides: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "runner.cli", "run", f"paths.outputs={ws.outputs}", f"paths.assets={ws.assets}", *overrides]
+    return subprocess.Popen(
+        args, cwd=ws.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+
+
+def wait_for_results(folder: Path, count: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    journal = folder / "results.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if journal.exists() and len(journal.read_text().splitlines()) >= count:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"run ended early: {proc.communicate()}")
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail("no results appeared")
+
+
+def assert_complete(ws, name: str, plan_size: int) -> None:
+    folder = ws.outputs / name
+    results = pd.read_parquet(folder / "results.parquet")
+    plan = pd.read_parquet(folder / "plan.parquet")
+    assert len(plan) == plan_size
+    assert results["id"].is_unique and sorted(results["id"]) == sorted(plan["id"])
+    assert set(results["status"]) == {"ok"}
+    for image_id in plan["id"]:
+        with Image.open(folder / "images" / f"{image_id}.png") as image:
+            image.load()  # a truncated PNG raises here
+    assert not list((folder / "images").glob(".*.tmp")), "no half-written files are left"
+    parent, children = mlflow_runs(ws.outputs, name)
+    assert len(parent) == 1
+    assert children["tags.lora_sweep.id"].is_unique and len(children) == plan_size
+    assert set(children["status"]) == {"FINISHED"}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_interrupted_sweep_resumes_without_loss_or_duplicates(workspace, sig):
+    path = workspace.sweep("long", SLOW_SWEEP)
+    proc = start_run(workspace, f"sweep={path}", "engine.batch_size=1")
+    wait_for_results(workspace.outputs / "long", 4, proc)
+    proc.send_signal(sig)
+    started = time.monotonic()
+    out, err = proc.communicate(timeout=30)
+    if sig == signal.SIGINT:
+        assert time.monotonic() - started < 10, "Ctrl-C stops within a few seconds"
+        assert proc.returncode == 130, err
+        assert "interrupted:" in out and "continue where it stopped with the same command" in out
+        assert "Traceback" not in err
+        parent, _ = mlflow_runs(workspace.outputs, "long")
+        assert parent["status"].iloc[0] == "KILLED"
+        parent_id = parent["run_id"].iloc[0]
+    else:
+        assert proc.returncode == -signal.SIGKILL
+        parent_id = mlflow_runs(workspace.outputs, "long")[0]["run_id"].iloc[0]
+    done_before = len(pd.read_json(workspace.outputs / "long" / "results.jsonl", lines=True))
+    assert 4 <= done_before < 32
+
+    again = workspace.cli("run", f"sweep={path}", "engine.batch_size=1")
+    assert again.code == 0, again.err
+    assert f"{done_before} images already done" in again.out
+    assert_complete(workspace, "long", 32)
+    assert mlflow_runs(workspace.outputs, "long")[0]["run_id"].iloc[0] == parent_id, "the parent run is reused"
+
+
+def write_nan_lora(source: Path, target: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(source)
+    first = sorted(k for k in tensors if "lora" in k.lower())[0]
+    tensors[first] = tensors[first] * float("nan")
+    save_file(tensors, target)
+
+
+def test_failed_images_are_recorded_and_the_sweep_goes_on(workspace):
+    write_nan_lora(workspace.assets / "loras" / "ganyu.safetensors", workspace.root / "diverged.safetensors")
+    sweep = {
+        "name": "faulty",
+        "base": {"prompt": "a fox", "width": 64, "height": 64, "num_inference_steps": 4},
+        "grid": {"lora_model": ["ganyu", "diverged"], "seed": [1, 2]},
+    }
+    path = workspace.sweep("faulty", sweep)
+    extra = f"+loras.diverged={{source: {workspace.root / 'diverged.safetensors'}}}"
+    result = workspace.cli("run", f"sweep={path}", extra)
+    assert result.code == 1, result.err  # finished, with failures
+    assert "done: 2 ok, 2 failed, 0 skipped of 4 images" in result.out
+    assert "retry_failed=true" in result.out
+    results = pd.read_parquet(workspace.outputs / "faulty" / "results.parquet")
+    plan = pd.read_parquet(workspace.outputs / "faulty" / "plan.parquet").set_index("id")
+    failed = results[results["status"] == "failed"]
+    assert set(plan.loc[failed["id"], "lora_model"]) == {"diverged"}
+    assert failed["error"].str.contains("NaN in the output").all()
+    _, children = mlflow_runs(workspace.outputs, "faulty")
+    assert sorted(children["status"]) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
+    assert children.loc[children["status"] == "FAILED", "tags.error"].str.contains("NaN").all()
+
+    retry = workspace.cli("run", f"sweep={path}", extra, "retry_failed=true")
+    assert "done: 0 ok, 2 failed, 2 skipped of 4 images" in retry.out, retry.out + retry.err
+    _, children = mlflow_runs(workspace.outputs, "faulty")
+    assert len(children) == 4, "a retried image reuses its MLflow run"
+
+
+def test_changed_lora_file_is_detected_and_its_images_regenerated(workspace, tmp_path):
+    import shutil
+
+    own = tmp_path / "mine.safetensors"
+    shutil.copy(workspace.assets / "loras" / "ganyu.safetensors", own)
+    sweep = {
+        "name": "changing",
+        "base": {"prompt": "a fox", "width": 64, "height": 64, "num_inference_steps": 4},
+        "grid": {"lora_model": ["mine", "more_details"], "seed": [1, 2]},
+    }
+    path = workspace.sweep("changing", sweep)
+    extra = f"+loras.mine={{source: {own}}}"
+    assert workspace.cli("run", f"sweep={path}", extra, "tracking=none").code == 0
+    first_plan = pd.read_parquet(workspace.outputs / "changing" / "plan.parquet")
+    shutil.copy(workspace.assets / "loras" / "watercolor.safetensors", own)  # retrained: new weights
+    result = workspace.cli("run", f"sweep={path}", extra, "tracking=none")
+    assert result.code == 0, result.err
+    assert "LoRA 'mine' changed on disk since the last run" in result.out
+    assert "done: 2 ok, 0 failed, 2 skipped of 4 images" in result.out
+    second_plan = pd.read_parquet(workspace.outputs / "changing" / "plan.parquet")
+    kept = set(first_plan["id"]) & set(second_plan["id"])
+    assert set(second_plan.loc[second_plan["id"].isin(kept), "lora_model"]) == {"more_details"}
+    grids = list((workspace.outputs / "changing" / "grids").glob("*.png"))
+    assert grids, "grids are redrawn from the current plan only"
+
+
+def test_second_run_on_the_same_sweep_refuses_and_stale_locks_are_taken_over(workspace):
+    path = workspace.sweep("long", SLOW_SWEEP)
+    first = start_run(workspace, f"sweep={path}", "tracking=none")
+    try:
+        wait_for_results(workspace.outputs / "long", 1, first)
+        second = workspace.cli("run", f"sweep={path}", "tracking=none")
+        assert second.code == 2
+        assert f"is in use by process {first.pid}" in second.err and "Traceback" not in second.err
+    finally:
+        first.kill()
+        first.wait()
+    lock = workspace.outputs / "long" / ".lock"
+    assert lock.read_text().strip() == str(first.pid)  # left behind by the killed run: stale now
+    resumed = workspace.cli("run", f"sweep={path}", "tracking=none")
+    assert resumed.code == 0, resumed.err
+    assert not lock.exists()
+
+
+def test_mlflow_down_mid_sweep_keeps_writing_and_sync_backfills(workspace, tmp_path):
+    port = free_port()
+    server = start_mlflow_server(tmp_path, port)
+    path = workspace.sweep("long", {**SLOW_SWEEP, "grid": {"lora_model": ["ganyu"], "seed": {"start": 0, "count": 24}}})
+    env_overrides = ("engine.batch_size=1", f"tracking.uri=http://127.0.0.1:{port}")
+    proc = start_run(workspace, f"sweep={path}", *env_overrides)
+    wait_for_results(workspace.outputs / "long", 3, proc)
+    server.terminate()
+    server.wait(timeout=30)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    assert "could not be logged to MLflow" in out
+    results = pd.read_parquet(workspace.outputs / "long" / "results.parquet")
+    assert len(results) == 24 and set(results["status"]) == {"ok"}, "images and results keep being written"
+    assert not results["tracked"].all()
+
+    server = start_mlflow_server(tmp_path, port)  # the same store comes back
+    try:
+        synced = workspace.cli("sync", f"sweep={path}", *env_overrides)
+        assert synced.code == 0, synced.err
+        assert "earlier images to MLflow" in synced.out
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        runs = client.search_runs([client.get_experiment_by_name("long").experiment_id])
+        children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+        ids = [r.data.tags["lora_sweep.id"] for r in children]
+        assert len(ids) == 24 and len(set(ids)) == 24
+        assert {r.info.status for r in children} == {"FINISHED"}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+SECRET = "sk-lora-sweep-test-9f8e7d6c5b4a39281706"
+
+
+def test_api_keys_never_reach_outputs_logs_or_mlflow(workspace, small_sweep):
+    result = workspace.cli("run", f"sweep={small_sweep}", "sweep.grid.seed=[1]", env={"MODELSLAB_API_KEY": SECRET})
+    assert result.code == 0, result.err
+    refused = workspace.cli("plan", f"sweep={small_sweep}", f"sweep.base.key={SECRET}")
+    assert refused.code == 2 and "API keys do not belong in sweep files" in refused.err
+    for text in (result.out, result.err, refused.out, refused.err):
+        assert SECRET not in text
+    for file in workspace.outputs.rglob("*"):
+        if file.is_file():
+            assert SECRET.encode() not in file.read_bytes(), f"key found in {file}"
