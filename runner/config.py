@@ -47,6 +47,22 @@ class EngineConfig:
     batch_size: int = 4  # seeds of one cell generated in one call
     substitute_schedulers: bool = False  # run a documented substitute for non-generator schedulers
     cache_prompt_embeddings: bool = True
+    # remote engine (engine=remote): the provider's text2img API, or `lora-sweep serve`
+    base_url: str = "https://modelslab.com"
+    api_key_env: str = "MODELSLAB_API_KEY"  # the key is read from this environment variable...
+    api_key_file: str | None = None  # ...or from this file; never from YAML
+    max_in_flight: int = 5  # the provider's smallest queue
+    max_steps: int = 50  # num_inference_steps above this are clamped (and recorded), not refused
+    request_timeout_s: float = 60.0
+    deadline_s: float = 300.0  # per image, from submit to image; then the remote id is kept for the next run
+    eta_min_s: float = 1.0
+    eta_max_s: float = 10.0
+    poll_initial_s: float = 3.0
+    poll_max_s: float = 10.0
+    backoff_initial_s: float = 5.0
+    backoff_max_s: float = 80.0
+    max_rate_limit_retries: int = 8
+    max_transient_retries: int = 5
 
 
 @dataclass

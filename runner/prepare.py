@@ -36,6 +36,8 @@ class PreparedSweep:
 
 def engine_identity(cfg: DictConfig) -> dict[str, Any]:
     """The engine settings that decide pixels (as configured: `auto` stays `auto`)."""
+    if cfg.engine.kind == "remote":
+        return {"kind": "remote", "base_url": cfg.engine.base_url.rstrip("/")}
     return {"kind": cfg.engine.kind, "device": cfg.engine.device, "dtype": cfg.engine.dtype}
 
 
@@ -78,8 +80,11 @@ def prepare_sweep(cfg: DictConfig) -> PreparedSweep:
     models = OmegaConf.to_container(cfg.models, resolve=True)
     loras = OmegaConf.to_container(cfg.loras, resolve=True)
     lora_ids = {lora for blend in plan["lora_model"].unique() for lora in split_loras(blend)}
-    hashes = HashCache(Path(cfg.paths.outputs) / ".cache" / "hashes.json")
-    registry = resolve_all(models, loras, set(plan["model_id"].unique()), lora_ids, hashes)
+    if caps.kind == "remote":  # model and LoRA ids are the provider's: nothing on disk to resolve or hash
+        registry = Registry({}, {}, [])
+    else:
+        hashes = HashCache(Path(cfg.paths.outputs) / ".cache" / "hashes.json")
+        registry = resolve_all(models, loras, set(plan["model_id"].unique()), lora_ids, hashes)
     identity = Identity(
         model_hashes={k: v.identity for k, v in registry.models.items()},
         lora_hashes={k: v.identity for k, v in registry.loras.items()},

@@ -121,9 +121,10 @@ def run_sweep(cfg: DictConfig, out: TextIO = sys.stdout, generate: bool = True) 
     With generate=False (`lora-sweep sync`) only the MLflow back-fill, the grids and the parent run's
     artifacts are brought up to date.
     """
-    if generate:
+    if generate and cfg.engine.kind == "local":
         ensure_builtin_assets(cfg)
     prepared = plan_or_fail(cfg)
+    api_key = require_api_key(cfg) if cfg.engine.kind == "remote" and generate else None
     plan = prepared.plan
     store = SweepStore(sweep_folder(cfg))
     try:
@@ -135,7 +136,7 @@ def run_sweep(cfg: DictConfig, out: TextIO = sys.stdout, generate: bool = True) 
             f"paths.outputs: cannot write {store.root} ({exc.strerror}); choose a writable folder with paths.outputs=DIR"
         ) from None
     try:
-        return _run_locked(cfg, prepared, plan, store, out, generate)
+        return _run_locked(cfg, prepared, plan, store, out, generate, api_key)
     finally:
         store.release()
 
@@ -183,7 +184,35 @@ def backfill_tracking(tracker, store: SweepStore, plan: pd.DataFrame, rows: dict
     return len(missing)
 
 
-def _run_locked(cfg: DictConfig, prepared: PreparedSweep, plan: pd.DataFrame, store: SweepStore, out: TextIO, generate: bool) -> Summary:
+def require_api_key(cfg: DictConfig) -> str:
+    """The provider's key, from the environment variable (or file) the config names; never from YAML."""
+    if cfg.engine.get("api_key_file"):
+        try:
+            key = Path(cfg.engine.api_key_file).expanduser().read_text().strip()
+        except OSError as exc:
+            raise UserError(f"engine.api_key_file: cannot read {cfg.engine.api_key_file} ({exc.strerror})") from None
+    else:
+        key = os.environ.get(cfg.engine.api_key_env, "").strip()
+    if not key:
+        raise UserError(
+            f"engine.api_key_env: the remote engine needs an API key; set it with: export {cfg.engine.api_key_env}=YOUR_KEY "
+            "(or set engine.api_key_file=PATH)"
+        )
+    return key
+
+
+def with_remote_ids(pending: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
+    """Rows an earlier run submitted but did not finish carry their remote id: fetch, do not pay twice."""
+    if "meta.remote_id" not in results:
+        return pending
+    known = results.dropna(subset=["meta.remote_id"])
+    known = known[known["meta.remote_id"].astype(str) != ""].set_index("id")["meta.remote_id"]
+    return pending.assign(remote_id=pending["id"].map(known).fillna(""))
+
+
+def _run_locked(
+    cfg: DictConfig, prepared: PreparedSweep, plan: pd.DataFrame, store: SweepStore, out: TextIO, generate: bool, api_key: str | None
+) -> Summary:
     describe_plan(prepared, out)
     registry = prepared.registry
     identity = {"models": {k: v.sha256 for k, v in registry.models.items()}, "loras": {k: v.sha256 for k, v in registry.loras.items()}}
@@ -224,7 +253,10 @@ def _run_locked(cfg: DictConfig, prepared: PreparedSweep, plan: pd.DataFrame, st
 
     status = "FINISHED"
     if len(pending):
-        summary, status = _generate(cfg, prepared, pending, store, tracker, hashes, base_tags, summary)
+        pending = with_remote_ids(pending, store.read_results())
+        if cfg.engine.kind == "remote":
+            print(f"sending {len(pending)} requests to {cfg.engine.base_url} ({cfg.engine.max_in_flight} at a time)", file=out)
+        summary, status = _generate(cfg, prepared, pending, store, tracker, hashes, base_tags, summary, api_key)
 
     results = store.snapshot()
     from runner.report import make_grids
@@ -257,7 +289,7 @@ def finish_parent(tracker, summary: Summary, status: str, store: SweepStore, out
         print(f"warning: could not finish the MLflow parent run ({str(exc).splitlines()[0][:160]})", file=out)
 
 
-def _generate(cfg, prepared, pending, store, tracker, hashes, base_tags, summary):
+def _generate(cfg, prepared, pending, store, tracker, hashes, base_tags, summary, api_key=None):
     from tqdm import tqdm
 
     from runner.engines import create_engine
@@ -265,7 +297,7 @@ def _generate(cfg, prepared, pending, store, tracker, hashes, base_tags, summary
 
     registry = prepared.registry
     settings = OmegaConf.to_container(cfg.engine, resolve=True)
-    engine = create_engine(settings.pop("kind"), models=registry.models, loras=registry.loras, **settings)
+    engine = create_engine(settings.pop("kind"), models=registry.models, loras=registry.loras, api_key=api_key, **settings)
     status = "FINISHED"
     writer = None
     started = time.perf_counter()
@@ -279,12 +311,15 @@ def _generate(cfg, prepared, pending, store, tracker, hashes, base_tags, summary
         try:
             for result in engine.generate(pending):
                 writer.put(result)
+                if result.status == "submitted":  # accepted by a remote engine; its id is journalled
+                    bar.set_postfix(**progress_state(engine, summary), refresh=True)
+                    continue
                 if result.status == "ok":
                     summary.ok += 1
                 else:
                     summary.failed += 1
                 bar.update(1)
-                bar.set_postfix(failed=summary.failed, refresh=False)
+                bar.set_postfix(**progress_state(engine, summary), refresh=False)
         finally:
             bar.close()
     except KeyboardInterrupt:
@@ -297,6 +332,17 @@ def _generate(cfg, prepared, pending, store, tracker, hashes, base_tags, summary
             summary.generate_s = time.perf_counter() - started
         engine.close()
     return summary, status
+
+
+def progress_state(engine, summary: Summary) -> dict[str, Any]:
+    """What the progress bar shows beside rate and ETA: failures, and a remote engine's queue."""
+    state = getattr(engine, "state", None)
+    if state is None:
+        return {"failed": summary.failed}
+    shown = {"queued": state.queued, "processing": state.processing, "failed": summary.failed}
+    if state.eta_s:
+        shown["provider_eta"] = f"{state.eta_s:.0f}s"
+    return shown
 
 
 def print_summary(s: Summary, out: TextIO) -> None:

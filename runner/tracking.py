@@ -120,6 +120,7 @@ class Tracker:
         }
         if result.error:
             run_tags["error"] = result.error[:5000]
+        run_tags.update({f"meta.{k}": str(v)[:5000] for k, v in result.meta.items()})  # e.g. the provider's seed, prompt
         known = self.children.get(row["id"])
         params: list[Param] = []
         if known:

@@ -13,7 +13,7 @@ import pandas as pd
 from runner.engines.base import Capabilities
 from runner.plan import count_problems
 from runner.request import Problem
-from runner.schedulers import choose
+from runner.schedulers import SchedulerChoice, choose
 
 
 @dataclass
@@ -48,7 +48,10 @@ def validate_plan(
         )
     for row in plan.to_dict("records"):
         row_notes: list[str] = []
-        choice, error = choose(row["scheduler"], substitute_schedulers)
+        if row["scheduler"] in caps.schedulers:
+            choice, error = SchedulerChoice(row["scheduler"], row["scheduler"]), ""
+        else:
+            choice, error = choose(row["scheduler"], substitute_schedulers)
         if choice is None:
             problems.append(Problem("scheduler", error))
             used.append("")
@@ -60,7 +63,7 @@ def validate_plan(
             if choice.note:
                 row_notes.append(choice.note)
                 warnings[choice.note] = None
-        if row["scheduler"] == "LCMScheduler":
+        if row["scheduler"] == "LCMScheduler" and caps.kind == "local":
             members = {row["model_id"], *filter(None, str(row["lora_model"]).split(","))}
             if not members & lcm_ids:
                 note = "LCMScheduler without LCM weights or an LCM LoRA gives poor images (mark LCM models/LoRAs with lcm: true)"

@@ -108,6 +108,11 @@ class BackgroundWriter:
             self.busy_s += time.perf_counter() - started
 
     def _write(self, result: ImageResult) -> None:
+        if result.status == "submitted":  # only the remote id, so a killed run can fetch instead of resubmitting
+            self.store.append_result(
+                {"id": result.id, "status": "submitted", "seed": result.seed, "meta.remote_id": result.meta["remote_id"]}
+            )
+            return
         row = {**self.rows[result.id], "scheduler_used": result.scheduler or self.rows[result.id].get("scheduler_used")}
         path = None
         if result.status == "ok":

@@ -25,10 +25,15 @@ SLOW_SWEEP = {
 }
 
 
-def start_run(ws, *overrides: str) -> subprocess.Popen:
+def start_run(ws, *overrides: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     args = [sys.executable, "-m", "runner.cli", "run", f"paths.outputs={ws.outputs}", f"paths.assets={ws.assets}", *overrides]
     return subprocess.Popen(
-        args, cwd=ws.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+        args,
+        cwd=ws.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
     )
 
 

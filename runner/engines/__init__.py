@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from runner.engines.base import Capabilities, Engine, ImageResult
-from runner.schedulers import GENERATORS
+from runner.schedulers import GENERATORS, SPEC_SCHEDULERS
 
 LOCAL_CAPABILITIES = Capabilities(
     kind="local",
@@ -25,7 +25,10 @@ LOCAL_CAPABILITIES = Capabilities(
     },
 )
 
-CAPABILITIES = {"local": LOCAL_CAPABILITIES}
+# The provider runs every name of its list and honours its own fields.
+REMOTE_CAPABILITIES = Capabilities(kind="remote", schedulers=frozenset(SPEC_SCHEDULERS), not_applied={})
+
+CAPABILITIES = {"local": LOCAL_CAPABILITIES, "remote": REMOTE_CAPABILITIES}
 
 
 def capabilities(kind: str) -> Capabilities:
@@ -40,6 +43,13 @@ def create_engine(kind: str, **kwargs: Any) -> Engine:
         from runner.engines.local import LocalEngine
 
         return LocalEngine(**kwargs)
+    if kind == "remote":
+        from dataclasses import fields
+
+        from runner.engines.remote import Policy, RemoteEngine
+
+        policy = Policy(**{f.name: kwargs[f.name] for f in fields(Policy) if f.name in kwargs})
+        return RemoteEngine(policy=policy, **kwargs)
     raise KeyError(kind)
 
 
