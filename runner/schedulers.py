@@ -7,6 +7,7 @@ Importing this module does not import torch; `load_scheduler` does.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,9 +87,17 @@ def load_scheduler(name: str, base_config: Any, options: dict[str, Any] | None =
     import diffusers
 
     cls = getattr(diffusers, name)
+    accepted = inspect.signature(cls.__init__).parameters  # follows register_to_config's wrapper
     kwargs = {}
     for field_name, key in OPTION_FIELDS.items():
         value = (options or {}).get(field_name)
-        if value not in (None, False) and key in cls.__init__.__code__.co_varnames:
+        if value not in (None, False) and key in accepted:
             kwargs[key] = value
     return cls.from_config(base_config, **kwargs)
+
+
+def supports_option(name: str, option: str) -> bool:
+    """Whether scheduler class `name` has a request option such as use_karras_sigmas (needs diffusers)."""
+    import diffusers
+
+    return option in inspect.signature(getattr(diffusers, name).__init__).parameters

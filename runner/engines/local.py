@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,7 +25,7 @@ from PIL import Image
 from runner.engines.base import ImageResult
 from runner.registry import Resolved
 from runner.request import split_loras, split_strengths
-from runner.schedulers import load_scheduler
+from runner.schedulers import OPTION_FIELDS, load_scheduler, supports_option
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +143,19 @@ class LocalEngine:
                 self._text_encoder_loras.add(lora_id)
 
     def prepare(self, plan: pd.DataFrame) -> None:
+        """Load the first model; adapters are loaded by the groups that need them (see generate)."""
         if plan.empty:
             return
-        first = plan.sort_values("model_id").iloc[0]
-        self._load_model(first["model_id"])
-        self._load_adapters({lora for blend in plan.loc[plan.model_id == first["model_id"], "lora_model"] for lora in split_loras(blend)})
+        self._load_model(plan.sort_values("model_id").iloc[0]["model_id"])
+
+    def _unload_adapters(self, lora_ids: set[str]) -> None:
+        names = sorted(lora_ids & self._loaded_adapters)
+        if names and self.pipe is not None:
+            log.info("unloading LoRAs no later group needs: %s", ", ".join(names))
+            self.pipe.delete_adapters(names)
+            self._loaded_adapters.difference_update(names)
+            self._text_encoder_loras.difference_update(names)
+            self._adapters_key = None
 
     # ------------------------------------------------------------ per cell settings
 
@@ -180,10 +189,29 @@ class LocalEngine:
         if key not in self._embeddings:
             if not self.cache_prompt_embeddings:
                 self._embeddings.clear()
-            self._embeddings[key] = self.pipe.encode_prompt(
-                cell["prompt"], self.device, 1, True, cell["negative_prompt"] or None, clip_skip=clip_skip
-            )
+            if clip_skip and not hasattr(self.pipe.text_encoder, "text_model"):
+                self._embeddings[key] = (
+                    self._encode_text(cell["prompt"], clip_skip),
+                    self._encode_text(cell["negative_prompt"] or "", clip_skip),
+                )
+            else:
+                self._embeddings[key] = self.pipe.encode_prompt(
+                    cell["prompt"], self.device, 1, True, cell["negative_prompt"] or None, clip_skip=clip_skip
+                )
         return self._embeddings[key]
+
+    def _encode_text(self, text: str, clip_skip: int) -> torch.Tensor:
+        """CLIP embeddings `clip_skip` layers before the last, then the final layer norm, as encode_prompt does.
+
+        Here because diffusers 0.42's encode_prompt reaches for `text_encoder.text_model`, which
+        transformers 5's CLIPTextModel no longer has (its final_layer_norm sits on the model itself).
+        """
+        tokenizer, encoder = self.pipe.tokenizer, self.pipe.text_encoder
+        tokens = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
+        mask = tokens.attention_mask.to(self.device) if getattr(encoder.config, "use_attention_mask", False) else None
+        with torch.inference_mode():
+            hidden = encoder(tokens.input_ids.to(self.device), attention_mask=mask, output_hidden_states=True).hidden_states
+            return encoder.final_layer_norm(hidden[-(clip_skip + 1)]).to(dtype=encoder.dtype, device=self.device)
 
     # ------------------------------------------------------------ generation
 
@@ -191,10 +219,17 @@ class LocalEngine:
         if rows.empty:
             return
         ordered = rows.sort_values(CELL_KEYS + ["seed"], kind="stable")
-        for _, cell_rows in ordered.groupby(CELL_KEYS, sort=False, dropna=False):
-            records = cell_rows.to_dict("records")
+        cells = [cell.to_dict("records") for _, cell in ordered.groupby(CELL_KEYS, sort=False, dropna=False)]
+        # how many cells still need each LoRA: an adapter is deleted after its last cell, so a sweep
+        # over many LoRAs holds only what the current and later cells need (set_adapters slows down
+        # as adapters accumulate, and each one costs memory)
+        uses = Counter(lora for cell in cells for lora in set(split_loras(cell[0]["lora_model"])))
+        for records in cells:
             for start in range(0, len(records), self.batch_size):
                 yield from self._run_batch(records[start : start + self.batch_size])
+            finished = set(split_loras(records[0]["lora_model"]))
+            uses.subtract(finished)
+            self._unload_adapters({lora for lora in finished if uses[lora] <= 0})
 
     def _run_batch(self, batch: list[dict[str, Any]], retried: bool = False) -> Iterator[ImageResult]:
         cell = batch[0]
@@ -223,6 +258,11 @@ class LocalEngine:
             log.exception("batch of %d failed", len(batch))
             yield from (self._failed(r, one_line(exc)) for r in batch)
             return
+        ignored = [
+            f"{option} not applied: {cell['scheduler_used']} has no such option"
+            for option in OPTION_FIELDS
+            if cell.get(option) not in (None, False, "") and not supports_option(cell["scheduler_used"], option)
+        ]
         for row, pixels in zip(batch, images):
             if not np.isfinite(pixels).all():
                 yield self._failed(row, "NaN in the output (try dtype=float32 or bfloat16)")
@@ -236,8 +276,12 @@ class LocalEngine:
                 scheduler=row["scheduler_used"],
                 generation_s=elapsed / len(batch),
                 batch_size=len(batch),
-                notes=[n for n in str(row.get("notes") or "").split("; ") if n],
-                meta={"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")},
+                notes=[n for n in str(row.get("notes") or "").split("; ") if n] + ignored,
+                meta={
+                    "device": str(self.device),
+                    "dtype": str(self.dtype).removeprefix("torch."),
+                    "adapters_loaded": len(self._loaded_adapters),
+                },
             )
 
     def _denoise(self, cell: dict[str, Any], seeds: list[int]) -> np.ndarray:
