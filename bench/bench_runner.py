@@ -67,6 +67,7 @@ def compose_config(args, outputs: Path):
         f"paths.assets={args.assets}",
         f"engine.batch_size={args.batch_size}",
         f"engine.device={args.device}",
+        f"tracking={args.tracking}",
         "progress=false",
     ]
     if args.model:
@@ -150,6 +151,7 @@ def main() -> None:
     parser.add_argument("--assets", default=str(Path(tempfile.gettempdir()) / "lora-sweep-bench-assets"))
     parser.add_argument("--model", default=None, help="a diffusers folder to use instead of the tiny model")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--tracking", default="sqlite", choices=["sqlite", "none"], help="none: the runner without MLflow")
     parser.add_argument("--repeats", type=int, default=2, help="bare and runner are interleaved this many times; best of each")
     args = parser.parse_args()
 
@@ -183,7 +185,8 @@ def main() -> None:
 
     n = len(plan)
     print(f"{'loop':<8}{'seconds':>10}{'images/s':>10}")
-    print(f"{'runner':<8}{runner_s:>10.2f}{n / runner_s:>10.2f}   (with PNGs, results, MLflow child run + artifact per image)")
+    what = "MLflow child run + artifact per image" if args.tracking == "sqlite" else "no MLflow"
+    print(f"{'runner':<8}{runner_s:>10.2f}{n / runner_s:>10.2f}   (with PNGs, results journal, {what})")
     print(f"{'bare':<8}{bare_s:>10.2f}{n / bare_s:>10.2f}")
     if naive_s is not None:
         print(f"{'naive':<8}{naive_s:>10.2f}{n / naive_s:>10.2f}")
