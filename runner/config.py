@@ -13,6 +13,8 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from runner.engines.remote_policy import Policy
+
 
 @dataclass
 class ModelSource:
@@ -40,7 +42,9 @@ class ModelConfig:
 
 
 @dataclass
-class EngineConfig:
+class EngineConfig(Policy):
+    """Both engines' settings; the remote engine's timeouts and retries are its `Policy` fields."""
+
     kind: str = "local"  # local | remote
     device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
@@ -53,16 +57,6 @@ class EngineConfig:
     api_key_file: str | None = None  # ...or from this file; never from YAML
     max_in_flight: int = 5  # the provider's smallest queue
     max_steps: int = 50  # num_inference_steps above this are clamped (and recorded), not refused
-    request_timeout_s: float = 60.0
-    deadline_s: float = 300.0  # per image, from submit to image; then the remote id is kept for the next run
-    eta_min_s: float = 1.0
-    eta_max_s: float = 10.0
-    poll_initial_s: float = 3.0
-    poll_max_s: float = 10.0
-    backoff_initial_s: float = 5.0
-    backoff_max_s: float = 80.0
-    max_rate_limit_retries: int = 8
-    max_transient_retries: int = 5
 
 
 @dataclass

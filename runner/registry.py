@@ -257,45 +257,37 @@ def resolve_all(
 ) -> Registry:
     """Resolve and hash the models and LoRAs a plan uses; unknown ids become problems."""
     registry = Registry({}, {}, [])
-    for model_id in sorted(model_ids):
-        if model_id not in models:
-            registry.problems.append(_unknown("model_id", model_id, models, "models"))
-            continue
-        spec = models[model_id]
-        if problem := check_entry("models", model_id, spec):
-            registry.problems.append(problem)
-            continue
-        if spec.get("builtin") and not Path(spec["source"]).exists():
-            resolved, problem = Resolved(model_id, "diffusers_folder", Path(spec["source"]), builtin=True), None
-        else:
-            resolved, problem = resolve_model(model_id, spec["source"], hashes)
-            if resolved and spec.get("builtin"):
-                resolved = replace(resolved, builtin=True)
-        _keep(registry.models, registry.problems, model_id, resolved, problem)
-    for lora_id in sorted(lora_ids):
-        if lora_id not in loras:
-            registry.problems.append(_unknown("lora_model", lora_id, loras, "loras"))
-            continue
-        spec = loras[lora_id]
-        if problem := check_entry("loras", lora_id, spec):
-            registry.problems.append(problem)
-            continue
-        if spec.get("builtin") and not Path(spec["source"]).exists():
-            resolved, problem = Resolved(lora_id, "lora_file", Path(spec["source"]), builtin=True), None
-        else:
-            resolved, problem = resolve_lora(lora_id, spec["source"], spec.get("weight_name"), hashes)
-            if resolved and spec.get("builtin"):
-                resolved = replace(resolved, builtin=True)
-        _keep(registry.loras, registry.problems, lora_id, resolved, problem)
+    kinds = [
+        ("models", "model_id", models, model_ids, registry.models, "diffusers_folder", lambda i, s: resolve_model(i, s["source"], hashes)),
+        (
+            "loras",
+            "lora_model",
+            loras,
+            lora_ids,
+            registry.loras,
+            "lora_file",
+            lambda i, s: resolve_lora(i, s["source"], s.get("weight_name"), hashes),
+        ),
+    ]
+    for name, field, known, wanted, found, builtin_kind, resolve in kinds:
+        for item in sorted(wanted):
+            if item not in known:
+                registry.problems.append(_unknown(field, item, known, name))
+                continue
+            spec = known[item]
+            if problem := check_entry(name, item, spec):
+                registry.problems.append(problem)
+                continue
+            if spec.get("builtin") and not Path(spec["source"]).exists():  # built on first use; its recipe is its identity
+                found[item] = Resolved(item, builtin_kind, Path(spec["source"]), builtin=True)
+                continue
+            resolved, problem = resolve(item, spec)
+            if problem:
+                registry.problems.append(problem)
+            else:
+                found[item] = replace(resolved, builtin=bool(spec.get("builtin")))
     hashes.save()
     return registry
-
-
-def _keep(target: dict, problems: list, key: str, resolved: Resolved | None, problem: Problem | None) -> None:
-    if problem:
-        problems.append(problem)
-    else:
-        target[key] = resolved
 
 
 def _unknown(field: str, name: str, known: Mapping[str, Any], registry: str) -> Problem:

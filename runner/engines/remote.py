@@ -28,6 +28,7 @@ import pandas as pd
 from PIL import Image
 
 from runner.engines.base import ImageResult
+from runner.engines.remote_policy import Policy
 from runner.request import to_api_fields
 
 log = logging.getLogger(__name__)
@@ -58,22 +59,6 @@ class RemoteError(Exception):
         super().__init__(message)
         self.fatal = fatal
         self.remote_id = remote_id
-
-
-@dataclass
-class Policy:
-    """Timeouts and retries; seconds. Tests shrink them, users rarely need to."""
-
-    request_timeout_s: float = 60.0
-    deadline_s: float = 300.0
-    eta_min_s: float = 1.0
-    eta_max_s: float = 10.0
-    poll_initial_s: float = 3.0
-    poll_max_s: float = 10.0
-    backoff_initial_s: float = 5.0
-    backoff_max_s: float = 80.0
-    max_rate_limit_retries: int = 8
-    max_transient_retries: int = 5
 
 
 def message_of(body: dict[str, Any]) -> str:
