@@ -29,7 +29,7 @@ USAGE = """usage: lora-sweep COMMAND [overrides...]
 
 commands:
   run     generate a sweep: plan, validate, generate what is not done yet, log to MLflow, draw grids
-  plan    expand and validate a sweep, print its summary and write plan.parquet/plan.csv (no GPU, no torch)
+  plan    expand and validate a sweep, print its summary and write plan-preview.parquet/.csv (no GPU, no torch)
   sync    log to MLflow what a run could not (tracking server down), refresh grids; generates nothing
   report  redraw the comparison grids of a sweep folder: lora-sweep report outputs/demo
 
@@ -236,12 +236,13 @@ def plan_command(cfg: Any) -> None:
 
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_parquet(folder / "plan.parquet", prepared.plan)
-        prepared.plan.to_csv(folder / "plan.csv", index=False)
+        # a preview beside the run's own plan.parquet, which a plan with other settings must not overwrite
+        atomic_write_parquet(folder / "plan-preview.parquet", prepared.plan)
+        prepared.plan.to_csv(folder / "plan-preview.csv", index=False)
     except OSError as exc:
         raise UserError(f"paths.outputs: cannot write {folder} ({exc.strerror}); choose a writable folder with paths.outputs=DIR") from None
     requests = len(prepared.plan)
-    print(f"wrote {folder / 'plan.parquet'} and plan.csv ({requests} rows; {requests} requests on a remote engine)")
+    print(f"wrote {folder / 'plan-preview.parquet'} and plan-preview.csv ({requests} rows; {requests} requests on a remote engine)")
 
 
 def report_command(argv: list[str]) -> None:

@@ -96,7 +96,7 @@ def describe_plan(prepared: PreparedSweep, out: TextIO) -> None:
         print(f"warning: {warning}", file=out)
 
 
-def open_tracker(cfg: DictConfig, store: SweepStore):
+def open_tracker(cfg: DictConfig):
     if not cfg.tracking.enabled:
         return None, None
     from runner.tracking import Tracker, default_uri
@@ -219,6 +219,7 @@ def _run_locked(
     for line in changed_files(store.read_identity(), identity):
         print(line, file=out)
     store.write_plan(plan)
+    plan.to_csv(store.root / "plan.csv", index=False)
     store.write_config(config_yaml(cfg))
     store.write_identity(identity)
     done = store.ok_ids()
@@ -232,7 +233,7 @@ def _run_locked(
     if summary.skipped and generate:
         print(f"{summary.skipped} images already done in {store.root}; generating the other {len(pending)}", file=out)
 
-    tracker, summary.tracking_uri = open_tracker(cfg, store)
+    tracker, summary.tracking_uri = open_tracker(cfg)
     hashes = {f"model:{k}": v.sha256 for k, v in registry.models.items()} | {f"lora:{k}": v.sha256 for k, v in registry.loras.items()}
     base_tags = {
         "lora_sweep.sweep": cfg.sweep.name,

@@ -49,9 +49,9 @@ def test_plan_writes_plan_and_does_not_import_torch(workspace):
     proc = subprocess.run([sys.executable, "-c", code], cwd=workspace.root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "plan 'demo': 72 images, 3 distinct blends" in proc.stdout
-    plan = pd.read_parquet(workspace.outputs / "demo" / "plan.parquet")
+    plan = pd.read_parquet(workspace.outputs / "demo" / "plan-preview.parquet")
     assert len(plan) == 72 and plan["id"].is_unique
-    assert (workspace.outputs / "demo" / "plan.csv").exists()
+    assert (workspace.outputs / "demo" / "plan-preview.csv").exists()
 
 
 def test_sweep_selected_by_name_from_cwd_sweeps(workspace, small_sweep):

@@ -76,7 +76,7 @@ def test_substituted_scheduler_is_recorded_not_refused(workspace, small_sweep):
     assert "warning: IPNDMScheduler" in result.out and "ran PNDMScheduler instead" in result.out
     import pandas as pd
 
-    plan = pd.read_parquet(workspace.outputs / "small" / "plan.parquet")
+    plan = pd.read_parquet(workspace.outputs / "small" / "plan-preview.parquet")
     assert set(plan["scheduler_used"]) == {"PNDMScheduler"}
     assert plan["notes"].str.contains("ran PNDMScheduler instead").all()
 

@@ -84,9 +84,9 @@ def _draw(group: pd.DataFrame, root: Path, title: str, x: str, y: str, cell: int
     draw = ImageDraw.Draw(canvas)
     draw.text((PAD, PAD), title, fill="black", font=title_font)
     if x:
-        draw.text((label_w, header_h - 36), f"{x} →", fill="gray", font=font)
+        draw.text((label_w, header_h - 36), f"{x} ->", fill="gray", font=font)
     if y:
-        draw.text((PAD, header_h - 18), f"{y} ↓", fill="gray", font=font)
+        draw.text((PAD, header_h - 18), f"{y} (rows)", fill="gray", font=font)
     for i, value in enumerate(xs):
         _centered(draw, value, label_w + i * cell, header_h - 18, cell, font)
     cells = {(r["_x"], r["_y"]): r for _, r in group.iterrows()}
