@@ -12,6 +12,8 @@ directory's) is registered under its file name, so `sweep=NAME` selects one and
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import sys
 from pathlib import Path
@@ -76,41 +78,44 @@ def load_sweep_file(path: Path) -> dict[str, Any]:
 def register_sweeps(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
     """Put the sweep files in Hydra's ConfigStore (group `sweep`).
 
-    Returns argv with file paths made names, and the selected sweep's content.
+    Returns argv with file paths made names, and the selected sweep's content ({} when a multirun
+    selects several: `-m sweep=demo,blends`). Selected files must be valid; others are skipped if not.
     """
     from hydra.core.config_store import ConfigStore
 
     from runner.run import UserError
 
     cs = ConfigStore.instance()
-    selected = next((a.split("=", 1)[1] for a in argv if a.startswith("sweep=")), "demo")
-    new_argv = list(argv)
-    if selected.endswith((".yaml", ".yml")):
-        path = Path(selected)
-        if not path.is_file():
-            raise UserError(f"sweep: file {selected} does not exist; give a path to a sweep YAML or a name from sweeps/")
-        chosen = load_sweep_file(path)
-        cs.store(group="sweep", name=path.stem, node=chosen)
-        new_argv = [f"sweep={path.stem}" if a == f"sweep={selected}" else a for a in argv]
-        selected = path.stem
-    else:
-        chosen = {}
+    value = next((a.split("=", 1)[1] for a in argv if a.startswith("sweep=")), "demo")
+    names: list[str] = []
+    contents: dict[str, dict[str, Any]] = {}
+    for item in (part.strip() for part in value.split(",")):
+        if item.endswith((".yaml", ".yml")):
+            path = Path(item)
+            if not path.is_file():
+                raise UserError(f"sweep: file {item} does not exist; give a path to a sweep YAML or a name from sweeps/")
+            contents[path.stem] = load_sweep_file(path)
+            item = path.stem
+        names.append(item)
     known: list[str] = []
-    for folder in reversed(sweep_dirs()):  # ./sweeps registered last, so it wins
+    for folder in sweep_dirs():  # ./sweeps first: it wins over the project's
         for path in sorted(folder.glob("*.y*ml")):
             known.append(path.stem)
-            if path.stem == selected and not chosen:
-                chosen = load_sweep_file(path)
-                cs.store(group="sweep", name=path.stem, node=chosen)
-            elif path.stem != selected:
-                try:
-                    cs.store(group="sweep", name=path.stem, node=load_sweep_file(path))
-                except UserError:
-                    pass  # a broken file that is not selected does not block this run
-    if selected not in known and not any(a.startswith("sweep=") and a.endswith((".yaml", ".yml")) for a in argv):
-        hint = did_you_mean(selected, known) or f"known sweeps: {', '.join(sorted(set(known))) or 'none'}"
-        raise UserError(f"sweep: no sweep named '{selected}' in {', '.join(map(str, sweep_dirs())) or 'sweeps/'}; {hint}")
-    return new_argv, chosen
+            if path.stem in contents:
+                continue
+            if path.stem in names:
+                contents[path.stem] = load_sweep_file(path)
+            else:
+                with contextlib.suppress(UserError):  # a broken file that is not selected does not block this run
+                    contents[path.stem] = load_sweep_file(path)
+    for name in names:
+        if name not in contents:
+            hint = did_you_mean(name, known) or f"known sweeps: {', '.join(sorted(set(known))) or 'none'}"
+            raise UserError(f"sweep: no sweep named '{name}' in {', '.join(map(str, sweep_dirs())) or 'sweeps/'}; {hint}")
+    for name, content in contents.items():
+        cs.store(group="sweep", name=name, node=content)
+    new_argv = [f"sweep={','.join(names)}" if a.startswith("sweep=") else a for a in argv]
+    return new_argv, contents[names[0]] if len(names) == 1 else {}
 
 
 def _hydra_command(command: str, argv: list[str]) -> None:
@@ -141,8 +146,47 @@ def _hydra_command(command: str, argv: list[str]) -> None:
         except UserError as exc:
             fail(exc.lines)
 
-    sys.argv = [f"lora-sweep {command}", f"hydra.job.name={command}", *argv]
+    os.environ["LORA_SWEEP_COMMAND"] = command  # named in --help's header (conf/config.yaml)
+    sys.argv = [f"lora-sweep {command}", *flags_first(argv)]
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()
+
+
+FLAGS_WITH_VALUE = {
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+}
+INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def flags_first(argv: list[str]) -> list[str]:
+    """Hydra's flags (with their values) before the overrides, wherever the user typed them.
+
+    Hydra's parser takes the overrides as one run of positional arguments, so
+    `lora-sweep run a=1 -m b=2,3` would otherwise fail with "unrecognized arguments".
+    """
+    flags, overrides = [], []
+    args = iter(argv)
+    for arg in args:
+        if not arg.startswith("-"):
+            overrides.append(arg)
+            continue
+        flags.append(arg)
+        if arg in FLAGS_WITH_VALUE:
+            flags.append(next(args, ""))
+        elif arg == "--info":
+            following = next(args, None)
+            if following is not None:
+                (flags if following in INFO_VALUES else overrides).append(following)
+    return flags + overrides
 
 
 def precheck_composition(argv: list[str]) -> None:

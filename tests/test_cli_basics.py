@@ -65,3 +65,18 @@ def test_unknown_sweep_name_suggests(workspace, small_sweep):
     assert result.code == 2
     assert result.err_lines == [line for line in result.err_lines if line.startswith("error:")]
     assert "did you mean 'small'" in result.err
+
+
+def test_hydra_multirun_plans_several_sweeps(workspace, small_sweep):
+    result = workspace.cli("plan", "-m", "sweep=demo,small")
+    assert result.code == 0, result.err
+    assert "plan 'demo': 72 images" in result.out and "plan 'small': 8 images" in result.out
+    assert (workspace.outputs / "demo" / "plan-preview.parquet").exists()
+    assert (workspace.outputs / "small" / "plan-preview.parquet").exists()
+
+
+def test_a_sweep_in_the_working_directory_wins_over_the_projects(workspace):
+    workspace.sweep("demo", {"name": "demo", "base": {"prompt": "mine", "width": 64, "height": 64}, "grid": {"seed": [1, 2]}})
+    result = workspace.cli("plan", "sweep=demo")
+    assert result.code == 0, result.err
+    assert "plan 'demo': 2 images" in result.out
