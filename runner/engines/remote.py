@@ -248,12 +248,17 @@ class RemoteEngine:
         policy: Policy = Policy(),
         **_: Any,
     ):
-        self.client = Text2ImgClient(base_url, api_key, policy)
+        self._stop = threading.Event()  # set when generation ends or is interrupted: waits end at once
+        self.client = Text2ImgClient(base_url, api_key, policy, sleep=self._sleep)
         self.max_in_flight = max(1, int(max_in_flight))
         self.max_steps = int(max_steps)
         self.state = RemoteState()
         self._events: list[ImageResult] = []
         self._events_lock = threading.Lock()
+
+    def _sleep(self, seconds: float) -> None:
+        if self._stop.wait(seconds):
+            raise RemoteError("stopped before the result arrived", fatal=False)
 
     def prepare(self, plan: pd.DataFrame) -> None:
         """Nothing to load: the provider holds the models."""
@@ -276,6 +281,7 @@ class RemoteEngine:
         """Run every row with at most max_in_flight requests; yields `submitted` events and final results."""
         records = rows.to_dict("records")
         self.state = RemoteState(queued=len(records))
+        self._stop.clear()
         executor = ThreadPoolExecutor(max_workers=self.max_in_flight, thread_name_prefix="remote")
         futures: set[Future] = {executor.submit(self._one, row) for row in records}
         try:
@@ -285,7 +291,8 @@ class RemoteEngine:
                 for future in done:
                     yield future.result()
             yield from self._drain_events()
-        finally:
+        finally:  # on Ctrl-C: queued requests are never sent, waiting ones stop polling (their ids are journalled)
+            self._stop.set()
             executor.shutdown(wait=False, cancel_futures=True)
 
     def _drain_events(self) -> list[ImageResult]:
@@ -350,4 +357,5 @@ class RemoteEngine:
             self._events.append(event)
 
     def close(self) -> None:
+        self._stop.set()
         self.client.close()
