@@ -254,8 +254,8 @@ class LocalEngine:
             return
         except (KeyboardInterrupt, SystemExit):
             raise
-        except Exception as exc:  # one bad batch must not end the sweep
-            log.exception("batch of %d failed", len(batch))
+        except Exception as exc:  # one bad batch must not end the sweep; its rows say why in one line
+            log.info("batch of %d failed", len(batch), exc_info=True)  # the traceback goes to lora-sweep.log only
             yield from (self._failed(r, one_line(exc)) for r in batch)
             return
         ignored = [
