@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner.engines import capabilities
 from runner.plan import Identity, PlanError, build_plan, with_ids
-from runner.registry import HashCache, Registry, resolve_all
+from runner.registry import HashCache, Registry, lora_family, model_family, resolve_all
 from runner.request import Limits, Problem, split_loras
 from runner.validate import validate_plan
 
@@ -39,6 +39,28 @@ def engine_identity(cfg: DictConfig) -> dict[str, Any]:
     if cfg.engine.kind == "remote":
         return {"kind": "remote", "base_url": cfg.engine.base_url.rstrip("/")}
     return {"kind": cfg.engine.kind, "device": cfg.engine.device, "dtype": cfg.engine.dtype}
+
+
+def lora_fit_problems(plan: pd.DataFrame, registry: Registry) -> list[str]:
+    """A LoRA made for another model family (an SDXL LoRA on SD 1.x, or the reverse) is refused before any image."""
+    problems = []
+    pairs = {(m, lora) for m, blend in zip(plan["model_id"], plan["lora_model"]) for lora in split_loras(blend)}
+    for model_id, lora_id in sorted(pairs):
+        model, lora = registry.models.get(model_id), registry.loras.get(lora_id)
+        if model is None or lora is None or not lora.path.exists() or not model.path.exists():
+            continue
+        model_kind, lora_kind = model_family(model), lora_family(lora.path)
+        if lora_kind == "sdxl" and model_kind != "sdxl":
+            problems.append(
+                str(
+                    Problem(
+                        f"loras.{lora_id}",
+                        f"is an SDXL LoRA but model '{model_id}' is not SDXL",
+                        "use it with an SDXL model or drop it from the blend",
+                    )
+                )
+            )
+    return problems
 
 
 def prepare_sweep(cfg: DictConfig) -> PreparedSweep:
@@ -90,6 +112,7 @@ def prepare_sweep(cfg: DictConfig) -> PreparedSweep:
         lora_hashes={k: v.identity for k, v in registry.loras.items()},
         engine=engine_identity(cfg),
     )
+    problems_fit = lora_fit_problems(plan, registry)
     plan, duplicates = with_ids(plan, identity)
     lcm_ids = frozenset(k for k, v in {**models, **loras}.items() if (v or {}).get("lcm"))
     checked = validate_plan(
@@ -99,5 +122,5 @@ def prepare_sweep(cfg: DictConfig) -> PreparedSweep:
         max_images=cfg.sweep.max_images,
         lcm_ids=lcm_ids,
     )
-    problems = [str(p) for p in registry.problems] + checked.problems
+    problems = [str(p) for p in registry.problems] + problems_fit + checked.problems
     return PreparedSweep(name, checked.plan, registry, identity, problems, checked.warnings, duplicates)

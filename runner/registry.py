@@ -139,6 +139,29 @@ def check_lora_file(lora_id: str, path: Path) -> Problem | None:
     return None
 
 
+SDXL_LORA_MARKERS = ("lora_te2_", "text_encoder_2.", "te2.")
+
+
+def lora_family(path: Path) -> str:
+    """'sdxl' when a LoRA has weights for SDXL's second text encoder, else 'sd' (from the header only)."""
+    if path.suffix != ".safetensors":
+        return "sd"
+    try:
+        keys = safetensors_keys(path)
+    except (OSError, ValueError):
+        return "sd"
+    return "sdxl" if any(m in k for k in keys for m in SDXL_LORA_MARKERS) else "sd"
+
+
+def model_family(resolved: Resolved) -> str:
+    """'sdxl' for SDXL pipelines, else 'sd', read from model_index.json (single files: 'sd')."""
+    try:
+        index = json.loads((resolved.path / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return "sd"
+    return "sdxl" if "XL" in str(index.get("_class_name", "")) or "text_encoder_2" in index else "sd"
+
+
 def check_model_folder(model_id: str, folder: Path) -> Problem | None:
     """Every component model_index.json names must be a folder beside it."""
     try:

@@ -38,3 +38,26 @@ def test_hub_id_not_in_the_cache_is_one_line_with_the_download_command(workspace
         "error: models.sd15.source: hub model 'someone/not-cached' is not in the local Hugging Face cache "
         "(nothing is downloaded at run time); pre-download it with: huggingface-cli download someone/not-cached"
     ]
+
+
+def test_file_hashes_are_cached_by_path_size_and_mtime(workspace, small_sweep):
+    import os
+
+    own = workspace.root / "mine.safetensors"
+    shutil.copy(workspace.assets / "loras" / "ganyu.safetensors", own)
+    overrides = [f"+loras.mine={{source: {own}}}", "sweep.grid.lora_model=[mine]", "sweep.grid.seed=[1]"]
+
+    def ids():
+        result = workspace.cli("plan", f"sweep={small_sweep}", *overrides)
+        assert result.code == 0, result.err
+        return sorted(pd.read_parquet(workspace.outputs / "small" / "plan-preview.parquet")["id"])
+
+    first = ids()
+    stat = own.stat()
+    replacement = (workspace.assets / "loras" / "watercolor.safetensors").read_bytes()
+    assert len(replacement) == stat.st_size
+    own.write_bytes(replacement)
+    os.utime(own, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same path, size and mtime: the cached hash is used
+    assert ids() == first, "a 2 GB checkpoint is not re-hashed on every run"
+    os.utime(own)  # a new mtime: hashed again, and the new content gives new ids
+    assert ids() != first

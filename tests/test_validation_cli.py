@@ -146,6 +146,20 @@ def lycoris_loha(ws):
     return write_safetensors(ws.root / "loha.safetensors", ["lora_unet_down_blocks_0.hada_w1_a"]), "is a LyCORIS LoHa"
 
 
+def sdxl_lora(ws):
+    names = [
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight",
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+    ]
+    return write_safetensors(ws.root / "xl.safetensors", names), None
+
+
+def test_an_sdxl_lora_on_an_sd_model_is_refused(workspace, small_sweep):
+    path, _ = sdxl_lora(workspace)
+    overrides = [f"+loras.xl={{source: {path}}}", "sweep.grid.lora_model=[ganyu,xl]"]
+    check_refused(workspace, small_sweep, "run", overrides, "loras.xl: is an SDXL LoRA but model 'tiny-sd' is not SDXL")
+
+
 @pytest.mark.parametrize("make", [not_a_lora, corrupt_safetensors, lycoris_loha])
 def test_bad_lora_files_are_refused_before_loading(workspace, small_sweep, make):
     path, expected = make(workspace)
