@@ -222,31 +222,29 @@ def composition_error(exc: BaseException) -> str:
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
     text = "\n".join(str(e) for e in chain)
-    key = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.strip().startswith("full_key:")), "")
-    lines = [line.strip() for e in reversed(chain) for line in str(e).splitlines() if line.strip()]
-    formatted = [line.strip() for e in chain for line in str(e).splitlines() if line.strip()]
-    reason = next((line for line in formatted if line.startswith("Value ") and "$VALUE" not in line), None) or next(
-        (line for line in lines if not line.startswith(("full_key", "reference_type", "object_type", "To append"))), type(exc).__name__
-    )
     missing = re.search(r"Could not find '([\w/.-]+)/([\w.-]+)'", text)
-    if missing:
+    if missing:  # a config group option that does not exist: tracking=nonee
         group, option = missing.groups()
         options = [line.strip() for line in text.split("Available options:", 1)[-1].splitlines() if line.strip()]
         return f"{group}: no option '{option}'; {did_you_mean(option, options) or 'available: ' + ', '.join(options)}"
-    key_name = key.rsplit(".", 1)[-1] if key else ""
+    key = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.strip().startswith("full_key:")), "")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    noise = ("full_key", "reference_type", "object_type", "To append")
+    # the outer exceptions carry the formatted message ("Value 'abc' ..."), the innermost its template
+    reason = next((line for line in lines if line.startswith("Value ") and "$VALUE" not in line), None) or next(
+        (line for line in reversed(lines) if not line.startswith(noise)), type(exc).__name__
+    )
     hint = ""
-    if "not in struct" in text or "not in" in reason and key:
-        from omegaconf import OmegaConf
+    if key and "not in" in reason:  # an unknown setting: suggest its closest sibling
+        from omegaconf import DictConfig, OmegaConf
 
         from runner.config import Config
 
-        parent = OmegaConf.structured(Config)
-        for part in key.split(".")[:-1]:
-            parent = parent.get(part) if isinstance(parent, dict) or hasattr(parent, "get") else None
-            if parent is None:
-                break
-        if parent is not None and hasattr(parent, "keys"):
-            hint = did_you_mean(key_name, [str(k) for k in parent.keys()])
+        parent_key, _, name = key.rpartition(".")
+        schema = OmegaConf.structured(Config)
+        parent = OmegaConf.select(schema, parent_key) if parent_key else schema
+        if isinstance(parent, DictConfig):
+            hint = did_you_mean(name, [str(k) for k in parent.keys()])
     return f"{key or 'config'}: {reason}; {hint or 'check the override or config file (lora-sweep run --help lists the settings)'}"
 
 

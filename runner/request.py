@@ -338,10 +338,8 @@ def to_api_fields(req: Mapping[str, Any]) -> dict[str, Any]:
             out[name] = "yes" if v else "no"
         elif spec.kind == "int" and name in ("width", "height", "samples", "num_inference_steps"):
             out[name] = str(v)
-        elif name == "lora_model":
-            out[name] = v or None
-        elif name == "lora_strength":
-            out[name] = v or None
+        elif name in ("lora_model", "lora_strength"):
+            out[name] = v or None  # the provider takes null for "no LoRA"
         else:
             out[name] = v
     return out

@@ -243,13 +243,13 @@ def _run_locked(
         **{f"lora.{k}.sha256": v.sha256 for k, v in registry.loras.items()},
         **{f"lora.{k}.short_hash": v.short_hash for k, v in registry.loras.items()},
     }
+    rows = {r["id"]: r for r in plan.to_dict("records")}  # the writer's and the back-fill's view of each image
     if tracker:
         summary.parent_run_id = tracker.start_parent(
             cfg.sweep.name,
             base_tags,
             {"sweep": cfg.sweep.name, "images": str(len(plan)), **{f"axis.{k}": str(v) for k, v in summarize(plan)["axes"].items()}},
         )
-        rows = {r["id"]: r for r in plan.to_dict("records")}
         backfill_tracking(tracker, store, plan, rows, base_tags, out)
 
     status = "FINISHED"
@@ -257,7 +257,7 @@ def _run_locked(
         pending = with_remote_ids(pending, store.read_results())
         if cfg.engine.kind == "remote":
             print(f"sending {len(pending)} requests to {cfg.engine.base_url} ({cfg.engine.max_in_flight} at a time)", file=out)
-        summary, status = _generate(cfg, prepared, pending, store, tracker, hashes, base_tags, summary, api_key)
+        summary, status = _generate(cfg, prepared, pending, rows, store, tracker, hashes, base_tags, summary, api_key)
 
     results = store.snapshot()
     from runner.report import make_grids
@@ -290,7 +290,7 @@ def finish_parent(tracker, summary: Summary, status: str, store: SweepStore, out
         print(f"warning: could not finish the MLflow parent run ({str(exc).splitlines()[0][:160]})", file=out)
 
 
-def _generate(cfg, prepared, pending, store, tracker, hashes, base_tags, summary, api_key=None):
+def _generate(cfg, prepared, pending, rows, store, tracker, hashes, base_tags, summary, api_key=None):
     from tqdm import tqdm
 
     from runner.engines import create_engine
@@ -304,7 +304,6 @@ def _generate(cfg, prepared, pending, store, tracker, hashes, base_tags, summary
     started = time.perf_counter()
     try:
         tags = {**base_tags, **{f"lib.{k}" if k not in ("engine", "device", "dtype") else k: v for k, v in engine.describe().items()}}
-        rows = {r["id"]: r for r in prepared.plan.to_dict("records")}
         writer = BackgroundWriter(store, tracker, rows, hashes, tags, cfg.tracking.queue_size)
         engine.prepare(pending)
         started = time.perf_counter()  # images/s counts generation + writing, not imports and loading

@@ -46,7 +46,7 @@ def create_engine(kind: str, **kwargs: Any) -> Engine:
     if kind == "remote":
         from dataclasses import fields
 
-        from runner.engines.remote import Policy, RemoteEngine  # noqa: F401
+        from runner.engines.remote import Policy, RemoteEngine
 
         policy = Policy(**{f.name: kwargs[f.name] for f in fields(Policy) if f.name in kwargs})
         return RemoteEngine(policy=policy, **kwargs)

@@ -33,18 +33,6 @@ from runner.request import to_api_fields
 
 log = logging.getLogger(__name__)
 
-FATAL_MARKERS = (
-    "invalid api key",
-    "api key",
-    "credit",
-    "premium",
-    "not found",
-    "required",
-    "must be",
-    "invalid",
-    "not allowed",
-    "subscription",
-)
 RATE_MARKERS = ("rate limit", "queue")
 TRANSIENT_MARKERS = ("try again", "temporarily", "internal server error", "timeout", "overloaded", "unavailable")
 PNG_MAGIC = b"\x89PNG"
@@ -81,7 +69,7 @@ def classify(status_code: int, body: dict[str, Any]) -> str:
         return "rate_limited"
     if status_code >= 500 or any(m in message for m in TRANSIENT_MARKERS):
         return "transient"
-    return "fatal"
+    return "fatal"  # invalid key, credits, model not found, validation, and anything unknown: not retried
 
 
 def decode_image(data: bytes | str) -> bytes:
