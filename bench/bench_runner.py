@@ -79,7 +79,7 @@ def compose_config(args, outputs: Path):
 def load_pipeline(prepared, device, dtype):
     from runner.engines.local import LocalEngine
 
-    engine = LocalEngine(models=prepared.registry.models, loras=prepared.registry.loras, device=device, dtype=dtype)
+    engine = LocalEngine(registry=prepared.registry, device=device, dtype=dtype)
     engine._load_model(prepared.plan["model_id"].iloc[0])
     return engine.pipe, engine
 

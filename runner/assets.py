@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-RECIPE_VERSION = 1  # bump when the builders below change what they write
+RECIPE_VERSION = 2  # bump when the builders below change what they write (2: the tokenizer really holds its vocabulary)
 DEMO_MODEL_DIR = "tiny-sd"
 DEMO_LORAS = {"ganyu": 1, "more_details": 2, "watercolor": 3}  # LoRA id -> build seed
 TEXT_ENCODER_LAYERS = 8  # enough for clip_skip up to 8
@@ -49,11 +49,24 @@ def write_tokenizer_files(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n")
 
 
+def byte_tokenizer():
+    """A CLIPTokenizer over the byte vocabulary (transformers 5 takes the files as `vocab`/`merges`; it
+    silently ignores the old `vocab_file`/`merges_file` names and would leave only the special tokens)."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer_files(Path(tmp))
+        tokenizer = CLIPTokenizer(vocab=str(Path(tmp) / "vocab.json"), merges=str(Path(tmp) / "merges.txt"), model_max_length=77)
+    if len(tokenizer) != 514:
+        raise RuntimeError(f"the tiny tokenizer has {len(tokenizer)} tokens instead of 514")
+    return tokenizer
+
+
 def build_tiny_pipeline(seed: int = 0):
     """A real StableDiffusionPipeline with tiny random weights (about 2 MB)."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -93,13 +106,7 @@ def build_tiny_pipeline(seed: int = 0):
             projection_dim=32,
         )
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer_files(Path(tmp))
-        tokenizer = CLIPTokenizer(
-            vocab_file=str(Path(tmp) / "vocab.json"),
-            merges_file=str(Path(tmp) / "merges.txt"),
-            model_max_length=77,
-        )
+    tokenizer = byte_tokenizer()
     scheduler = PNDMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -146,13 +153,21 @@ def save_tiny_lora(pipe, path: Path, seed: int, rank: int = 4, text_encoder: boo
     )
     pipe.unet.delete_adapters("build")
     if text_encoder:
-        pipe.text_encoder.delete_adapters("build")
+        pipe.text_encoder.delete_adapter("build")  # transformers' name
+
+
+RECIPE_FILE = "recipe.json"
 
 
 def demo_assets_ready(assets_dir: Path) -> bool:
+    """Built, completely, by this recipe version (an older build is rebuilt, so its identity stays true)."""
     assets_dir = Path(assets_dir)
+    try:
+        built = json.loads((assets_dir / RECIPE_FILE).read_text()).get("version")
+    except (OSError, ValueError):
+        return False
     marker = assets_dir / DEMO_MODEL_DIR / "model_index.json"
-    return marker.exists() and all((assets_dir / "loras" / f"{n}.safetensors").exists() for n in DEMO_LORAS)
+    return built == RECIPE_VERSION and marker.exists() and all((assets_dir / "loras" / f"{n}.safetensors").exists() for n in DEMO_LORAS)
 
 
 def ensure_demo_assets(assets_dir: str | os.PathLike) -> Path:
@@ -171,12 +186,14 @@ def ensure_demo_assets(assets_dir: str | os.PathLike) -> Path:
         pipe.save_pretrained(staging / DEMO_MODEL_DIR, safe_serialization=True)
         for name, seed in DEMO_LORAS.items():
             save_tiny_lora(pipe, staging / "loras" / f"{name}.safetensors", seed=seed)
+        (staging / RECIPE_FILE).write_text(json.dumps({"version": RECIPE_VERSION}))
         assets_dir.mkdir(parents=True, exist_ok=True)
+        (assets_dir / RECIPE_FILE).unlink(missing_ok=True)  # not trusted while the folders are replaced
         for child in staging.iterdir():
-            target = assets_dir / child.name
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(child, target)
+            if child.is_dir():
+                shutil.rmtree(assets_dir / child.name, ignore_errors=True)
+                os.replace(child, assets_dir / child.name)
+        os.replace(staging / RECIPE_FILE, assets_dir / RECIPE_FILE)  # last: marks the build complete
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return assets_dir

@@ -222,6 +222,15 @@ def composition_error(exc: BaseException) -> str:
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
     text = "\n".join(str(e) for e in chain)
+    if type(exc).__name__ == "OverrideParseException":  # Hydra's grammar: show the override and where it broke
+        first, *rest = str(exc).splitlines() or [""]
+        override = first.split(": ", 1)[-1]
+        column = rest[0].find("^") if rest else -1
+        near = f" near '{first[column : column + 12]}'" if column >= len(first) - len(override) else ""
+        return (
+            f"override '{override}': cannot be parsed{near}; quote values with special characters "
+            "(key='<token>' or key=\"a, b\"), see https://hydra.cc/docs/advanced/override_grammar/basic"
+        )
     missing = re.search(r"Could not find '([\w/.-]+)/([\w.-]+)'", text)
     if missing:  # a config group option that does not exist: tracking=nonee
         group, option = missing.groups()

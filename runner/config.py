@@ -21,7 +21,8 @@ class ModelSource:
     """Where a model comes from: a diffusers folder, a single-file checkpoint or a hub id (local cache only)."""
 
     source: str = "???"
-    variant: str | None = None
+    variant: str | None = None  # e.g. fp16: load *.fp16.safetensors (picked automatically when only they exist)
+    config: str | None = None  # single-file checkpoints: a diffusers folder or cached hub id for the configs
     builtin: bool = False  # the project builds it into paths.assets when missing (the demo model)
     lcm: bool = False  # LCM-distilled weights (LCMScheduler is meant for them)
 
@@ -34,6 +35,31 @@ class LoraSource:
     weight_name: str | None = None
     builtin: bool = False
     lcm: bool = False  # an LCM LoRA (LCMScheduler is meant for it)
+
+
+@dataclass
+class VaeSource:
+    """A separate VAE for the request's `vae` field: an AutoencoderKL folder or a single file."""
+
+    source: str = "???"
+    config: str | None = None  # single files: an AutoencoderKL folder for the configs (default: the model's vae/)
+
+
+@dataclass
+class EmbeddingSource:
+    """Textual inversion for the request's `embeddings_model` field (A1111 .pt/.safetensors or diffusers)."""
+
+    source: str = "???"
+    token: str | None = None  # the word that calls it in prompts; default: its id, as in the web UIs
+
+
+@dataclass
+class UpscalerConfig:
+    """The 2x upscaler behind the request's `upscale: yes` (a diffusers StableDiffusionLatentUpscalePipeline)."""
+
+    source: str | None = None  # folder or cached hub id, e.g. stabilityai/sd-x2-latent-upscaler
+    num_inference_steps: int = 20
+    guidance_scale: float = 0.0
 
 
 @dataclass
@@ -109,6 +135,9 @@ class Config:
     # can be added from the command line: +loras.mine={source: /path/mine.safetensors}
     models: dict[str, Any] = field(default_factory=dict)
     loras: dict[str, Any] = field(default_factory=dict)
+    vaes: dict[str, Any] = field(default_factory=dict)  # id -> VaeSource fields
+    embeddings: dict[str, Any] = field(default_factory=dict)  # id -> EmbeddingSource fields
+    upscaler: UpscalerConfig = field(default_factory=UpscalerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)

@@ -62,6 +62,8 @@ class Identity:
     model_hashes: Mapping[str, str] = field(default_factory=dict)  # model id -> sha256
     lora_hashes: Mapping[str, str] = field(default_factory=dict)  # LoRA id -> sha256
     engine: Mapping[str, Any] = field(default_factory=dict)  # kind, device, dtype...
+    # the other files a row can name: "vae:<id>", "embeddings:<id>", and "upscaler" (used when upscale is on)
+    file_hashes: Mapping[str, str] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- axis values
@@ -258,10 +260,17 @@ def image_id(request: Mapping[str, Any], identity: Identity) -> str:
     """Short hash of everything that decides the pixels; LoRA order in a blend does not matter."""
     loras = split_loras(request.get("lora_model"))
     strengths = split_strengths(request.get("lora_strength")) or [1.0] * len(loras)
+    # a None in a column of strings is NaN to pandas: ids must not depend on what the other rows hold
+    request = {k: (None if isinstance(v, float) and v != v else v) for k, v in request.items()}
     payload = {k: v for k, v in request.items() if k in FIELDS and k not in NOT_IN_ID and k not in ("lora_model", "lora_strength")}
     payload["model_id"] = [request.get("model_id"), identity.model_hashes.get(request.get("model_id"), "")]
     payload["loras"] = sorted([name, identity.lora_hashes.get(name, ""), format_number(s)] for name, s in zip(loras, strengths))
     payload["engine"] = dict(identity.engine)
+    files = [f"vae:{request.get('vae')}"] if request.get("vae") else []
+    files += [f"embeddings:{name}" for name in split_loras(request.get("embeddings_model"))]
+    files += ["upscaler"] if request.get("upscale") else []
+    if files:  # only rows that use such files carry them, so other ids do not change when one is added
+        payload["files"] = sorted([name, identity.file_hashes.get(name, "")] for name in files)
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

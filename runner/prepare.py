@@ -14,7 +14,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner.engines import capabilities
 from runner.plan import Identity, PlanError, build_plan, with_ids
-from runner.registry import HashCache, Registry, lora_family, model_family, resolve_all
+from runner.registry import (
+    CROSS_ATTENTION_WIDTHS,
+    HashCache,
+    Registry,
+    lora_cross_attention_width,
+    lora_family,
+    model_cross_attention_width,
+    resolve_all,
+)
 from runner.request import Limits, Problem, split_loras
 from runner.validate import validate_plan
 
@@ -41,16 +49,28 @@ def engine_identity(cfg: DictConfig) -> dict[str, Any]:
     return {"kind": cfg.engine.kind, "device": cfg.engine.device, "dtype": cfg.engine.dtype}
 
 
-def lora_fit_problems(plan: pd.DataFrame, registry: Registry) -> list[str]:
-    """A LoRA made for another model family (an SDXL LoRA on SD 1.x, or the reverse) is refused before any image."""
+def fit_problems(plan: pd.DataFrame, registry: Registry) -> list[str]:
+    """Files made for another model family (an SDXL LoRA or embedding on SD 1.x...) are refused before any image."""
     problems = []
     pairs = {(m, lora) for m, blend in zip(plan["model_id"], plan["lora_model"]) for lora in split_loras(blend)}
     for model_id, lora_id in sorted(pairs):
         model, lora = registry.models.get(model_id), registry.loras.get(lora_id)
-        if model is None or lora is None or not lora.path.exists() or not model.path.exists():
+        if model is None or lora is None or not lora.path.exists():
             continue
-        model_kind, lora_kind = model_family(model), lora_family(lora.path)
-        if lora_kind == "sdxl" and model_kind != "sdxl":
+        lora_width, model_width = lora_cross_attention_width(lora.path), model_cross_attention_width(model)
+        if lora_width and model_width and lora_width != model_width:
+            made_for = CROSS_ATTENTION_WIDTHS.get(lora_width, f"a model with text width {lora_width}")
+            model_kind = CROSS_ATTENTION_WIDTHS.get(model_width, f"text width {model_width}")
+            problems.append(
+                str(
+                    Problem(
+                        f"loras.{lora_id}",
+                        f"is made for {made_for} but model '{model_id}' is {model_kind}",
+                        "use it with a model of its family or drop it from the blend",
+                    )
+                )
+            )
+        elif lora_family(lora.path) == "sdxl" and model.family != "sdxl":
             problems.append(
                 str(
                     Problem(
@@ -60,7 +80,29 @@ def lora_fit_problems(plan: pd.DataFrame, registry: Registry) -> list[str]:
                     )
                 )
             )
+    pairs = {(m, e) for m, names in zip(plan["model_id"], plan["embeddings_model"]) for e in split_loras(names)}
+    for model_id, name in sorted(pairs):
+        model, embedding = registry.models.get(model_id), registry.embeddings.get(name)
+        if model is None or embedding is None or embedding.family == model.family:
+            continue
+        wanted = "clip_l and clip_g tensors (SDXL)" if model.family == "sdxl" else "one CLIP embedding (SD 1.x/2.x)"
+        problems.append(
+            str(
+                Problem(
+                    f"embeddings.{name}", f"does not fit model '{model_id}', which needs {wanted}", "use embeddings made for that model"
+                )
+            )
+        )
     return problems
+
+
+def wanted_files(plan: pd.DataFrame) -> dict[str, set[str]]:
+    """Registry name -> the ids the plan names."""
+
+    def names(column: str) -> set[str]:
+        return {n for value in plan[column].dropna().unique() for n in split_loras(value)}
+
+    return {"models": names("model_id"), "loras": names("lora_model"), "vaes": names("vae"), "embeddings": names("embeddings_model")}
 
 
 def prepare_sweep(cfg: DictConfig) -> PreparedSweep:
@@ -99,28 +141,35 @@ def prepare_sweep(cfg: DictConfig) -> PreparedSweep:
         return PreparedSweep(name, built.plan, None, None, built.problems)
 
     plan = built.plan
-    models = OmegaConf.to_container(cfg.models, resolve=True)
-    loras = OmegaConf.to_container(cfg.loras, resolve=True)
-    lora_ids = {lora for blend in plan["lora_model"].unique() for lora in split_loras(blend)}
-    if caps.kind == "remote":  # model and LoRA ids are the provider's: nothing on disk to resolve or hash
-        registry = Registry({}, {}, [])
+    entries = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("models", "loras", "vaes", "embeddings")}
+    if caps.kind == "remote":  # model, LoRA, VAE and embeddings ids are the provider's: nothing on disk to resolve or hash
+        registry = Registry()
     else:
         hashes = HashCache(Path(cfg.paths.outputs) / ".cache" / "hashes.json")
-        registry = resolve_all(models, loras, set(plan["model_id"].unique()), lora_ids, hashes)
+        upscaler = OmegaConf.to_container(cfg.upscaler, resolve=True) if plan["upscale"].any() else None
+        registry = resolve_all(entries, wanted_files(plan), hashes, upscaler)
+    files = registry.files()
     identity = Identity(
         model_hashes={k: v.identity for k, v in registry.models.items()},
         lora_hashes={k: v.identity for k, v in registry.loras.items()},
         engine=engine_identity(cfg),
+        file_hashes={
+            (name if kind == "upscaler" else f"{prefix}:{name}"): v.identity
+            for kind, prefix in (("vaes", "vae"), ("embeddings", "embeddings"), ("upscaler", ""))
+            for name, v in files.get(kind, {}).items()
+        },
     )
-    problems_fit = lora_fit_problems(plan, registry)
+    problems_fit = fit_problems(plan, registry)
     plan, duplicates = with_ids(plan, identity)
-    lcm_ids = frozenset(k for k, v in {**models, **loras}.items() if (v or {}).get("lcm"))
+    lcm_ids = frozenset(k for k, v in {**entries["models"], **entries["loras"]}.items() if (v or {}).get("lcm"))
     checked = validate_plan(
         plan,
         caps,
         substitute_schedulers=cfg.engine.get("substitute_schedulers", False),
         max_images=cfg.sweep.max_images,
         lcm_ids=lcm_ids,
+        families={k: v.family for k, v in registry.models.items()},
+        has_upscaler=registry.upscaler is not None,
     )
     problems = [str(p) for p in registry.problems] + problems_fit + checked.problems
     return PreparedSweep(name, checked.plan, registry, identity, problems, checked.warnings, duplicates)

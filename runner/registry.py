@@ -14,7 +14,7 @@ import re
 import tempfile
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +31,15 @@ class Resolved:
     """A model or LoRA source found on disk."""
 
     id: str
-    kind: str  # diffusers_folder | single_file | hub_cache | lora_file
+    kind: str  # diffusers_folder | single_file | hub_cache | lora_file | vae_file | embedding_file
     path: Path  # folder or file on disk
     weight_name: str | None = None
     sha256: str = ""  # of the file (or folder tree); "" for a builtin asset not built yet
     builtin: bool = False
+    config: Path | None = None  # single-file checkpoints: the diffusers folder their configs come from
+    variant: str | None = None  # diffusers folders: the weight variant to load ("fp16")
+    family: str = "sd"  # sd | sdxl (models; from model_index.json or the checkpoint's tensor names)
+    token: str | None = None  # textual inversion embeddings: the prompt token they define
 
     @property
     def identity(self) -> str:
@@ -105,8 +109,8 @@ LORA_KEY_MARKERS = ("lora_A", "lora_B", "lora_down", "lora_up", "lora.down", "lo
 LYCORIS_MARKERS = {"hada_w1": "LoHa", "lokr_w1": "LoKr", "oft_blocks": "OFT", ".glora_": "GLoRA"}
 
 
-def safetensors_keys(file: Path) -> list[str]:
-    """The tensor names in a .safetensors file, read from its JSON header (no torch, no weights)."""
+def safetensors_header(file: Path) -> dict[str, Any]:
+    """Tensor name -> {dtype, shape, ...} of a .safetensors file, read from its JSON header (no torch, no weights)."""
     with open(file, "rb") as fh:
         size_bytes = fh.read(8)
         if len(size_bytes) != 8:
@@ -117,7 +121,12 @@ def safetensors_keys(file: Path) -> list[str]:
         header = json.loads(fh.read(size))
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
-    return [k for k in header if k != "__metadata__"]
+    header.pop("__metadata__", None)
+    return header
+
+
+def safetensors_keys(file: Path) -> list[str]:
+    return list(safetensors_header(file))
 
 
 def check_lora_file(lora_id: str, path: Path) -> Problem | None:
@@ -140,6 +149,7 @@ def check_lora_file(lora_id: str, path: Path) -> Problem | None:
 
 
 SDXL_LORA_MARKERS = ("lora_te2_", "text_encoder_2.", "te2.")
+CROSS_ATTENTION_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
 
 
 def lora_family(path: Path) -> str:
@@ -153,27 +163,78 @@ def lora_family(path: Path) -> str:
     return "sdxl" if any(m in k for k in keys for m in SDXL_LORA_MARKERS) else "sd"
 
 
-def model_family(resolved: Resolved) -> str:
-    """'sdxl' for SDXL pipelines, else 'sd', read from model_index.json (single files: 'sd')."""
+def lora_cross_attention_width(path: Path) -> int | None:
+    """The text width a LoRA's cross-attention key/value projections expect (768 SD 1.x, 1024 SD 2.x, 2048 SDXL).
+
+    Read from the shape of an `attn2.to_k` down/A matrix in the header; None when the LoRA has none.
+    """
+    if path.suffix != ".safetensors":
+        return None
     try:
-        index = json.loads((resolved.path / "model_index.json").read_text())
+        header = safetensors_header(path)
+    except (OSError, ValueError):
+        return None
+    for key, info in header.items():
+        flat = key.replace("_", ".")
+        if "attn2.to.k" in flat and any(m in flat for m in ("lora.A.", "lora.down.")) and len(info.get("shape", ())) == 2:
+            return int(info["shape"][1])
+    return None
+
+
+def model_cross_attention_width(model: Resolved) -> int | None:
+    """The UNet's cross_attention_dim from the model's (or its configs') unet/config.json."""
+    folder = model.config if model.kind == "single_file" else model.path
+    try:
+        width = json.loads((Path(folder) / "unet" / "config.json").read_text())["cross_attention_dim"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return int(width[0] if isinstance(width, list) else width)
+
+
+def folder_family(folder: Path) -> str:
+    """'sdxl' for SDXL pipelines, else 'sd', read from model_index.json."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError):
         return "sd"
     return "sdxl" if "XL" in str(index.get("_class_name", "")) or "text_encoder_2" in index else "sd"
 
 
-def check_model_folder(model_id: str, folder: Path) -> Problem | None:
+# Single-file checkpoints: the family from tensor names, and the hub repo whose configs diffusers
+# uses for that family (the same defaults as diffusers' own `from_single_file`).
+CHECKPOINT_FAMILIES = (
+    ("conditioner.embedders.1.model.", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0"),
+    ("cond_stage_model.model.", "sd", "stabilityai/stable-diffusion-2-1"),
+    ("cond_stage_model.transformer.", "sd", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+)
+
+
+def checkpoint_family(path: Path) -> tuple[str, str | None]:
+    """(family, default config repo) of a single-file checkpoint, from its safetensors header.
+
+    A .ckpt is a pickle (reading it means loading it), so it is taken as SD 1.x unless a config says otherwise.
+    """
+    if path.suffix != ".safetensors":
+        return CHECKPOINT_FAMILIES[-1][1:]
+    keys = safetensors_keys(path)
+    for prefix, family, repo in CHECKPOINT_FAMILIES:
+        if any(k.startswith(prefix) for k in keys):
+            return family, repo
+    return "sd", None
+
+
+def check_model_folder(model_id: str, folder: Path, registry: str = "models") -> Problem | None:
     """Every component model_index.json names must be a folder beside it."""
     try:
         index = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError) as exc:
-        return Problem(f"models.{model_id}.source", f"{folder}/model_index.json cannot be read ({exc})", "re-save the pipeline")
+        return Problem(f"{registry}.{model_id}.source", f"{folder}/model_index.json cannot be read ({exc})", "re-save the pipeline")
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
             continue
         if not (folder / name).is_dir():
             return Problem(
-                f"models.{model_id}.source",
+                f"{registry}.{model_id}.source",
                 f"{folder} has no '{name}' folder, which model_index.json lists",
                 "copy the whole pipeline folder",
             )
@@ -190,32 +251,89 @@ def _hub_cache_path(repo_id: str) -> Path | None:
         return None
 
 
-def resolve_model(model_id: str, source: str, hashes: HashCache) -> tuple[Resolved | None, Problem | None]:
-    where = f"models.{model_id}.source"
+def resolve_model(
+    model_id: str, entry: Mapping[str, Any], hashes: HashCache, registry: str = "models"
+) -> tuple[Resolved | None, Problem | None]:
+    """A diffusers folder, a hub id in the local cache, or a single-file checkpoint (+ the folder of its configs)."""
+    source = entry["source"]
+    where = f"{registry}.{model_id}.source"
     path = Path(source).expanduser()
-    if path.is_dir():
-        if not (path / "model_index.json").exists():
-            return None, Problem(where, f"{source} is a folder without model_index.json", "point it at a diffusers pipeline folder")
-        problem = check_model_folder(model_id, path)
-        if problem:
-            return None, problem
-        return Resolved(model_id, "diffusers_folder", path, sha256=hashes.tree_sha256(path)), None
     if path.is_file():
-        if path.suffix not in (".safetensors", ".ckpt"):
-            return None, Problem(
-                where, f"{source} is not a .safetensors or .ckpt checkpoint", "give a checkpoint file or a diffusers folder"
-            )
-        return Resolved(model_id, "single_file", path, sha256=hashes.file_sha256(path)), None
-    if HUB_ID.match(source) and not source.endswith(WEIGHT_SUFFIXES):
-        cached = _hub_cache_path(source)
-        if cached is None:
+        return _resolve_checkpoint(model_id, path, entry.get("config"), hashes, registry)
+    folder = path if path.is_dir() else None
+    if folder is None and HUB_ID.match(source) and not source.endswith(WEIGHT_SUFFIXES):
+        folder = _hub_cache_path(source)
+        if folder is None:
             return None, Problem(
                 where,
                 f"hub model '{source}' is not in the local Hugging Face cache (nothing is downloaded at run time)",
                 f"pre-download it with: huggingface-cli download {source}",
             )
-        return Resolved(model_id, "hub_cache", cached, sha256=hashes.tree_sha256(cached)), None
-    return None, Problem(where, f"path {source} does not exist", "fix the path, or use a hub id already in the local cache")
+    if folder is None:
+        return None, Problem(where, f"path {source} does not exist", "fix the path, or use a hub id already in the local cache")
+    if not (folder / "model_index.json").exists():
+        return None, Problem(where, f"{source} is a folder without model_index.json", "point it at a diffusers pipeline folder")
+    problem = check_model_folder(model_id, folder, registry)
+    if problem:
+        return None, problem
+    variant = entry.get("variant")
+    found = weight_variants(folder)
+    if variant and variant not in found:
+        return None, Problem(
+            f"{registry}.{model_id}.variant",
+            f"{folder} has no '{variant}' weights (found: {', '.join(sorted(v or 'default' for v in found)) or 'none'})",
+            "remove variant or download that variant",
+        )
+    if not variant and found and None not in found and len(found) == 1:
+        variant = next(iter(found))  # only a variant is there (e.g. a folder of fp16 files): load it
+    kind = "diffusers_folder" if path.is_dir() else "hub_cache"
+    return Resolved(model_id, kind, folder, sha256=hashes.tree_sha256(folder), variant=variant, family=folder_family(folder)), None
+
+
+def weight_variants(folder: Path) -> set[str | None]:
+    """The weight variants a pipeline folder holds: None for the plain files, 'fp16' for *.fp16.safetensors..."""
+    found: set[str | None] = set()
+    for file in folder.glob("*/*"):
+        if file.suffix in (".safetensors", ".bin"):
+            parts = file.name.split(".")
+            found.add(parts[-2] if len(parts) > 2 else None)
+    return found
+
+
+def _resolve_checkpoint(
+    model_id: str, path: Path, config: str | None, hashes: HashCache, registry: str
+) -> tuple[Resolved | None, Problem | None]:
+    where = f"{registry}.{model_id}"
+    if path.suffix not in (".safetensors", ".ckpt"):
+        return None, Problem(
+            f"{where}.source", f"{path} is not a .safetensors or .ckpt checkpoint", "give a checkpoint file or a diffusers folder"
+        )
+    try:
+        family, default_repo = checkpoint_family(path)
+    except (OSError, ValueError) as exc:
+        return None, Problem(f"{where}.source", f"{path.name} is not a readable .safetensors file ({exc})", "re-download the checkpoint")
+    repo = config or default_repo
+    if repo is None:
+        return None, Problem(
+            f"{where}.config",
+            f"cannot tell which pipeline {path.name} is from its tensors",
+            "set config to a diffusers folder of its family",
+        )
+    folder = Path(repo).expanduser()
+    if not folder.is_dir():
+        folder = _hub_cache_path(repo) if HUB_ID.match(repo) else None
+    if folder is None or not (folder / "model_index.json").exists():
+        hint = f"pre-download its configs: huggingface-cli download {repo} --include '*.json' '*.txt'" if HUB_ID.match(repo) else ""
+        return None, Problem(
+            f"{where}.config",
+            f"the single-file checkpoint needs the configs of '{repo}', which are not on disk (nothing is downloaded)",
+            hint or "set config to a diffusers pipeline folder (its weights are not needed)",
+        )
+    family = folder_family(folder) if config else family
+    sha = hashes.file_sha256(path)
+    if config:  # another config can mean another pipeline from the same weights
+        sha = hashlib.sha256(f"{sha}:{hashes.tree_sha256(folder)}".encode()).hexdigest()
+    return Resolved(model_id, "single_file", path, sha256=sha, config=folder, family=family), None
 
 
 def resolve_lora(lora_id: str, source: str, weight_name: str | None, hashes: HashCache) -> tuple[Resolved | None, Problem | None]:
@@ -247,12 +365,27 @@ def resolve_lora(lora_id: str, source: str, weight_name: str | None, hashes: Has
 
 @dataclass
 class Registry:
-    models: dict[str, Resolved]
-    loras: dict[str, Resolved]
-    problems: list[Problem]
+    models: dict[str, Resolved] = field(default_factory=dict)
+    loras: dict[str, Resolved] = field(default_factory=dict)
+    vaes: dict[str, Resolved] = field(default_factory=dict)
+    embeddings: dict[str, Resolved] = field(default_factory=dict)
+    upscaler: Resolved | None = None
+    problems: list[Problem] = field(default_factory=list)
+
+    def files(self) -> dict[str, dict[str, Resolved]]:
+        """Every resolved file by registry name ("models", "loras", ...), for identity, tags and hashes."""
+        groups = {"models": self.models, "loras": self.loras, "vaes": self.vaes, "embeddings": self.embeddings}
+        return groups | ({"upscaler": {"upscaler": self.upscaler}} if self.upscaler else {})
 
 
-ENTRY_KEYS = {"models": ("source", "variant", "builtin", "lcm"), "loras": ("source", "weight_name", "builtin", "lcm")}
+ENTRY_KEYS = {
+    "models": ("source", "variant", "config", "builtin", "lcm"),
+    "loras": ("source", "weight_name", "builtin", "lcm"),
+    "vaes": ("source", "config"),
+    "embeddings": ("source", "token"),
+}
+FIELD_OF = {"models": "model_id", "loras": "lora_model", "vaes": "vae", "embeddings": "embeddings_model"}
+WHAT = {"models": "model", "loras": "LoRA", "vaes": "VAE", "embeddings": "embeddings"}
 
 
 def check_entry(registry: str, name: str, entry: Any) -> Problem | None:
@@ -271,44 +404,79 @@ def check_entry(registry: str, name: str, entry: Any) -> Problem | None:
     return None
 
 
+def resolve_vae(vae_id: str, entry: Mapping[str, Any], hashes: HashCache) -> tuple[Resolved | None, Problem | None]:
+    """A VAE: a diffusers AutoencoderKL folder (config.json + weights) or a single file (configs from the model)."""
+    path = Path(entry["source"]).expanduser()
+    where = f"vaes.{vae_id}.source"
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            return None, Problem(where, f"{path} has no config.json", "point it at a diffusers AutoencoderKL folder (e.g. .../vae)")
+        return Resolved(vae_id, "diffusers_folder", path, sha256=hashes.tree_sha256(path)), None
+    if path.is_file():
+        if path.suffix not in (".safetensors", ".ckpt", ".pt"):
+            return None, Problem(where, f"{path.name} is not a .safetensors/.ckpt/.pt VAE", "give a VAE file or folder")
+        config = Path(entry["config"]).expanduser() if entry.get("config") else None
+        if config is not None and not (config / "config.json").exists():
+            return None, Problem(f"vaes.{vae_id}.config", f"{config} has no config.json", "point it at an AutoencoderKL folder")
+        return Resolved(vae_id, "vae_file", path, sha256=hashes.file_sha256(path), config=config), None
+    return None, Problem(where, f"path {path} does not exist", "fix the path in the vaes registry")
+
+
+def resolve_embedding(name: str, entry: Mapping[str, Any], hashes: HashCache) -> tuple[Resolved | None, Problem | None]:
+    """A textual inversion file (A1111 .pt/.safetensors or diffusers learned_embeds); its token defaults to its id."""
+    path = Path(entry["source"]).expanduser()
+    if not path.is_file():
+        return None, Problem(
+            f"embeddings.{name}.source", f"embeddings file {path} does not exist", "fix the path in the embeddings registry"
+        )
+    family = "sd"
+    if path.suffix == ".safetensors":
+        try:
+            keys = safetensors_keys(path)
+        except (OSError, ValueError) as exc:
+            return None, Problem(f"embeddings.{name}.source", f"{path.name} is not a readable .safetensors file ({exc})", "re-download it")
+        family = "sdxl" if {"clip_l", "clip_g"} <= set(keys) else "sd"
+    token = str(entry.get("token") or name)
+    return Resolved(name, "embedding_file", path, sha256=hashes.file_sha256(path), family=family, token=token), None
+
+
 def resolve_all(
-    models: Mapping[str, Any],
-    loras: Mapping[str, Any],
-    model_ids: set[str],
-    lora_ids: set[str],
+    entries: Mapping[str, Mapping[str, Any]],
+    wanted: Mapping[str, set[str]],
     hashes: HashCache,
+    upscaler: Mapping[str, Any] | None = None,
 ) -> Registry:
-    """Resolve and hash the models and LoRAs a plan uses; unknown ids become problems."""
-    registry = Registry({}, {}, [])
-    kinds = [
-        ("models", "model_id", models, model_ids, registry.models, "diffusers_folder", lambda i, s: resolve_model(i, s["source"], hashes)),
-        (
-            "loras",
-            "lora_model",
-            loras,
-            lora_ids,
-            registry.loras,
-            "lora_file",
-            lambda i, s: resolve_lora(i, s["source"], s.get("weight_name"), hashes),
-        ),
-    ]
-    for name, field, known, wanted, found, builtin_kind, resolve in kinds:
-        for item in sorted(wanted):
+    """Resolve and hash the files a plan uses (`wanted`: registry name -> ids); unknown ids become problems."""
+    registry = Registry()
+    resolvers = {
+        "models": lambda i, e: resolve_model(i, e, hashes),
+        "loras": lambda i, e: resolve_lora(i, e["source"], e.get("weight_name"), hashes),
+        "vaes": lambda i, e: resolve_vae(i, e, hashes),
+        "embeddings": lambda i, e: resolve_embedding(i, e, hashes),
+    }
+    builtin_kind = {"models": "diffusers_folder", "loras": "lora_file"}
+    for name, resolve in resolvers.items():
+        known, found = entries.get(name) or {}, getattr(registry, name)
+        for item in sorted(wanted.get(name, ())):
             if item not in known:
-                registry.problems.append(_unknown(field, item, known, name))
+                registry.problems.append(_unknown(FIELD_OF[name], item, known, name))
                 continue
             spec = known[item]
             if problem := check_entry(name, item, spec):
                 registry.problems.append(problem)
                 continue
             if spec.get("builtin") and not Path(spec["source"]).exists():  # built on first use; its recipe is its identity
-                found[item] = Resolved(item, builtin_kind, Path(spec["source"]), builtin=True)
+                found[item] = Resolved(item, builtin_kind[name], Path(spec["source"]), builtin=True)
                 continue
             resolved, problem = resolve(item, spec)
             if problem:
                 registry.problems.append(problem)
             else:
                 found[item] = replace(resolved, builtin=bool(spec.get("builtin")))
+    if upscaler and upscaler.get("source"):
+        registry.upscaler, problem = resolve_model("upscaler", upscaler, hashes, registry="upscaler")
+        if problem:
+            registry.problems.append(replace(problem, field=problem.field.replace("upscaler.upscaler.", "upscaler.")))
     hashes.save()
     return registry
 
@@ -318,6 +486,4 @@ def _unknown(field: str, name: str, known: Mapping[str, Any], registry: str) -> 
 
     guess = closest(name, known)
     fix = f"did you mean '{guess}'?" if guess else f"add it under `{registry}:` in the config"
-    return Problem(
-        field, f"unknown {'LoRA' if registry == 'loras' else 'model'} id '{name}'", f"{fix} (known: {', '.join(known) or 'none'})"
-    )
+    return Problem(field, f"unknown {WHAT[registry]} id '{name}'", f"{fix} (known: {', '.join(known) or 'none'})")

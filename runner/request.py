@@ -111,9 +111,19 @@ def did_you_mean(name: str, options: Iterable[str]) -> str:
     return f"did you mean '{guess}'?" if guess else ""
 
 
+def missing(value: Any) -> bool:
+    """None, NaN (how pandas holds None in a column of strings) or an empty string."""
+    return value is None or value == "" or (isinstance(value, float) and value != value)
+
+
+def optional(value: Any) -> Any:
+    """A plan cell as the request means it: None where the cell is missing."""
+    return None if missing(value) else value
+
+
 def split_loras(value: Any) -> list[str]:
     """'a, b' or ['a', 'b'] or None -> ['a', 'b']."""
-    if value is None:
+    if missing(value):
         return []
     if isinstance(value, str):
         items: Iterable[Any] = value.split(",")

@@ -70,14 +70,16 @@ def sweep_folder(cfg: DictConfig) -> Path:
     return Path(cfg.paths.outputs) / cfg.sweep.name
 
 
-def ensure_builtin_assets(cfg: DictConfig) -> None:
-    """Build the embedded tiny model and LoRAs if a builtin source the config names is missing."""
-    sources = [s for s in [*cfg.models.values(), *cfg.loras.values()] if isinstance(s, DictConfig)]
-    if any(s.get("builtin") and not Path(str(s.get("source", ""))).exists() for s in sources):
-        from runner.assets import ensure_demo_assets
+def ensure_builtin_assets(cfg: DictConfig, prepared: PreparedSweep) -> bool:
+    """Build the embedded tiny model and LoRAs if the plan uses them and they are missing or from an older recipe."""
+    from runner.assets import demo_assets_ready, ensure_demo_assets
 
+    uses_builtin = any(r.builtin for group in prepared.registry.files().values() for r in group.values())
+    if uses_builtin and not demo_assets_ready(Path(cfg.paths.assets)):
         print(f"building the embedded tiny model and LoRAs into {cfg.paths.assets} (once) ...", flush=True)
         ensure_demo_assets(cfg.paths.assets)
+        return True
+    return False
 
 
 def plan_or_fail(cfg: DictConfig) -> PreparedSweep:
@@ -121,9 +123,9 @@ def run_sweep(cfg: DictConfig, out: TextIO = sys.stdout, generate: bool = True) 
     With generate=False (`lora-sweep sync`) only the MLflow back-fill, the grids and the parent run's
     artifacts are brought up to date.
     """
-    if generate and cfg.engine.kind == "local":
-        ensure_builtin_assets(cfg)
     prepared = plan_or_fail(cfg)
+    if generate and cfg.engine.kind == "local" and ensure_builtin_assets(cfg, prepared):
+        prepared = plan_or_fail(cfg)  # hashed again from the files just built
     api_key = require_api_key(cfg) if cfg.engine.kind == "remote" and generate else None
     plan = prepared.plan
     store = SweepStore(sweep_folder(cfg))
@@ -141,14 +143,19 @@ def run_sweep(cfg: DictConfig, out: TextIO = sys.stdout, generate: bool = True) 
         store.release()
 
 
+SINGULAR = {"models": "model", "loras": "lora", "vaes": "vae", "embeddings": "embeddings", "upscaler": "upscaler"}
+
+
 def changed_files(before: dict[str, dict[str, str]], now: dict[str, dict[str, str]]) -> list[str]:
-    """Lines naming each model or LoRA whose file changed since the last run of this sweep."""
+    """Lines naming each model, LoRA, VAE... whose file changed since the last run of this sweep."""
+    from runner.registry import WHAT
+
     lines = []
-    for kind in ("models", "loras"):
-        for name, sha in now.get(kind, {}).items():
+    for kind, group in now.items():
+        for name, sha in group.items():
             old = before.get(kind, {}).get(name)
             if old and sha and old != sha:
-                what = "model" if kind == "models" else "LoRA"
+                what = WHAT.get(kind, kind)
                 lines.append(
                     f"{what} '{name}' changed on disk since the last run (sha256 {old[:10]} -> {sha[:10]}): "
                     "its images get new ids and are generated again"
@@ -215,7 +222,8 @@ def _run_locked(
 ) -> Summary:
     describe_plan(prepared, out)
     registry = prepared.registry
-    identity = {"models": {k: v.sha256 for k, v in registry.models.items()}, "loras": {k: v.sha256 for k, v in registry.loras.items()}}
+    files = registry.files()
+    identity = {kind: {k: v.sha256 for k, v in group.items()} for kind, group in files.items()}
     for line in changed_files(store.read_identity(), identity):
         print(line, file=out)
     store.write_plan(plan)
@@ -234,15 +242,11 @@ def _run_locked(
         print(f"{summary.skipped} images already done in {store.root}; generating the other {len(pending)}", file=out)
 
     tracker, summary.tracking_uri = open_tracker(cfg)
-    hashes = {f"model:{k}": v.sha256 for k, v in registry.models.items()} | {f"lora:{k}": v.sha256 for k, v in registry.loras.items()}
-    base_tags = {
-        "lora_sweep.sweep": cfg.sweep.name,
-        "engine": cfg.engine.kind,
-        **{f"model.{k}.sha256": v.sha256 for k, v in registry.models.items()},
-        **{f"model.{k}.short_hash": v.short_hash for k, v in registry.models.items()},
-        **{f"lora.{k}.sha256": v.sha256 for k, v in registry.loras.items()},
-        **{f"lora.{k}.short_hash": v.short_hash for k, v in registry.loras.items()},
-    }
+    hashes = {f"{SINGULAR[kind]}:{k}": v.sha256 for kind, group in files.items() for k, v in group.items()}
+    base_tags = {"lora_sweep.sweep": cfg.sweep.name, "engine": cfg.engine.kind}
+    for kind, group in files.items():
+        for k, v in group.items():
+            base_tags |= {f"{SINGULAR[kind]}.{k}.sha256": v.sha256, f"{SINGULAR[kind]}.{k}.short_hash": v.short_hash}
     rows = {r["id"]: r for r in plan.to_dict("records")}  # the writer's and the back-fill's view of each image
     if tracker:
         summary.parent_run_id = tracker.start_parent(
@@ -298,7 +302,9 @@ def _generate(cfg, prepared, pending, rows, store, tracker, hashes, base_tags, s
 
     registry = prepared.registry
     settings = OmegaConf.to_container(cfg.engine, resolve=True)
-    engine = create_engine(settings.pop("kind"), models=registry.models, loras=registry.loras, api_key=api_key, **settings)
+    engine = create_engine(
+        settings.pop("kind"), registry=registry, upscaler=OmegaConf.to_container(cfg.upscaler), api_key=api_key, **settings
+    )
     status = "FINISHED"
     writer = None
     started = time.perf_counter()

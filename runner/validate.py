@@ -6,7 +6,9 @@ and what really happens is recorded on each row (`scheduler_used`, `notes`), nev
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import pandas as pd
 
@@ -30,14 +32,17 @@ def validate_plan(
     substitute_schedulers: bool = False,
     max_images: int = 5000,
     lcm_ids: frozenset[str] = frozenset(),
+    families: Mapping[str, str] | None = None,
+    has_upscaler: bool = False,
 ) -> Validation:
     """Check scheduler choices and fields the engine cannot honour; record what will really run.
 
-    `lcm_ids` are model or LoRA ids with LCM-distilled weights (LCMScheduler needs one of them).
+    `lcm_ids` are model or LoRA ids with LCM-distilled weights (LCMScheduler needs one of them);
+    `families` maps model ids to sd/sdxl (local engine: which pipelines exist for them).
     """
     problems: list[Problem] = []
     warnings: dict[str, None] = {}
-    used, notes = [], []
+    used, notes, pipelines = [], [], []
     if len(plan) > max_images:
         problems.append(
             Problem(
@@ -69,11 +74,38 @@ def validate_plan(
                 note = "LCMScheduler without LCM weights or an LCM LoRA gives poor images (mark LCM models/LoRAs with lcm: true)"
                 row_notes.append(note)
                 warnings[note] = None
-        for name, why in caps.not_applied.items():
+        not_applied = dict(caps.not_applied)
+        if caps.kind == "local":
+            pipeline, more = local_pipeline(row, (families or {}).get(row["model_id"], "sd"), has_upscaler)
+            pipelines.append(pipeline)
+            not_applied.update(more)
+        for name, why in not_applied.items():
             if row.get(name) not in (None, False, "", 0):
                 note = f"{name} not applied: {why}"
                 row_notes.append(note)
                 warnings[note] = None
         notes.append("; ".join(row_notes))
     plan = plan.assign(scheduler_used=used, notes=notes)
+    if pipelines:
+        plan = plan.assign(pipeline_used=pipelines)
     return Validation(plan, count_problems(problems), list(warnings))
+
+
+def local_pipeline(row: Mapping[str, Any], family: str, has_upscaler: bool) -> tuple[str, dict[str, str]]:
+    """Which diffusers pipeline runs a row locally, and why the fields it cannot honour are not applied.
+
+    panorama -> StableDiffusionPanoramaPipeline, self_attention -> StableDiffusionSAGPipeline (SD 1.x/2.x
+    only: diffusers has neither for SDXL); upscale runs the configured 2x upscaler after any of them.
+    """
+    not_applied: dict[str, str] = {}
+    if not has_upscaler:
+        not_applied["upscale"] = "no upscaler model is configured (set upscaler.source)"
+    if family == "sdxl":
+        not_applied["panorama"] = "diffusers has no SDXL panorama pipeline"
+        not_applied["self_attention"] = "diffusers has no SDXL self-attention guidance pipeline"
+        return "text2img", not_applied
+    if row.get("panorama"):
+        if row.get("self_attention"):
+            not_applied["self_attention"] = "the panorama pipeline has no self-attention guidance"
+        return "panorama", not_applied
+    return ("sag" if row.get("self_attention") else "text2img"), not_applied

@@ -19,7 +19,7 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from runner.engines.base import ImageResult
-from runner.request import FIELDS, split_loras
+from runner.request import FIELDS, optional, split_loras
 from runner.store import SweepStore
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,12 @@ def a1111_parameters(row: Mapping[str, Any], hashes: Mapping[str, str]) -> str:
     if loras:
         settings.append('Lora hashes: "' + ", ".join(f"{n}: {hashes.get('lora:' + n, '')[:12]}" for n in loras) + '"')
         settings.append(f'Lora weights: "{row.get("lora_strength")}"')
+    vae = optional(row.get("vae"))
+    if vae:
+        settings += [f"VAE hash: {hashes.get('vae:' + vae, '')[:10]}", f"VAE: {vae}"]
+    inversions = split_loras(row.get("embeddings_model"))
+    if inversions:
+        settings.append('TI hashes: "' + ", ".join(f"{n}: {hashes.get('embeddings:' + n, '')[:12]}" for n in inversions) + '"')
     settings.append(f"lora-sweep id: {row['id']}")
     text = str(row["prompt"])
     if row.get("negative_prompt"):

@@ -91,3 +91,43 @@ SMALL_SWEEP = {
 def small_sweep(workspace) -> Path:
     """8 images: 2 blends x 2 strengths x 2 seeds at 64x64, 4 steps."""
     return workspace.sweep("small", SMALL_SWEEP)
+
+
+def sweep_images(outputs: Path, sweep: str):
+    """The sweep's results (ok rows) joined with their plan rows, and a function giving an image's pixels."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    folder = outputs / sweep
+    results = pd.read_parquet(folder / "results.parquet")
+    plan = pd.read_parquet(folder / "plan.parquet").drop(columns=["seed", "notes"], errors="ignore")
+    rows = plan.merge(results, on="id")
+    rows = rows.astype(object).where(rows.notna(), None)  # None, not NaN, where a request field is unset
+
+    def pixels(image_id: str):
+        with Image.open(folder / "images" / f"{image_id}.png") as image:
+            return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+    return rows, pixels
+
+
+@pytest.fixture(scope="session")
+def sdxl_dir(tmp_path_factory) -> Path:
+    """A tiny SDXL pipeline folder, an SDXL LoRA (UNet + te1 + te2), a te2-only cut of it, SDXL embeddings."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from tiny_models import build_tiny_sdxl, save_sdxl_lora
+
+    root = tmp_path_factory.mktemp("sdxl")
+    pipe = build_tiny_sdxl()
+    pipe.save_pretrained(root / "tiny-xl")
+    save_sdxl_lora(pipe, root / "xl_lora.safetensors", seed=5)
+    tensors = load_file(str(root / "xl_lora.safetensors"))
+    save_file({k: v for k, v in tensors.items() if k.startswith("text_encoder_2.")}, str(root / "xl_te2_only.safetensors"))
+    generator = torch.Generator().manual_seed(9)
+    save_file(
+        {"clip_l": torch.randn(2, 32, generator=generator), "clip_g": torch.randn(2, 32, generator=generator)},
+        str(root / "xl_emb.safetensors"),
+    )
+    return root

@@ -131,3 +131,17 @@ def test_loras_and_strengths_change_pixels_and_reruns_reproduce_them(workspace):
     assert np.abs(weak - base).mean() < np.abs(strong - base).mean(), "a weaker LoRA moves the image less"
     for image_id in plan["id"]:
         assert np.array_equal(pixels(a, image_id), pixels(b, image_id)), "the same row must give the same pixels"
+
+
+def test_the_prompt_decides_the_image(workspace):
+    """Every prompt tokenizes into its own tokens on the tiny model, so a prompt axis compares real images."""
+    sweep = {
+        "name": "prompts",
+        "base": {"width": 64, "height": 64, "num_inference_steps": 4, "seed": 3},
+        "grid": {"prompt": ["a red fox", "a blue whale", "a red fox, watercolor"]},
+    }
+    result = workspace.cli("run", f"sweep={workspace.sweep('prompts', sweep)}", "tracking=none")
+    assert result.code == 0, result.err
+    plan = pd.read_parquet(workspace.outputs / "prompts" / "plan.parquet")
+    images = [pixels(workspace.outputs / "prompts", image_id) for image_id in plan["id"]]
+    assert np.abs(images[0] - images[1]).mean() > 1.0 and np.abs(images[0] - images[2]).mean() > 0.5

@@ -26,6 +26,12 @@ BAD_OVERRIDES = [
         "models.tiny-sd.source: path /does/not/exist does not exist",
     ),
     (["validation.max_lora_strength=5"], "validation.max_lora_strength"),
+    (["++sweep.base.vae=mse"], "vae: unknown VAE id 'mse'; add it under `vaes:` in the config"),
+    (["++sweep.base.embeddings_model=easyneg", "+embeddings.easynegative={source: /e.pt}"], "did you mean 'easynegative'"),
+    (["++sweep.base.vae=mse", "+vaes.mse={source: /no/vae}"], "vaes.mse.source: path /no/vae does not exist"),
+    (["++sweep.base.vae=mse", "+vaes.mse={source: /x, confg: /y}"], "vaes.mse.confg: unknown key; did you mean 'config'?"),
+    (["++sweep.base.upscale=yes", "upscaler.source=/no/upscaler"], "upscaler.source: path /no/upscaler does not exist"),
+    (["+embeddings.a={source: x, token: <x>}"], "override '+embeddings.a={source: x, token: <x>}': cannot be parsed near '<x>}'"),
 ]
 
 

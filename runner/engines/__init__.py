@@ -13,14 +13,9 @@ LOCAL_CAPABILITIES = Capabilities(
     not_applied={
         "enhance_prompt": "prompt enhancement is the provider's own model; the prompt is used as written",
         "multi_lingual": "no translation model is loaded; the prompt is used as written",
-        "panorama": "the panorama pipeline is not wired into the local engine yet",
-        "self_attention": "self-attention guidance is not wired into the local engine yet",
-        "upscale": "no upscaler model is configured",
         "safety_checker": "no safety checker model is loaded",
-        "tomesd": "token merging is not applied",
+        "tomesd": "token merging is not applied (no maintained tomesd library for diffusers 0.42)",
         "highres_fix": "high-res fix is not applied",
-        "embeddings_model": "textual inversion embeddings are not loaded yet",
-        "vae": "a separate VAE is not loaded yet",
         "webhook": "the local engine has no webhook",
     },
 )

@@ -15,6 +15,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,8 +24,8 @@ import torch
 from PIL import Image
 
 from runner.engines.base import ImageResult
-from runner.registry import Resolved
-from runner.request import split_loras, split_strengths
+from runner.registry import Registry
+from runner.request import optional, split_loras, split_strengths
 from runner.schedulers import OPTION_FIELDS, load_scheduler, supports_option
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,10 @@ CELL_KEYS = [
     "clip_skip",
     "num_inference_steps",
     "guidance_scale",
+    "vae",
+    "embeddings_model",
+    "pipeline_used",
+    "upscale",
 ]
 
 
@@ -68,22 +73,50 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+def lora_weights(path: Path) -> str | dict[str, torch.Tensor]:
+    """What load_lora_weights gets: the file, or for kohya/A1111 files their tensors with each `.alpha` folded in.
+
+    diffusers 0.42 with transformers 5 drops the alphas of text-encoder (`lora_te_*`) modules (its
+    alpha keys keep a `text_model.` prefix the flattened CLIPTextModel no longer has), so those
+    modules would get the wrong scale. up * alpha/rank with no alpha is the same LoRA for every module.
+    """
+    from safetensors.torch import load_file
+
+    if path.suffix != ".safetensors":
+        return str(path)
+    tensors = load_file(str(path))
+    if not any(k.endswith(".alpha") for k in tensors) or not any(".lora_down." in k for k in tensors):
+        return str(path)
+    folded = {}
+    for key, value in tensors.items():
+        if key.endswith(".alpha"):
+            continue
+        if ".lora_up." in key:
+            module = key.split(".lora_up.")[0]
+            alpha, down = tensors.get(f"{module}.alpha"), tensors.get(f"{module}.lora_down.weight")
+            if alpha is not None and down is not None:
+                value = value * (float(alpha) / down.shape[0])
+        folded[key] = value
+    return folded
+
+
 class LocalEngine:
     kind = "local"
 
     def __init__(
         self,
         *,
-        models: dict[str, Resolved],
-        loras: dict[str, Resolved],
+        registry: Registry,
+        upscaler: dict[str, Any] | None = None,
         device: str = "auto",
         dtype: str = "auto",
         batch_size: int = 4,
         cache_prompt_embeddings: bool = True,
         **_: Any,
     ):
-        self.models = models
-        self.loras = loras
+        self.registry = registry
+        self.models, self.loras = registry.models, registry.loras
+        self.upscaler_settings = upscaler or {}
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.batch_size = max(1, int(batch_size))
@@ -96,6 +129,13 @@ class LocalEngine:
         self._loaded_adapters: set[str] = set()
         self._text_encoder_loras: set[str] = set()
         self._embeddings: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._base_vae: Any = None
+        self._vaes: dict[str, Any] = {}  # VAE id -> AutoencoderKL, loaded once per model
+        self._vae_key: str | None = None
+        self._inversion_key: str | None = None
+        self._pristine_text: list[tuple[str, str, Any, int]] = []  # (tokenizer attr, encoder attr, copy, vocab size)
+        self._pipelines: dict[str, Any] = {}  # "panorama" / "sag" -> pipeline sharing the loaded components
+        self._upscaler: Any = None
         self._quiet_libraries()
 
     # ------------------------------------------------------------ loading
@@ -118,26 +158,134 @@ class LocalEngine:
             return
         self.close()
         source = self.models[model_id]
-        from diffusers import AutoPipelineForText2Image, StableDiffusionPipeline
+        from diffusers import AutoPipelineForText2Image, StableDiffusionPipeline, StableDiffusionXLPipeline
 
         log.info("loading model %s from %s", model_id, source.path)
+        # SD 1.x folders may list a safety checker; sweeps never load one (the spec's safety_checker is recorded as not applied)
+        no_checker = {"safety_checker": None, "requires_safety_checker": False} if source.family == "sd" else {}
         if source.kind == "single_file":
-            pipe = StableDiffusionPipeline.from_single_file(str(source.path), torch_dtype=self.dtype)
+            pipeline_class = StableDiffusionXLPipeline if source.family == "sdxl" else StableDiffusionPipeline
+            pipe = pipeline_class.from_single_file(
+                str(source.path), config=str(source.config), local_files_only=True, torch_dtype=self.dtype, **no_checker
+            )
         else:
             pipe = AutoPipelineForText2Image.from_pretrained(
-                str(source.path), torch_dtype=self.dtype, safety_checker=None, requires_safety_checker=False
+                str(source.path), torch_dtype=self.dtype, variant=source.variant, local_files_only=True, **no_checker
             )
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
         self._model_id = model_id
         self._base_scheduler_config = pipe.scheduler.config
+        self._base_vae = pipe.vae
+
+    def _config_root(self) -> Path:
+        """The diffusers folder the loaded model's configs come from."""
+        source = self.models[self._model_id]
+        return source.config if source.kind == "single_file" else source.path
+
+    def _set_vae(self, vae_id: str | None) -> None:
+        """The request's `vae`: a separate AutoencoderKL, loaded once, swapped in for the model's own."""
+        if vae_id == self._vae_key:
+            return
+        if vae_id and vae_id not in self._vaes:
+            from diffusers import AutoencoderKL
+
+            source = self.registry.vaes[vae_id]
+            log.info("loading VAE %s from %s", vae_id, source.path)
+            if source.kind == "vae_file":
+                config = {"config": str(source.config)} if source.config else {"config": str(self._config_root()), "subfolder": "vae"}
+                vae = AutoencoderKL.from_single_file(str(source.path), local_files_only=True, torch_dtype=self.dtype, **config)
+            else:
+                vae = AutoencoderKL.from_pretrained(str(source.path), local_files_only=True, torch_dtype=self.dtype)
+            self._vaes[vae_id] = vae.to(self.device)
+        self.pipe.vae = self._vaes[vae_id] if vae_id else self._base_vae
+        self._vae_key = vae_id
+
+    def _text_stacks(self) -> list[tuple[str, str]]:
+        """(tokenizer, text encoder) attribute pairs of the loaded pipeline: one for SD, two for SDXL."""
+        pairs = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")]
+        return [(t, e) for t, e in pairs if getattr(self.pipe, t, None) is not None and getattr(self.pipe, e, None) is not None]
+
+    def _set_inversions(self, names: str | None) -> None:
+        """The request's `embeddings_model`: textual inversion tokens present exactly while a row asks for them.
+
+        Rows without the embedding must see the tokenizer as it was (the token's text then means
+        what it says), so the tokenizers are restored from a copy and the added rows of the
+        embedding matrix are cut off, instead of trusting unload_textual_inversion's id bookkeeping.
+        """
+        key = names or None
+        if key == self._inversion_key:
+            return
+        import copy
+
+        for tokenizer_attr, encoder_attr, pristine, size in self._pristine_text:
+            setattr(self.pipe, tokenizer_attr, copy.deepcopy(pristine))
+            getattr(self.pipe, encoder_attr).resize_token_embeddings(size)
+        if not self._pristine_text:
+            self._pristine_text = [
+                (t, e, copy.deepcopy(getattr(self.pipe, t)), getattr(self.pipe, e).get_input_embeddings().num_embeddings)
+                for t, e in self._text_stacks()
+            ]
+        for name in split_loras(key):
+            source = self.registry.embeddings[name]
+            log.info("loading embeddings %s (token %s) from %s", name, source.token, source.path)
+            if source.family == "sdxl":  # one tensor per text encoder, as SDXL embeddings are saved
+                from safetensors.torch import load_file
+
+                tensors = load_file(str(source.path))
+                for (tokenizer_attr, encoder_attr), key_name in zip(self._text_stacks(), ("clip_l", "clip_g")):
+                    self.pipe.load_textual_inversion(
+                        tensors[key_name],
+                        token=[source.token] + [f"{source.token}_{i}" for i in range(1, len(tensors[key_name]))],
+                        tokenizer=getattr(self.pipe, tokenizer_attr),
+                        text_encoder=getattr(self.pipe, encoder_attr),
+                    )
+            else:
+                self.pipe.load_textual_inversion(str(source.path), token=source.token)
+        self._inversion_key = key
+
+    def _pipeline(self, mode: str) -> Any:
+        """The pipeline that runs a row: the loaded one, or diffusers' panorama / SAG pipeline over its components."""
+        if mode == "text2img":
+            return self.pipe
+        if mode not in self._pipelines:
+            from diffusers import StableDiffusionPanoramaPipeline, StableDiffusionSAGPipeline
+
+            pipeline_class = {"panorama": StableDiffusionPanoramaPipeline, "sag": StableDiffusionSAGPipeline}[mode]
+            self._pipelines[mode] = pipeline_class.from_pipe(self.pipe)
+            self._pipelines[mode].set_progress_bar_config(disable=True)
+        pipe = self._pipelines[mode]
+        # follow the switches made on the main pipeline
+        pipe.scheduler, pipe.vae, pipe.tokenizer = self.pipe.scheduler, self.pipe.vae, self.pipe.tokenizer
+        return pipe
+
+    def _upscale(self, cell: dict[str, Any], images: np.ndarray, seeds: list[int]) -> np.ndarray:
+        """`upscale: yes`: 2x with the configured StableDiffusionLatentUpscalePipeline, seeded per image."""
+        if self._upscaler is None:
+            from diffusers import StableDiffusionLatentUpscalePipeline
+
+            source = self.registry.upscaler
+            log.info("loading upscaler from %s", source.path)
+            self._upscaler = StableDiffusionLatentUpscalePipeline.from_pretrained(
+                str(source.path), torch_dtype=self.dtype, local_files_only=True
+            ).to(self.device)
+            self._upscaler.set_progress_bar_config(disable=True)
+        with torch.inference_mode():
+            return self._upscaler(
+                prompt=[cell["prompt"]] * len(seeds),
+                image=images,
+                num_inference_steps=int(self.upscaler_settings.get("num_inference_steps", 20)),
+                guidance_scale=float(self.upscaler_settings.get("guidance_scale", 0.0)),
+                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                output_type="np",
+            ).images
 
     def _load_adapters(self, lora_ids: set[str]) -> None:
         for lora_id in sorted(lora_ids - self._loaded_adapters):
             lora = self.loras[lora_id]
             log.info("loading LoRA %s from %s", lora_id, lora.path)
-            self.pipe.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name=lora_id)
+            self.pipe.load_lora_weights(lora_weights(lora.path), adapter_name=lora_id)
             self._loaded_adapters.add(lora_id)
             if lora_id in getattr(getattr(self.pipe, "text_encoder", None), "peft_config", {}):
                 self._text_encoder_loras.add(lora_id)
@@ -185,7 +333,8 @@ class LocalEngine:
             return None  # other families encode inside __call__
         clip_skip = int(cell["clip_skip"]) - 1 or None  # the web UIs' 1 = diffusers' None
         touches_te = bool(self._text_encoder_loras & set(split_loras(cell["lora_model"])))
-        key = (cell["prompt"], cell["negative_prompt"], clip_skip, (cell["lora_model"], cell["lora_strength"]) if touches_te else None)
+        lora_key = (cell["lora_model"], cell["lora_strength"]) if touches_te else None
+        key = (cell["prompt"], cell["negative_prompt"], clip_skip, lora_key, optional(cell.get("embeddings_model")))
         if key not in self._embeddings:
             if not self.cache_prompt_embeddings:
                 self._embeddings.clear()
@@ -225,8 +374,11 @@ class LocalEngine:
         # as adapters accumulate, and each one costs memory)
         uses = Counter(lora for cell in cells for lora in set(split_loras(cell[0]["lora_model"])))
         for records in cells:
-            for start in range(0, len(records), self.batch_size):
-                yield from self._run_batch(records[start : start + self.batch_size])
+            # diffusers 0.42's panorama pipeline pairs the guidance halves wrongly when a call holds
+            # several images (two equal seeds in one call give different images), so it gets one at a time
+            size = 1 if records[0].get("pipeline_used") == "panorama" else self.batch_size
+            for start in range(0, len(records), size):
+                yield from self._run_batch(records[start : start + size])
             finished = set(split_loras(records[0]["lora_model"]))
             uses.subtract(finished)
             self._unload_adapters({lora for lora in finished if uses[lora] <= 0})
@@ -239,8 +391,13 @@ class LocalEngine:
             self._set_scheduler(
                 cell["scheduler_used"], {"use_karras_sigmas": cell["use_karras_sigmas"], "algorithm_type": cell["algorithm_type"]}
             )
+            self._set_vae(optional(cell.get("vae")))
+            self._set_inversions(optional(cell.get("embeddings_model")))
+            seeds = [int(r["seed"]) for r in batch]
             started = time.perf_counter()
-            images = self._denoise(cell, [int(r["seed"]) for r in batch])
+            images = self._denoise(cell, seeds)
+            if cell.get("upscale") and self.registry.upscaler is not None:
+                images = self._upscale(cell, images, seeds)
             elapsed = time.perf_counter() - started
         except torch.cuda.OutOfMemoryError as exc:
             if len(batch) > 1 and not retried:
@@ -281,6 +438,8 @@ class LocalEngine:
                     "device": str(self.device),
                     "dtype": str(self.dtype).removeprefix("torch."),
                     "adapters_loaded": len(self._loaded_adapters),
+                    "pipeline": type(self._pipeline(cell.get("pipeline_used", "text2img"))).__name__,
+                    "upscaled": bool(cell.get("upscale") and self.registry.upscaler is not None),
                 },
             )
 
@@ -306,7 +465,7 @@ class LocalEngine:
             if int(cell["clip_skip"]) > 1:
                 kwargs["clip_skip"] = int(cell["clip_skip"]) - 1
         with torch.inference_mode():
-            return self.pipe(**kwargs).images
+            return self._pipeline(cell.get("pipeline_used", "text2img"))(**kwargs).images
 
     @staticmethod
     def _failed(row: dict[str, Any], error: str) -> ImageResult:
@@ -337,6 +496,12 @@ class LocalEngine:
         self._loaded_adapters.clear()
         self._text_encoder_loras.clear()
         self._embeddings.clear()
+        self._base_vae = None
+        self._vaes.clear()
+        self._vae_key = None
+        self._inversion_key = None
+        self._pristine_text = []
+        self._pipelines.clear()
         if torch.cuda.is_available():
             with contextlib.suppress(Exception):
                 torch.cuda.empty_cache()
