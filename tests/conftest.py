@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -93,6 +94,15 @@ def small_sweep(workspace) -> Path:
     return workspace.sweep("small", SMALL_SWEEP)
 
 
+def fake_hub_cache(root, repo_id, folder):
+    """The Hugging Face cache layout (refs/main -> snapshots/<commit>/...) holding `folder`."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
 def sweep_images(outputs: Path, sweep: str):
     """The sweep's results (ok rows) joined with their plan rows, and a function giving an image's pixels."""
     import numpy as np
@@ -114,20 +124,22 @@ def sweep_images(outputs: Path, sweep: str):
 
 @pytest.fixture(scope="session")
 def sdxl_dir(tmp_path_factory) -> Path:
-    """A tiny SDXL pipeline folder, an SDXL LoRA (UNet + te1 + te2), a te2-only cut of it, SDXL embeddings."""
+    """A tiny SDXL pipeline folder and single file, an SDXL LoRA (UNet + te1 + te2), a te2-only cut of it, SDXL embeddings."""
     import torch
+    from ldm_layout import sdxl_pipeline_to_ldm
     from safetensors.torch import load_file, save_file
     from tiny_models import build_tiny_sdxl, save_sdxl_lora
 
     root = tmp_path_factory.mktemp("sdxl")
     pipe = build_tiny_sdxl()
     pipe.save_pretrained(root / "tiny-xl")
+    save_file(sdxl_pipeline_to_ldm(pipe), str(root / "tiny-xl.safetensors"))  # the same model as one A1111-layout file
     save_sdxl_lora(pipe, root / "xl_lora.safetensors", seed=5)
     tensors = load_file(str(root / "xl_lora.safetensors"))
     save_file({k: v for k, v in tensors.items() if k.startswith("text_encoder_2.")}, str(root / "xl_te2_only.safetensors"))
     generator = torch.Generator().manual_seed(9)
     save_file(
-        {"clip_l": torch.randn(2, 32, generator=generator), "clip_g": torch.randn(2, 32, generator=generator)},
+        {"clip_l": torch.randn(2, 32, generator=generator), "clip_g": torch.randn(2, 48, generator=generator)},
         str(root / "xl_emb.safetensors"),
     )
     return root

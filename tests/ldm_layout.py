@@ -116,3 +116,50 @@ def pipeline_to_ldm(pipe: Any) -> dict[str, torch.Tensor]:
         **text_encoder_to_ldm(pipe.text_encoder.state_dict()),
     }
     return {k: v.detach().contiguous().clone() for k, v in state.items()}
+
+
+OPEN_CLIP_LAYER = {
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+
+
+def open_clip_to_ldm(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """CLIPTextModelWithProjection -> OpenCLIP names (SDXL's second text encoder): q/k/v fused into in_proj."""
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    out = {
+        "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+        "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+        "ln_final.weight": state.pop("final_layer_norm.weight"),
+        "ln_final.bias": state.pop("final_layer_norm.bias"),
+        "text_projection": state.pop("text_projection.weight").T,
+    }
+    state.pop("embeddings.position_ids", None)
+    layers = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")})
+    for i in layers:
+        old, new = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{new}attn.in_proj_{kind}"] = torch.cat([state.pop(f"{old}self_attn.{p}_proj.{kind}") for p in "qkv"])
+        for key in [k for k in state if k.startswith(old)]:
+            rest = _swap_head(key[len(old) :], OPEN_CLIP_LAYER)
+            out[new + rest] = state.pop(key)
+    if state:
+        raise KeyError(f"no OpenCLIP names for {sorted(state)}")
+    return {prefix + k: v for k, v in out.items()}
+
+
+def sdxl_pipeline_to_ldm(pipe: Any) -> dict[str, torch.Tensor]:
+    """The whole SDXL checkpoint: UNet + VAE + CLIP-L (`embedders.0`) + OpenCLIP-G (`embedders.1`)."""
+    state = {
+        **unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config),
+        **vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config),
+        **{
+            "conditioner.embedders.0.transformer.text_model." + k.removeprefix("text_model."): v
+            for k, v in pipe.text_encoder.state_dict().items()
+        },
+        **open_clip_to_ldm(pipe.text_encoder_2.state_dict(), "conditioner.embedders.1.model."),
+    }
+    return {k: v.detach().contiguous().clone() for k, v in state.items()}

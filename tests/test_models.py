@@ -7,18 +7,9 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import sweep_images
+from conftest import fake_hub_cache, sweep_images
 
 pytestmark = pytest.mark.slow
-
-
-def fake_hub_cache(root, repo_id, folder):
-    """The Hugging Face cache layout (refs/main -> snapshots/<commit>/...) holding `folder`."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = root / f"models--{repo_id.replace('/', '--')}"
-    shutil.copytree(folder, repo / "snapshots" / commit)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
 
 
 def test_hub_id_in_the_local_cache_loads_offline(workspace, small_sweep):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import sweep_images
+from conftest import fake_hub_cache, sweep_images
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def test_sdxl_only_fields_are_recorded_and_sd_loras_refused(workspace, sdxl_dir,
     )
     assert refused.code == 2
     assert refused.err_lines == [
-        "error: loras.sd15: is made for SD 1.x but model 'tiny-xl' is text width 64; "
+        "error: loras.sd15: is made for SD 1.x but model 'tiny-xl' is text width 80; "
         "use it with a model of its family or drop it from the blend"
     ]
     planned = workspace.cli(
@@ -62,3 +62,28 @@ def test_sdxl_only_fields_are_recorded_and_sd_loras_refused(workspace, sdxl_dir,
     )
     assert planned.code == 0, planned.err
     assert "panorama not applied: diffusers has no SDXL panorama pipeline" in planned.out + planned.err
+
+
+def test_sdxl_single_file_is_recognised_from_its_tensors_and_uses_the_cached_sdxl_configs(workspace, sdxl_dir):
+    """No `config:`: the SDXL family is read from the checkpoint and the configs come from the cached SDXL base repo."""
+    import shutil
+
+    configs = workspace.root / "configs"
+    shutil.copytree(sdxl_dir / "tiny-xl", configs, ignore=shutil.ignore_patterns("*.safetensors"))
+    fake_hub_cache(workspace.root / "hf-cache", "stabilityai/stable-diffusion-xl-base-1.0", configs)
+    sweep = workspace.sweep(
+        "xlfile",
+        {
+            "name": "xlfile",
+            "base": {"prompt": "a red fox", "width": 64, "height": 64, "num_inference_steps": 3, "seed": 2},
+            "grid": {"model_id": ["tiny-xl", "xl-file"], "lora_model": ["", "xl"]},
+        },
+    )
+    overrides = [*xl_overrides(sdxl_dir), f"+models.xl-file={{source: {sdxl_dir / 'tiny-xl.safetensors'}}}"]
+    result = workspace.cli("run", f"sweep={sweep}", *overrides, env={"HF_HUB_CACHE": str(workspace.root / "hf-cache")})
+    assert result.code == 0, result.err
+    rows, pixels = sweep_images(workspace.outputs, "xlfile")
+    assert len(rows) == 4 and set(rows["status"]) == {"ok"} and set(rows["meta.pipeline"]) == {"StableDiffusionXLPipeline"}
+    by = {(r["model_id"], r["lora_model"]): pixels(r["id"]) for r in rows.to_dict("records")}
+    for blend in ("", "xl"):
+        assert np.array_equal(by[("xl-file", blend)], by[("tiny-xl", blend)])

@@ -68,7 +68,7 @@ def build_tiny_sdxl(seed: int = 0):
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=80,  # 6 * 8 time ids + 32 pooled text
-        cross_attention_dim=64,  # 32 + 32: both text encoders' hidden states side by side
+        cross_attention_dim=80,  # 32 + 48: both text encoders' hidden states side by side
         norm_num_groups=1,
     )
     scheduler = EulerDiscreteScheduler(
@@ -77,7 +77,8 @@ def build_tiny_sdxl(seed: int = 0):
     return StableDiffusionXLPipeline(
         vae=tiny_vae(),
         text_encoder=CLIPTextModel(text_config()),
-        text_encoder_2=CLIPTextModelWithProjection(text_config()),
+        # wider than the first, as in SDXL (768 vs 1280): single-file loading tells them apart by width
+        text_encoder_2=CLIPTextModelWithProjection(text_config(hidden_size=48, intermediate_size=64)),
         tokenizer=byte_tokenizer(),
         tokenizer_2=byte_tokenizer(),
         unet=unet,
