@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from runner.engines.base import ImageResult
-from runner.registry import Registry
+from runner.registry import Registry, safetensors_keys
 from runner.request import optional, split_loras, split_strengths
 from runner.schedulers import OPTION_FIELDS, load_scheduler, supports_option
 
@@ -82,11 +82,10 @@ def lora_weights(path: Path) -> str | dict[str, torch.Tensor]:
     """
     from safetensors.torch import load_file
 
-    if path.suffix != ".safetensors":
+    keys = safetensors_keys(path) if path.suffix == ".safetensors" else []
+    if not any(k.endswith(".alpha") for k in keys) or not any(".lora_down." in k for k in keys):
         return str(path)
     tensors = load_file(str(path))
-    if not any(k.endswith(".alpha") for k in tensors) or not any(".lora_down." in k for k in tensors):
-        return str(path)
     folded = {}
     for key, value in tensors.items():
         if key.endswith(".alpha"):
