@@ -62,11 +62,48 @@ def byte_tokenizer():
     return tokenizer
 
 
+def tiny_vae(**overrides):
+    """An AutoencoderKL with SD's 8x downsampling and tiny channels."""
+    from diffusers import AutoencoderKL
+
+    config = dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=128,
+    )
+    return AutoencoderKL(**(config | overrides))
+
+
+def tiny_text_config(**overrides):
+    """A CLIP text config over the byte vocabulary (514 tokens), 32 wide."""
+    from transformers import CLIPTextConfig
+
+    config = dict(
+        vocab_size=514,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=TEXT_ENCODER_LAYERS,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=512,
+        eos_token_id=513,
+        pad_token_id=513,
+        projection_dim=32,
+    )
+    return CLIPTextConfig(**(config | overrides))
+
+
 def build_tiny_pipeline(seed: int = 0):
     """A real StableDiffusionPipeline with tiny random weights (about 2 MB)."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -81,31 +118,8 @@ def build_tiny_pipeline(seed: int = 0):
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=128,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=514,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=TEXT_ENCODER_LAYERS,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=512,
-            eos_token_id=513,
-            pad_token_id=513,
-            projection_dim=32,
-        )
-    )
+    vae = tiny_vae()
+    text_encoder = CLIPTextModel(tiny_text_config())
     tokenizer = byte_tokenizer()
     scheduler = PNDMScheduler(
         beta_start=0.00085,

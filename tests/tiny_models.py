@@ -10,42 +10,12 @@ from pathlib import Path
 
 import torch
 
-from runner.assets import byte_tokenizer
+from runner.assets import byte_tokenizer, tiny_text_config, tiny_vae
 
 
 def text_config(**overrides):
-    from transformers import CLIPTextConfig
-
-    values = dict(
-        vocab_size=514,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=5,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=512,
-        eos_token_id=513,
-        pad_token_id=513,
-        projection_dim=32,
-    )
-    return CLIPTextConfig(**(values | overrides))
-
-
-def tiny_vae(**overrides):
-    from diffusers import AutoencoderKL
-
-    values = dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=128,
-    )
-    return AutoencoderKL(**(values | overrides))
+    """The demo's CLIP text config, shallower (as in diffusers' own tests)."""
+    return tiny_text_config(**({"intermediate_size": 37, "num_hidden_layers": 5} | overrides))
 
 
 def build_tiny_sdxl(seed: int = 0):
