@@ -337,11 +337,11 @@ def with_ids(plan: pd.DataFrame, identity: Identity) -> tuple[pd.DataFrame, int]
 
 def varying_fields(plan: pd.DataFrame) -> list[str]:
     """The request fields that take more than one value in the plan (the sweep's real axes)."""
-    return [c for c in FIELDS if c in plan and plan[c].astype(str).nunique() > 1]
+    return [c for c in FIELDS if c in plan and plan[c].astype(str).nunique(dropna=False) > 1]
 
 
 def summarize(plan: pd.DataFrame) -> dict[str, Any]:
-    axes = {c: plan[c].astype(str).nunique() for c in varying_fields(plan)}
+    axes = {c: plan[c].astype(str).nunique(dropna=False) for c in varying_fields(plan)}
     return {
         "rows": len(plan),
         "blends": plan["lora_model"].nunique() if len(plan) else 0,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from runner.plan import Identity, PlanError, build_plan, with_ids
+from runner.plan import Identity, PlanError, build_plan, summarize, with_ids
 from runner.request import parse_request
 
 BASE = {"prompt": "a fox", "width": 64, "height": 64, "num_inference_steps": 4, "seed": 0}
@@ -169,3 +169,13 @@ def test_plan_is_a_dataframe_with_the_spec_fields():
         "clip_skip",
     ):
         assert column in plan
+
+
+def test_an_unset_optional_field_keeps_its_id_and_counts_as_an_axis_value():
+    """None among strings (NaN to pandas) is still None: the id of a row without a VAE does not depend on other rows."""
+    alone = plan_of({"seed": [1]})
+    mixed = plan_of({"seed": [1], "vae": [None, "mse"]}, identity=Identity(file_hashes={"vae:mse": "h"}))
+    assert alone["id"][0] in set(mixed["id"])
+    other_hash = plan_of({"seed": [1], "vae": [None, "mse"]}, identity=Identity(file_hashes={"vae:mse": "h2"}))
+    assert len(set(mixed["id"]) & set(other_hash["id"])) == 1, "only the row using the VAE depends on its hash"
+    assert summarize(mixed)["axes"] == {"vae": 2}
