@@ -137,3 +137,30 @@ def test_a_folder_of_fp16_variant_weights_loads_as_diffusers_would(workspace, as
     assert missing.err_lines == [
         f"error: models.half.variant: {folder} has no 'bf16' weights (found: fp16); remove variant or download that variant"
     ]
+
+
+def test_float16_runs_prefer_the_fp16_files_where_both_are_present(workspace, assets_dir):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    folder = workspace.root / "tiny-both"
+    pipe = StableDiffusionPipeline.from_pretrained(assets_dir / "tiny-sd")
+    pipe.save_pretrained(folder)
+    pipe.to(torch.float16).save_pretrained(folder, variant="fp16")
+    sweep = workspace.sweep(
+        "both", {"name": "both", "base": {"prompt": "a red fox", "width": 64, "height": 64, "num_inference_steps": 3, "seed": 5}}
+    )
+    for dtype, expected in (("float16", "fp16"), ("float32", "")):
+        outputs = workspace.root / dtype
+        result = workspace.cli(
+            "run",
+            f"sweep={sweep}",
+            f"+models.both={{source: {folder}}}",
+            "model.id=both",
+            f"engine.dtype={dtype}",
+            "tracking=none",
+            f"paths.outputs={outputs}",
+        )
+        assert result.code == 0, result.err
+        rows, _ = sweep_images(outputs, "both")
+        assert list(rows["meta.variant"]) == [expected] and list(rows["status"]) == ["ok"]

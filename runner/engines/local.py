@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from runner.engines.base import ImageResult
-from runner.registry import Registry, safetensors_keys
+from runner.registry import Registry, safetensors_keys, weight_variants
 from runner.request import optional, split_loras, split_strengths
 from runner.schedulers import OPTION_FIELDS, load_scheduler, supports_option
 
@@ -135,6 +135,7 @@ class LocalEngine:
         self._pristine_text: list[tuple[str, str, Any, int]] = []  # (tokenizer attr, encoder attr, copy, vocab size)
         self._pipelines: dict[str, Any] = {}  # "panorama" / "sag" -> pipeline sharing the loaded components
         self._upscaler: Any = None
+        self._variant = ""  # the weight variant the loaded model came from ("fp16") or ""
         self._quiet_libraries()
 
     # ------------------------------------------------------------ loading
@@ -160,6 +161,7 @@ class LocalEngine:
         from diffusers import AutoPipelineForText2Image, StableDiffusionPipeline, StableDiffusionXLPipeline
 
         log.info("loading model %s from %s", model_id, source.path)
+        self._variant = ""
         # SD 1.x folders may list a safety checker; sweeps never load one (the spec's safety_checker is recorded as not applied)
         no_checker = {"safety_checker": None, "requires_safety_checker": False} if source.family == "sd" else {}
         if source.kind == "single_file":
@@ -168,9 +170,13 @@ class LocalEngine:
                 str(source.path), config=str(source.config), local_files_only=True, torch_dtype=self.dtype, **no_checker
             )
         else:
+            variant = source.variant
+            if variant is None and self.dtype == torch.float16 and "fp16" in weight_variants(source.path):
+                variant = "fp16"  # half the bytes to read, and the weights the authors meant for float16
             pipe = AutoPipelineForText2Image.from_pretrained(
-                str(source.path), torch_dtype=self.dtype, variant=source.variant, local_files_only=True, **no_checker
+                str(source.path), torch_dtype=self.dtype, variant=variant, local_files_only=True, **no_checker
             )
+            self._variant = variant or ""
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
@@ -437,6 +443,7 @@ class LocalEngine:
                     "device": str(self.device),
                     "dtype": str(self.dtype).removeprefix("torch."),
                     "adapters_loaded": len(self._loaded_adapters),
+                    "variant": self._variant,
                     "pipeline": type(self._pipeline(cell.get("pipeline_used", "text2img"))).__name__,
                     "upscaled": bool(cell.get("upscale") and self.registry.upscaler is not None),
                 },
