@@ -74,6 +74,8 @@ def test_vae_and_embeddings_fields(workspace, extras, assets_dir):
     with Image.open(workspace.outputs / "fields" / "images" / f"{alt_fox['id']}.png") as png:
         parameters = png.text["parameters"]  # what the web UIs read back: the VAE and embeddings by name and hash
     assert "VAE: alt" in parameters and 'TI hashes: "fox: ' in parameters
+    grids = sorted(path.name for path in (workspace.outputs / "fields" / "grids").glob("*.png"))
+    assert "embeddings_model=fox_vae=none.png" in grids and len(grids) == 6, grids
     for embedding in ("fox", None):
         assert np.array_equal(by[("alt_file", embedding)], by[("alt", embedding)]), "the single-file VAE is the same VAE"
         assert not np.array_equal(by[("alt", embedding)], by[(None, embedding)])

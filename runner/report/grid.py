@@ -14,7 +14,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from runner.plan import varying_fields
-from runner.request import format_number, split_loras
+from runner.request import format_number, missing, split_loras
 
 PAD = 6
 
@@ -29,6 +29,8 @@ def axis_label(field: str, row: pd.Series) -> str:
         value = row["lora_strength"]
         return str(value) if value else "-"
     value = row[field]
+    if missing(value):  # an unset optional field (vae, embeddings_model...): the model's own
+        return "none"
     return format_number(value) if isinstance(value, float) else str(value)
 
 
