@@ -157,8 +157,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_config(args, Path(tmp) / "outputs")
-        ensure_builtin_assets(cfg)
         prepared = prepare_sweep(cfg)
+        if ensure_builtin_assets(cfg, prepared):
+            prepared = prepare_sweep(cfg)
         assert prepared.ok, prepared.problems
         plan = prepared.plan
         device = pick_device(args.device)
