@@ -148,16 +148,15 @@ def prepare_sweep(cfg: DictConfig) -> PreparedSweep:
         hashes = HashCache(Path(cfg.paths.outputs) / ".cache" / "hashes.json")
         upscaler = OmegaConf.to_container(cfg.upscaler, resolve=True) if plan["upscale"].any() else None
         registry = resolve_all(entries, wanted_files(plan), hashes, upscaler)
-    files = registry.files()
+    file_hashes = {f"vae:{k}": v.identity for k, v in registry.vaes.items()}
+    file_hashes |= {f"embeddings:{k}": v.identity for k, v in registry.embeddings.items()}
+    if registry.upscaler is not None:
+        file_hashes["upscaler"] = registry.upscaler.identity
     identity = Identity(
         model_hashes={k: v.identity for k, v in registry.models.items()},
         lora_hashes={k: v.identity for k, v in registry.loras.items()},
         engine=engine_identity(cfg),
-        file_hashes={
-            (name if kind == "upscaler" else f"{prefix}:{name}"): v.identity
-            for kind, prefix in (("vaes", "vae"), ("embeddings", "embeddings"), ("upscaler", ""))
-            for name, v in files.get(kind, {}).items()
-        },
+        file_hashes=file_hashes,
     )
     problems_fit = fit_problems(plan, registry)
     plan, duplicates = with_ids(plan, identity)

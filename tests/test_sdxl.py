@@ -57,6 +57,21 @@ def test_sdxl_only_fields_are_recorded_and_sd_loras_refused(workspace, sdxl_dir,
         "error: loras.sd15: is made for SD 1.x but model 'tiny-xl' is text width 80; "
         "use it with a model of its family or drop it from the blend"
     ]
+    sd_embedding = workspace.root / "sd-style.safetensors"  # one CLIP embedding: an SD 1.x textual inversion
+    save_file({"emb_params": torch.zeros(1, 32)}, str(sd_embedding))
+    refused = workspace.cli(
+        "plan",
+        f"sweep={small_sweep}",
+        *xl_overrides(sdxl_dir),
+        f"+embeddings.sd={{source: {sd_embedding}}}",
+        "++sweep.base.embeddings_model=sd",
+        "sweep.grid.lora_model=[xl]",
+    )
+    assert refused.code == 2
+    assert refused.err_lines == [
+        "error: embeddings.sd: does not fit model 'tiny-xl', which needs clip_l and clip_g tensors (SDXL); "
+        "use embeddings made for that model"
+    ]
     planned = workspace.cli(
         "plan", f"sweep={small_sweep}", *xl_overrides(sdxl_dir), "sweep.grid.lora_model=[xl]", "++sweep.base.panorama=yes"
     )
