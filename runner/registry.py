@@ -1,4 +1,4 @@
-"""Model and LoRA ids -> where their files are, what format they are, and their sha256.
+"""Model, LoRA, VAE, embeddings and upscaler ids -> where their files are, what format they are, and their sha256.
 
 Hashes identify images across runs (they enter the plan ids and the MLflow tags). Hashing a
 multi-GB checkpoint is slow, so each file's hash is cached by (path, size, mtime) in a small JSON
@@ -28,7 +28,7 @@ HASHED_SUFFIXES = WEIGHT_SUFFIXES + (".json", ".txt", ".model")
 
 @dataclass(frozen=True)
 class Resolved:
-    """A model or LoRA source found on disk."""
+    """A model, LoRA, VAE, embedding or upscaler found on disk."""
 
     id: str
     kind: str  # diffusers_folder | single_file | hub_cache | lora_file | vae_file | embedding_file
