@@ -223,18 +223,18 @@ def checkpoint_family(path: Path) -> tuple[str, str | None]:
     return "sd", None
 
 
-def check_model_folder(model_id: str, folder: Path, registry: str = "models") -> Problem | None:
-    """Every component model_index.json names must be a folder beside it."""
+def check_model_folder(entry: str, folder: Path) -> Problem | None:
+    """Every component model_index.json names must be a folder beside it (`entry`: the config path, models.<id>)."""
     try:
         index = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError) as exc:
-        return Problem(f"{registry}.{model_id}.source", f"{folder}/model_index.json cannot be read ({exc})", "re-save the pipeline")
+        return Problem(f"{entry}.source", f"{folder}/model_index.json cannot be read ({exc})", "re-save the pipeline")
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
             continue
         if not (folder / name).is_dir():
             return Problem(
-                f"{registry}.{model_id}.source",
+                f"{entry}.source",
                 f"{folder} has no '{name}' folder, which model_index.json lists",
                 "copy the whole pipeline folder",
             )
@@ -252,14 +252,18 @@ def _hub_cache_path(repo_id: str) -> Path | None:
 
 
 def resolve_model(
-    model_id: str, entry: Mapping[str, Any], hashes: HashCache, registry: str = "models"
+    model_id: str, entry: Mapping[str, Any], hashes: HashCache, at: str | None = None
 ) -> tuple[Resolved | None, Problem | None]:
-    """A diffusers folder, a hub id in the local cache, or a single-file checkpoint (+ the folder of its configs)."""
+    """A diffusers folder, a hub id in the local cache, or a single-file checkpoint (+ the folder of its configs).
+
+    `at` is where the entry sits in the config, for the error lines (default models.<id>).
+    """
+    at = at or f"models.{model_id}"
     source = entry["source"]
-    where = f"{registry}.{model_id}.source"
+    where = f"{at}.source"
     path = Path(source).expanduser()
     if path.is_file():
-        return _resolve_checkpoint(model_id, path, entry.get("config"), hashes, registry)
+        return _resolve_checkpoint(model_id, path, entry.get("config"), hashes, at)
     folder = path if path.is_dir() else None
     if folder is None and HUB_ID.match(source) and not source.endswith(WEIGHT_SUFFIXES):
         folder = _hub_cache_path(source)
@@ -273,14 +277,14 @@ def resolve_model(
         return None, Problem(where, f"path {source} does not exist", "fix the path, or use a hub id already in the local cache")
     if not (folder / "model_index.json").exists():
         return None, Problem(where, f"{source} is a folder without model_index.json", "point it at a diffusers pipeline folder")
-    problem = check_model_folder(model_id, folder, registry)
+    problem = check_model_folder(at, folder)
     if problem:
         return None, problem
     variant = entry.get("variant")
     found = weight_variants(folder)
     if variant and variant not in found:
         return None, Problem(
-            f"{registry}.{model_id}.variant",
+            f"{at}.variant",
             f"{folder} has no '{variant}' weights (found: {', '.join(sorted(v or 'default' for v in found)) or 'none'})",
             "remove variant or download that variant",
         )
@@ -301,9 +305,8 @@ def weight_variants(folder: Path) -> set[str | None]:
 
 
 def _resolve_checkpoint(
-    model_id: str, path: Path, config: str | None, hashes: HashCache, registry: str
+    model_id: str, path: Path, config: str | None, hashes: HashCache, where: str
 ) -> tuple[Resolved | None, Problem | None]:
-    where = f"{registry}.{model_id}"
     if path.suffix not in (".safetensors", ".ckpt"):
         return None, Problem(
             f"{where}.source", f"{path} is not a .safetensors or .ckpt checkpoint", "give a checkpoint file or a diffusers folder"
@@ -474,9 +477,9 @@ def resolve_all(
             else:
                 found[item] = replace(resolved, builtin=bool(spec.get("builtin")))
     if upscaler and upscaler.get("source"):
-        registry.upscaler, problem = resolve_model("upscaler", upscaler, hashes, registry="upscaler")
+        registry.upscaler, problem = resolve_model("upscaler", upscaler, hashes, at="upscaler")
         if problem:
-            registry.problems.append(replace(problem, field=problem.field.replace("upscaler.upscaler.", "upscaler.")))
+            registry.problems.append(problem)
     hashes.save()
     return registry
 

@@ -280,8 +280,8 @@ class LocalEngine:
             return self._upscaler(
                 prompt=[cell["prompt"]] * len(seeds),
                 image=images,
-                num_inference_steps=int(self.upscaler_settings.get("num_inference_steps", 20)),
-                guidance_scale=float(self.upscaler_settings.get("guidance_scale", 0.0)),
+                num_inference_steps=int(self.upscaler_settings["num_inference_steps"]),  # the `upscaler:` config
+                guidance_scale=float(self.upscaler_settings["guidance_scale"]),
                 generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
                 output_type="np",
             ).images
