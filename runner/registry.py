@@ -14,11 +14,12 @@ import re
 import tempfile
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from runner.assets import RECIPE_VERSION
+from runner.config import EmbeddingSource, LoraSource, ModelSource, VaeSource
 from runner.request import Problem
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -381,11 +382,10 @@ class Registry:
         return groups | ({"upscaler": {"upscaler": self.upscaler}} if self.upscaler else {})
 
 
+# the keys each registry entry may have: the fields of its dataclass in runner/config.py
 ENTRY_KEYS = {
-    "models": ("source", "variant", "config", "builtin", "lcm"),
-    "loras": ("source", "weight_name", "builtin", "lcm"),
-    "vaes": ("source", "config"),
-    "embeddings": ("source", "token"),
+    name: tuple(f.name for f in fields(schema))
+    for name, schema in {"models": ModelSource, "loras": LoraSource, "vaes": VaeSource, "embeddings": EmbeddingSource}.items()
 }
 FIELD_OF = {"models": "model_id", "loras": "lora_model", "vaes": "vae", "embeddings": "embeddings_model"}
 WHAT = {"models": "model", "loras": "LoRA", "vaes": "VAE", "embeddings": "embeddings"}
