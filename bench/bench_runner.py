@@ -47,14 +47,13 @@ def compose_config(args, outputs: Path):
     sweep = {
         "name": "bench",
         "base": {
-            "prompt": "a watercolor fox in a snowy forest",
-            "negative_prompt": "blurry",
+            "prompt": "a red circle on a blue background",
             "width": args.size,
             "height": args.size,
             "num_inference_steps": args.steps,
         },
         "grid": {
-            "lora_model": {"each": ["ganyu", "more_details", "watercolor"]},
+            "lora_model": {"each": ["sunset", "stripes", "star"]},
             "lora_strength": [0.5, 1.0],
             "scheduler": ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler"],
             "seed": {"start": 0, "count": args.seeds},

@@ -1,9 +1,14 @@
-"""The embedded default: a tiny Stable Diffusion pipeline and three tiny LoRAs, built offline.
+"""The embedded default: the demo's tiny world, shipped with the package and put into `paths.assets`.
 
-Everything is made from small configs with fixed seeds, so two builds give the same weights and
-the demo and the tests never touch a hub. The pipeline is a real `StableDiffusionPipeline` saved
-in the diffusers folder layout, and the LoRAs are real peft LoRAs saved with `save_lora_weights`,
-so the engine loads them through exactly the code path it uses for real models.
+runner/world/files holds a tiny Stable Diffusion pipeline, three LoRAs (`sunset`: a colour cast,
+`stripes`: a texture, `star`: a change of shape), a tiny CLIP and an aesthetic head, all trained on
+pictures of coloured shapes by `python -m runner.world.train` (see that script; `manifest.json`
+holds their sha256). The pipeline is a real `StableDiffusionPipeline` in the diffusers folder
+layout and the LoRAs are real peft LoRAs saved with `save_lora_weights`, so the engine loads them
+through exactly the code path it uses for a user's files. Nothing touches a hub.
+
+The small builders below (tokenizer, VAE and text configs, random LoRAs) are what the tests use to
+make other tiny models in the same layout.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-RECIPE_VERSION = 2  # bump when the builders below change what they write (2: the tokenizer really holds its vocabulary)
+RECIPE_VERSION = 3  # bump when what ensure_demo_assets writes changes (3: the trained tiny world of runner/world)
 DEMO_MODEL_DIR = "tiny-sd"
-DEMO_LORAS = {"ganyu": 1, "more_details": 2, "watercolor": 3}  # LoRA id -> build seed
+DEMO_LORAS = ("sunset", "stripes", "star")
+DEMO_FILES = ("tiny-sd", "loras", "tiny-clip", "aesthetic.safetensors", "manifest.json", "world.json")
+SHIPPED = Path(__file__).resolve().parent / "world" / "files"
 TEXT_ENCODER_LAYERS = 8  # enough for clip_skip up to 8
 
 
@@ -99,49 +106,6 @@ def tiny_text_config(**overrides):
     return CLIPTextConfig(**(config | overrides))
 
 
-def build_tiny_pipeline(seed: int = 0):
-    """A real StableDiffusionPipeline with tiny random weights (about 2 MB)."""
-    import torch
-    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    vae = tiny_vae()
-    text_encoder = CLIPTextModel(tiny_text_config())
-    tokenizer = byte_tokenizer()
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        skip_prk_steps=True,
-        steps_offset=1,
-        set_alpha_to_one=False,
-    )
-    return StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
 def save_tiny_lora(pipe, path: Path, seed: int, rank: int = 4, text_encoder: bool = False) -> None:
     """A random, non-zero peft LoRA on the UNet attention (and optionally the text encoder)."""
     import torch
@@ -174,20 +138,24 @@ RECIPE_FILE = "recipe.json"
 
 
 def demo_assets_ready(assets_dir: Path) -> bool:
-    """Built, completely, by this recipe version (an older build is rebuilt, so its identity stays true)."""
+    """Put there completely, by this recipe version (an older build is replaced, so its identity stays true)."""
     assets_dir = Path(assets_dir)
     try:
         built = json.loads((assets_dir / RECIPE_FILE).read_text()).get("version")
     except (OSError, ValueError):
         return False
-    marker = assets_dir / DEMO_MODEL_DIR / "model_index.json"
-    return built == RECIPE_VERSION and marker.exists() and all((assets_dir / "loras" / f"{n}.safetensors").exists() for n in DEMO_LORAS)
+    return built == RECIPE_VERSION and all((assets_dir / name).exists() for name in DEMO_FILES)
+
+
+def shipped_manifest() -> dict[str, str]:
+    """Relative path -> sha256 of every shipped file of the tiny world."""
+    return json.loads((SHIPPED / "manifest.json").read_text())
 
 
 def ensure_demo_assets(assets_dir: str | os.PathLike) -> Path:
-    """Build the tiny model and LoRAs into `assets_dir` unless they are already there.
+    """Copy the tiny world into `assets_dir` unless it is already there (a few MB, well under a second).
 
-    Built in a temporary folder and moved into place, so an interrupted build never leaves a
+    Copied into a temporary folder and moved into place, so an interrupted copy never leaves a
     half-written model that a later run would trust.
     """
     assets_dir = Path(assets_dir)
@@ -196,18 +164,20 @@ def ensure_demo_assets(assets_dir: str | os.PathLike) -> Path:
     assets_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".assets-", dir=assets_dir.parent))
     try:
-        pipe = build_tiny_pipeline()
-        pipe.save_pretrained(staging / DEMO_MODEL_DIR, safe_serialization=True)
-        for name, seed in DEMO_LORAS.items():
-            save_tiny_lora(pipe, staging / "loras" / f"{name}.safetensors", seed=seed)
+        for name in DEMO_FILES:
+            source = SHIPPED / name
+            (shutil.copytree if source.is_dir() else shutil.copy2)(source, staging / name)
         (staging / RECIPE_FILE).write_text(json.dumps({"version": RECIPE_VERSION}))
         assets_dir.mkdir(parents=True, exist_ok=True)
-        (assets_dir / RECIPE_FILE).unlink(missing_ok=True)  # not trusted while the folders are replaced
+        (assets_dir / RECIPE_FILE).unlink(missing_ok=True)  # not trusted while the files are replaced
         for child in staging.iterdir():
-            if child.is_dir():
-                shutil.rmtree(assets_dir / child.name, ignore_errors=True)
-                os.replace(child, assets_dir / child.name)
-        os.replace(staging / RECIPE_FILE, assets_dir / RECIPE_FILE)  # last: marks the build complete
+            if child.name == RECIPE_FILE:
+                continue
+            target = assets_dir / child.name
+            if target.is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+            os.replace(child, target)
+        os.replace(staging / RECIPE_FILE, assets_dir / RECIPE_FILE)  # last: marks the copy complete
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return assets_dir

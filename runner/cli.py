@@ -3,7 +3,9 @@
     lora-sweep run    [overrides]      generate the sweep (default: the demo sweep on the tiny model)
     lora-sweep plan   [overrides]      expand + validate, print the summary, write the plan (no torch)
     lora-sweep sync   [overrides]      back-fill MLflow from the sweep folder (no generation)
-    lora-sweep report SWEEP_FOLDER     redraw the grids from a sweep folder
+    lora-sweep score  SWEEP_FOLDER     scores of finished images (no generation), logged to their MLflow runs
+    lora-sweep report SWEEP_FOLDER     grids, ranking, curves and report.html from a sweep folder
+    lora-sweep reproduce IMAGE_ID      regenerate one image from its record; are the pixels identical?
 
 Sweep files are the `sweep` config group: every `sweeps/*.yaml` (the project's and the current
 directory's) is registered under its file name, so `sweep=NAME` selects one and
@@ -13,6 +15,7 @@ directory's) is registered under its file name, so `sweep=NAME` selects one and
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import sys
@@ -25,7 +28,7 @@ from runner.request import did_you_mean
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = PROJECT_ROOT / "conf"
-SWEEP_KEYS = ("name", "description", "base", "grid", "report", "max_images")
+SWEEP_KEYS = ("name", "description", "base", "grid", "report", "scores", "max_images")
 
 USAGE = """usage: lora-sweep COMMAND [overrides...]
 
@@ -33,7 +36,12 @@ commands:
   run     generate a sweep: plan, validate, generate what is not done yet, log to MLflow, draw grids
   plan    expand and validate a sweep, print its summary and write plan-preview.parquet/.csv (no GPU, no torch)
   sync    log to MLflow what a run could not (tracking server down), refresh grids; generates nothing
-  report  redraw the comparison grids of a sweep folder: lora-sweep report outputs/demo
+  score   compute missing scores of a sweep folder, or a new scorer's, and log them to its MLflow runs:
+            lora-sweep score outputs/demo 'sweep.scores=[clip_score,aesthetic,lora_effect,seed_spread]'
+  report  grids, ranking.csv, response curves and report.html of a sweep folder (also while it runs):
+            lora-sweep report outputs/demo
+  reproduce  regenerate one image from its record and say whether the pixels are identical:
+            lora-sweep reproduce IMAGE_ID   (or an MLflow run id; paths.outputs=DIR to look elsewhere)
 
 overrides use Hydra's syntax:
   lora-sweep run                                     the demo sweep on the embedded tiny model
@@ -296,31 +304,49 @@ def plan_command(cfg: Any) -> None:
     print(f"wrote {folder / 'plan-preview.parquet'} and plan-preview.csv ({requests} rows; {requests} requests on a remote engine)")
 
 
-def report_command(argv: list[str]) -> None:
-    import pandas as pd
-    from omegaconf import OmegaConf
+FOLDER_USAGE = {
+    "report": "usage: lora-sweep report SWEEP_FOLDER   (e.g. outputs/demo): grids, ranking.csv, curves and report.html",
+    "score": "usage: lora-sweep score SWEEP_FOLDER [key=value ...]   "
+    "e.g. lora-sweep score outputs/demo 'sweep.scores=[clip_score,aesthetic]'",
+    "reproduce": "usage: lora-sweep reproduce IMAGE_ID|MLFLOW_RUN_ID [overrides]   e.g. lora-sweep reproduce 3f2a9c0d1e4b5a67",
+}
 
-    from runner.report import make_grids
-    from runner.store import SweepStore
 
-    if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: lora-sweep report SWEEP_FOLDER   (e.g. outputs/demo)")
+def folder_command(command: str, argv: list[str]) -> None:
+    """report, score and reproduce: the first argument is a sweep folder (or an image id), then overrides."""
+    if not argv or argv[0].startswith("-"):
+        print(FOLDER_USAGE[command])
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    store = SweepStore(argv[0])
-    if not store.plan_path.exists():
-        fail([f"report: {store.root} has no plan.parquet; give a sweep folder written by lora-sweep run"])
-    grid = (
-        OmegaConf.load(store.config_path).sweep.report
-        if store.config_path.exists()
-        else OmegaConf.create({"grid": {"x": "lora_strength", "y": "lora_model"}, "cell_size": 128})
-    )
-    results = (
-        store.read_results()
-        if store.results_path.exists() or store.journal_path.exists()
-        else pd.DataFrame(columns=["id", "status", "file"])
-    )
-    paths = make_grids(store.read_plan(), results, store.root, grid.grid.x, grid.grid.y, grid.cell_size)
-    print(f"wrote {len(paths)} grids to {store.grids}")
+    from runner import offline
+
+    if command == "report":
+        if len(argv) != 1:
+            fail([f"report: takes only the sweep folder; {FOLDER_USAGE['report']}"])
+        offline.report_folder(argv[0])
+    elif command == "score":
+        offline.score_folder(argv[0], argv[1:])
+    else:
+        identical = offline.reproduce(argv[0], argv[1:], compose_config(argv[1:]))
+        sys.exit(0 if identical else 1)
+
+
+def compose_config(overrides: list[str]):
+    """The project's config with overrides, as `run` would compose it (for commands outside hydra.main)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from runner.config import register_configs
+    from runner.run import UserError
+
+    register_configs()
+    overrides, _ = register_sweeps([o for o in overrides if not o.startswith("sweep.")])
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            return compose("config", overrides=overrides)
+    except Exception as exc:
+        raise UserError(composition_error(exc)) from None
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def fail(lines: list[str]) -> None:
@@ -338,14 +364,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, rest = argv[0], argv[1:]
     run_environment_defaults()
+    os.environ["LORA_SWEEP_ARGV"] = json.dumps(argv)  # the command as typed, for the report's "reproduce" section
     try:
         if command in ("run", "plan", "sync"):
             _hydra_command(command, rest)
-        elif command == "report":
-            report_command(rest)
+        elif command in FOLDER_USAGE:
+            folder_command(command, rest)
         else:
-            hint = did_you_mean(command, ["run", "plan", "sync", "report"])
-            fail([f"unknown command '{command}'; {hint or 'use run, plan, sync or report'}"])
+            hint = did_you_mean(command, ["run", "plan", "sync", *FOLDER_USAGE])
+            fail([f"unknown command '{command}'; {hint or 'use run, plan, sync, score, report or reproduce'}"])
     except UserError as exc:
         fail(exc.lines)
     except KeyboardInterrupt:

@@ -54,6 +54,25 @@ class EmbeddingSource:
 
 
 @dataclass
+class ScorerSource:
+    """A scorer's files (`scorers:` registry): a CLIP model, or a learned head that reads CLIP image embeddings."""
+
+    source: str = "???"  # a folder, a cached hub id (CLIP), or a weights file (learned heads)
+    kind: str = "clip"  # clip | aesthetic | package.module:Class (your own learned scorer, see runner/scores/learned.py)
+    clip: str | None = None  # learned heads: the scorers: id of the CLIP whose image embeddings they read
+    builtin: bool = False
+
+
+@dataclass
+class ScoresConfig:
+    """How the scores of `sweep.scores` are computed (after generation, on their own stage)."""
+
+    clip: str = "tiny-clip"  # the scorers: id of the CLIP for clip_score, lora_effect and seed_spread
+    batch_size: int = 32
+    device: str = "auto"  # auto | cpu | cuda ...
+
+
+@dataclass
 class UpscalerConfig:
     """The 2x upscaler behind the request's `upscale: yes` (a diffusers StableDiffusionLatentUpscalePipeline)."""
 
@@ -92,18 +111,23 @@ class TrackingConfig:
     artifact_location: str | None = None  # default <paths.outputs>/mlartifacts for new experiments
     experiment: str | None = None  # default: the sweep name
     queue_size: int = 64  # images waiting for the background writer before generation waits
+    chart_images: bool = True  # also log each image with mlflow's log_image under the key `image` (chart view; bench/RESULTS.md)
 
 
 @dataclass
 class GridAxes:
     x: str | None = "lora_strength"
     y: str | None = "lora_model"
+    page: str | None = None  # a third axis: one grid page per value (other axes still split pages)
 
 
 @dataclass
 class ReportConfig:
     grid: GridAxes = field(default_factory=GridAxes)
-    cell_size: int = 128  # pixels of each image in a grid
+    cell_size: int = 128  # pixels of the long side of each image in a grid (shrunk to fit max_grid_pixels)
+    max_grid_pixels: int = 40_000_000  # one grid image never exceeds this (PIL refuses images over ~89 MP)
+    baseline: bool = False  # add the no-LoRA row of every cell, so lora_effect has a reference
+    rank_by: str | None = None  # the score the ranking sorts by (default: the first of sweep.scores that rates one image)
 
 
 @dataclass
@@ -113,6 +137,7 @@ class SweepConfig:
     base: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, Any] = field(default_factory=dict)
     report: ReportConfig = field(default_factory=ReportConfig)
+    scores: list[str] = field(default_factory=list)  # clip_score, lora_effect, seed_spread, or a learned scorer's id
     max_images: int = 5000  # refuse larger plans unless raised
 
 
@@ -138,6 +163,8 @@ class Config:
     vaes: dict[str, Any] = field(default_factory=dict)  # id -> VaeSource fields
     embeddings: dict[str, Any] = field(default_factory=dict)  # id -> EmbeddingSource fields
     upscaler: UpscalerConfig = field(default_factory=UpscalerConfig)
+    scorers: dict[str, Any] = field(default_factory=dict)  # id -> ScorerSource fields
+    scores: ScoresConfig = field(default_factory=ScoresConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)

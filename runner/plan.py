@@ -147,7 +147,7 @@ def expand_blends(spec: Any) -> list[list[str]]:
                     raise PlanError([Problem(f"{where}.k", f"{k!r} is not in 1..{len(pool)}", "k is the number of LoRAs per blend")])
                 blends += [list(c) for c in itertools.combinations(pool, k)]
         if not blends:
-            raise PlanError([Problem(where, "generates no blends", "e.g. {each: [ganyu, more_details]}")])
+            raise PlanError([Problem(where, "generates no blends", "e.g. {each: [sunset, stripes]}")])
         return blends
     return [split_loras(item) for item in expand_values(where, spec)]
 
@@ -296,14 +296,27 @@ def build_plan(
     *,
     default_model_id: str,
     limits: Limits = Limits(),
+    baseline: bool = False,
 ) -> PlanResult:
     """Expand and parse every row; rows get ids from `with_ids` once the files are hashed.
 
-    Raises PlanError when the grid itself cannot be read; row problems are returned, counted.
+    `baseline` adds, for every row with LoRAs, the same row without them (`report.baseline: true`),
+    the reference `lora_effect` is measured against. Raises PlanError when the grid itself cannot be
+    read; row problems are returned, counted.
     """
     parsed: list[dict[str, Any]] = []
     problems: list[Problem] = []
-    for raw in expand_grid(base, grid):
+    raws = expand_grid(base, grid)
+    if baseline:
+        seen = {json.dumps(r, sort_keys=True, default=str) for r in raws if not split_loras(r.get("lora_model"))}
+        for raw in list(raws):
+            if split_loras(raw.get("lora_model")):
+                plain = {**raw, "lora_model": "", "lora_strength": None}
+                key = json.dumps(plain, sort_keys=True, default=str)
+                if key not in seen:
+                    seen.add(key)
+                    raws.append(plain)
+    for raw in raws:
         raw = dict(raw)
         if raw.get("model_id") in (None, ""):
             raw["model_id"] = default_model_id
@@ -333,6 +346,21 @@ def with_ids(plan: pd.DataFrame, identity: Identity) -> tuple[pd.DataFrame, int]
     plan["id"] = [image_id(row, identity) for row in plan[list(FIELDS)].to_dict("records")]
     deduped = plan.drop_duplicates("id", keep="first").reset_index(drop=True)
     return deduped, len(plan) - len(deduped)
+
+
+def shadowed_base_fields(base: Mapping[str, Any], grid: Mapping[str, Any]) -> list[str]:
+    """`sweep.base` fields that a grid axis replaces (the base value is never used): one warning line each."""
+    axes = {k: v for k, v in grid.items() if k != "zip"}
+    axes |= {k: v for k, v in (grid.get("zip") or {}).items()} if isinstance(grid.get("zip"), Mapping) else {}
+    lines = []
+    for name in base:
+        if name in axes:
+            where = "sweep.grid.zip" if name not in grid else "sweep.grid"
+            lines.append(
+                f"sweep.base.{name}={base[name]} is not used: the axis {where}.{name} sets it on every row; "
+                f"to use the base value, remove the axis (~sweep.grid.{name})"
+            )
+    return lines
 
 
 def varying_fields(plan: pd.DataFrame) -> list[str]:

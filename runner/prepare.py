@@ -13,7 +13,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from runner.engines import capabilities
-from runner.plan import Identity, PlanError, build_plan, with_ids
+from runner.plan import Identity, PlanError, build_plan, shadowed_base_fields, with_ids
 from runner.registry import (
     CROSS_ATTENTION_WIDTHS,
     HashCache,
@@ -36,6 +36,7 @@ class PreparedSweep:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     duplicates: int = 0
+    scorers: dict[str, Any] = field(default_factory=dict)  # scorer id -> ScorerEntry, for sweep.scores
 
     @property
     def ok(self) -> bool:
@@ -134,7 +135,7 @@ def prepare_sweep(cfg: DictConfig) -> PreparedSweep:
     base = OmegaConf.to_container(cfg.sweep.base, resolve=True)
     grid = OmegaConf.to_container(cfg.sweep.grid, resolve=True)
     try:
-        built = build_plan(base, grid, default_model_id=cfg.model.id, limits=limits)
+        built = build_plan(base, grid, default_model_id=cfg.model.id, limits=limits, baseline=bool(cfg.sweep.report.baseline))
     except PlanError as exc:
         return PreparedSweep(name, pd.DataFrame(), None, None, [str(p) for p in exc.problems])
     if built.problems:
@@ -170,5 +171,20 @@ def prepare_sweep(cfg: DictConfig) -> PreparedSweep:
         families={k: v.family for k, v in registry.models.items()},
         has_upscaler=registry.upscaler is not None,
     )
-    problems = [str(p) for p in registry.problems] + problems_fit + checked.problems
-    return PreparedSweep(name, checked.plan, registry, identity, problems, checked.warnings, duplicates)
+    scorers, score_problems = score_entries(cfg)
+    problems = [str(p) for p in registry.problems] + problems_fit + checked.problems + score_problems
+    warnings = shadowed_base_fields(base, grid) + checked.warnings
+    return PreparedSweep(name, checked.plan, registry, identity, problems, warnings, duplicates, scorers)
+
+
+def score_entries(cfg: DictConfig) -> tuple[dict[str, Any], list[str]]:
+    """The scorers `sweep.scores` needs, checked before the first image (as models and LoRAs are)."""
+    from runner.scores import ScoreProblem, requested_scorers
+
+    names = list(cfg.sweep.get("scores") or [])
+    if not names:
+        return {}, []
+    try:
+        return requested_scorers(names, cfg.scores.clip, OmegaConf.to_container(cfg.scorers, resolve=True)), []
+    except ScoreProblem as exc:
+        return {}, [str(p) for p in exc.problems]

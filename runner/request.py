@@ -329,7 +329,7 @@ def _check_limits(req: dict[str, Any], lim: Limits) -> list[Problem]:
 
 
 def blend_label(lora_model: str, lora_strength: str) -> str:
-    """'ganyu,more_details' + '0.45,0.55' -> 'ganyu 0.45 + more_details 0.55' ('no LoRA' if empty)."""
+    """'sunset,stripes' + '0.45,0.55' -> 'sunset 0.45 + stripes 0.55' ('no LoRA' if empty)."""
     loras = split_loras(lora_model)
     if not loras:
         return "no LoRA"

@@ -6,6 +6,7 @@ tracking, writer, report).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -17,7 +18,7 @@ from typing import Any, TextIO
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from runner.plan import summarize
+from runner.plan import summarize, varying_fields
 from runner.prepare import PreparedSweep, prepare_sweep
 from runner.store import SweepLocked, SweepStore
 
@@ -45,7 +46,12 @@ class Summary:
     grids: list[Path] = field(default_factory=list)
     tracking_uri: str | None = None
     parent_run_id: str | None = None
+    experiment_id: str | None = None
     tracking_errors: int = 0
+    report: Path | None = None
+    ranking: pd.DataFrame | None = None
+    rank_by: str | None = None
+    scored: int = 0
 
     @property
     def images_per_s(self) -> float:
@@ -75,11 +81,21 @@ def ensure_builtin_assets(cfg: DictConfig, prepared: PreparedSweep) -> bool:
     from runner.assets import demo_assets_ready, ensure_demo_assets
 
     uses_builtin = any(r.builtin for group in prepared.registry.files().values() for r in group.values())
+    uses_builtin = uses_builtin or any(entry.builtin for entry in prepared.scorers.values())
     if uses_builtin and not demo_assets_ready(Path(cfg.paths.assets)):
         print(f"building the embedded tiny model and LoRAs into {cfg.paths.assets} (once) ...", flush=True)
         ensure_demo_assets(cfg.paths.assets)
         return True
     return False
+
+
+def ensure_builtin_assets_for(cfg: DictConfig, entries: dict[str, dict], wanted: dict[str, set[str]]) -> None:
+    """The same, for one record's files (`lora-sweep reproduce`)."""
+    from runner.assets import demo_assets_ready, ensure_demo_assets
+
+    builtin = any((entries.get(kind) or {}).get(i, {}).get("builtin") for kind, ids in wanted.items() for i in ids)
+    if builtin and not demo_assets_ready(Path(cfg.paths.assets)):
+        ensure_demo_assets(cfg.paths.assets)
 
 
 def plan_or_fail(cfg: DictConfig) -> PreparedSweep:
@@ -249,6 +265,9 @@ def _run_locked(
             base_tags |= {f"{SINGULAR[kind]}.{k}.sha256": v.sha256, f"{SINGULAR[kind]}.{k}.short_hash": v.short_hash}
     rows = {r["id"]: r for r in plan.to_dict("records")}  # the writer's and the back-fill's view of each image
     if tracker:
+        tracker.name_axes = varying_fields(plan)
+        tracker.chart_images = bool(cfg.tracking.get("chart_images", True))
+        summary.experiment_id = tracker.experiment_id
         summary.parent_run_id = tracker.start_parent(
             cfg.sweep.name,
             base_tags,
@@ -264,15 +283,62 @@ def _run_locked(
         summary, status = _generate(cfg, prepared, pending, rows, store, tracker, hashes, base_tags, summary, api_key)
 
     results = store.snapshot()
-    from runner.report import make_grids
-
-    grid = cfg.sweep.report.grid
-    summary.grids = make_grids(plan, results, store.root, grid.x, grid.y, cfg.sweep.report.cell_size)
+    scores = list(cfg.sweep.scores)
+    if scores and not summary.interrupted:
+        summary.scored = score_stage(cfg, prepared.scorers, store, plan, results, tracker, out)
+        results = store.snapshot()
+    write_report(cfg, store, plan, results, summary)
     if tracker:
         results.to_csv(store.root / "results.csv", index=False)
         finish_parent(tracker, summary, status, store, out)
     print_summary(summary, out)
     return summary
+
+
+def user_command() -> str:
+    """The command as the user typed it (the CLI keeps it before Hydra rewrites argv), for the report."""
+    import shlex
+
+    argv = os.environ.get("LORA_SWEEP_ARGV")
+    return "lora-sweep " + shlex.join(json.loads(argv)) if argv else "lora-sweep run"
+
+
+def write_report(cfg: DictConfig, store: SweepStore, plan: pd.DataFrame, results: pd.DataFrame, summary: Summary) -> None:
+    from runner.report import make_report
+
+    files = make_report(
+        store, plan, results, cfg.sweep.report, list(cfg.sweep.scores), cfg.sweep.name, cfg.sweep.description, user_command()
+    )
+    summary.grids, summary.report, summary.ranking, summary.rank_by = files.grids, files.html, files.ranking, files.rank_by
+
+
+def score_stage(cfg: DictConfig, scorers: dict, store: SweepStore, plan: pd.DataFrame, results: pd.DataFrame, tracker, out: TextIO) -> int:
+    """Scores of the finished images that lack them, into the store and onto their MLflow runs. Returns images scored."""
+    from runner.scores import compute_scores
+
+    started = time.perf_counter()
+    scores = compute_scores(
+        plan,
+        results,
+        store.root,
+        list(cfg.sweep.scores),
+        scorers,
+        cfg.scores.clip,
+        device=cfg.scores.device,
+        batch_size=cfg.scores.batch_size,
+    )
+    store.append_scores(scores)
+    if len(scores):
+        print(f"scored {len(scores)} images ({', '.join(cfg.sweep.scores)}) in {time.perf_counter() - started:.1f} s", file=out)
+    if tracker is not None and len(scores):
+        try:
+            tracker.log_scores(scores)
+        except Exception as exc:
+            print(
+                f"warning: could not log the scores to MLflow ({str(exc).splitlines()[0][:160]}); `lora-sweep score` logs them later",
+                file=out,
+            )
+    return len(scores)
 
 
 def finish_parent(tracker, summary: Summary, status: str, store: SweepStore, out: TextIO) -> None:
@@ -285,10 +351,14 @@ def finish_parent(tracker, summary: Summary, status: str, store: SweepStore, out
                 "results": store.results_path,
                 "results_csv": store.root / "results.csv",
                 "config": store.config_path,
+                "report": store.root / "report.html",
+                "report/ranking": store.root / "ranking.csv",
             },
-            folders={"grids": store.grids},
+            folders={"grids": store.grids, "report/curves": store.root / "report"},
             metrics={"images_ok": summary.ok, "images_failed": summary.failed, "images_per_s": summary.images_per_s},
         )
+        if summary.ranking is not None:
+            tracker.log_ranking(summary.ranking.drop(columns=["ids"], errors="ignore"))
     except Exception as exc:
         summary.tracking_errors += 1
         print(f"warning: could not finish the MLflow parent run ({str(exc).splitlines()[0][:160]})", file=out)
@@ -358,14 +428,24 @@ def print_summary(s: Summary, out: TextIO) -> None:
         + (f" at {s.images_per_s:.2f} images/s" if s.generate_s else ""),
         file=out,
     )
+    if s.ranking is not None and not s.ranking.empty:
+        print(f"best by {s.rank_by} (mean over seeds, 95% interval):", file=out)
+        for record in s.ranking.head(3).to_dict("records"):
+            mean = record[f"{s.rank_by}_mean"]
+            interval = f"  [{record['ci_low']:.3f}, {record['ci_high']:.3f}]" if record["ci_low"] == record["ci_low"] else ""
+            print(f"  {record['rank']}. {record['cell']}: {mean:.3f}{interval}", file=out)
     print(f"outputs: {s.folder}  (images/, results.parquet, grids/, config.yaml)", file=out)
+    if s.report:
+        print(f"report:  {s.report}  (ranking, curves, grids; open it in a browser)", file=out)
     if s.grids:
         print(f"grids:   {len(s.grids)} in {s.folder / 'grids'}, e.g. {s.grids[0]}", file=out)
     if s.tracking_uri:
-        from runner.tracking import ui_command
+        from runner.tracking import runs_view_url, ui_command
 
         print(f"mlflow:  experiment '{s.sweep}', parent run {s.parent_run_id}", file=out)
         print(f"         open it with: {ui_command(s.tracking_uri)}", file=out)
+        if not s.tracking_uri.startswith(("http://", "https://")):
+            print(f"         then the runs: {runs_view_url(s.experiment_id)}", file=out)
     if s.tracking_errors:
         print(f"warning: {s.tracking_errors} images could not be logged to MLflow; the next run or `lora-sweep sync` logs them", file=out)
     if s.failed:

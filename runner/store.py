@@ -5,6 +5,7 @@
       plan.parquet       the whole plan
       results.parquet    one row per finished or failed id (temp file + rename)
       results.jsonl      the journal: one line per image as it finishes (append + fsync)
+      scores.jsonl       scores per image as the scoring stage computes them (merged into results.parquet)
       images/<id>.png    complete PNGs only (temp file + rename)
       grids/             comparison grids
       .lock              the pid of the running sweep
@@ -93,6 +94,7 @@ class SweepStore:
         self.config_path = self.root / "config.yaml"
         self.lock_path = self.root / ".lock"
         self.identity_path = self.root / "identity.json"
+        self.scores_path = self.root / "scores.jsonl"
         self._journal = None
         self._last_snapshot = 0.0
 
@@ -176,11 +178,32 @@ class SweepStore:
             self._journal.close()
             self._journal = None
 
-    def _journal_records(self) -> Iterable[dict[str, Any]]:
-        if not self.journal_path.exists():
+    def append_scores(self, scores: pd.DataFrame) -> None:
+        """Journal scores (`id` + one column per metric); a later value of an id's metric wins."""
+        if scores.empty:
+            return
+        lines = []
+        for record in scores.to_dict("records"):
+            values = {k: float(v) for k, v in record.items() if k != "id" and not pd.isna(v)}
+            if values:
+                lines.append(json.dumps({"id": record["id"], **values}) + "\n")
+        with open(self.scores_path, "a", encoding="utf-8") as fh:
+            fh.writelines(lines)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read_scores(self) -> pd.DataFrame:
+        records = list(self._journal_records(self.scores_path))
+        if not records:
+            return pd.DataFrame({"id": pd.Series(dtype=str)})
+        return pd.DataFrame(records).groupby("id", sort=False).last().reset_index()
+
+    def _journal_records(self, path: Path | None = None) -> Iterable[dict[str, Any]]:
+        path = path or self.journal_path
+        if not path.exists():
             return []
         records = []
-        with open(self.journal_path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8") as fh:
             for line in fh:
                 try:
                     records.append(json.loads(line))
@@ -189,7 +212,7 @@ class SweepStore:
         return records
 
     def read_results(self) -> pd.DataFrame:
-        """One row per id, the latest record winning (parquet snapshot + journal)."""
+        """One row per id, the latest record winning (parquet snapshot + journal), with its scores."""
         frames = []
         if self.results_path.exists():
             frames.append(pd.read_parquet(self.results_path))
@@ -200,7 +223,11 @@ class SweepStore:
             return pd.DataFrame(columns=RESULT_COLUMNS)
         results = pd.concat(frames, ignore_index=True)
         results = results.drop_duplicates("id", keep="last").reset_index(drop=True)
-        return results.reindex(columns=[*RESULT_COLUMNS, *[c for c in results.columns if c not in RESULT_COLUMNS]])
+        results = results.reindex(columns=[*RESULT_COLUMNS, *[c for c in results.columns if c not in RESULT_COLUMNS]])
+        scores = self.read_scores()
+        if len(scores.columns) > 1:  # the snapshot's score columns are replaced by the score journal's
+            results = results.drop(columns=[c for c in scores.columns if c != "id" and c in results]).merge(scores, on="id", how="left")
+        return results
 
     def snapshot(self) -> pd.DataFrame:
         results = self.read_results()

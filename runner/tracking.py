@@ -22,6 +22,47 @@ ID_TAG = "lora_sweep.id"
 PARENT_TAG = "mlflow.parentRunId"
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3's UI opens classic-ML experiments on their runs, not the GenAI overview
+SHORT_SCHEDULERS = {  # the names the web UIs use, for readable run names
+    "EulerDiscreteScheduler": "Euler",
+    "EulerAncestralDiscreteScheduler": "Euler a",
+    "DPMSolverMultistepScheduler": "DPM++ 2M",
+    "DPMSolverSinglestepScheduler": "DPM++ SDE",
+    "KDPM2DiscreteScheduler": "DPM2",
+    "KDPM2AncestralDiscreteScheduler": "DPM2 a",
+    "HeunDiscreteScheduler": "Heun",
+    "LMSDiscreteScheduler": "LMS",
+    "DDIMScheduler": "DDIM",
+    "PNDMScheduler": "PLMS",
+    "UniPCMultistepScheduler": "UniPC",
+    "LCMScheduler": "LCM",
+}
+
+
+def run_name(row: Mapping[str, Any], axes: list[str]) -> str:
+    """A child run's name from the sweep's axes, e.g. 'sunset 0.7 · Euler · seed 3' (the id stays a tag)."""
+    parts = []
+    if {"lora_model", "lora_strength"} & set(axes):
+        parts.append(str(row.get("blend") or "no LoRA"))
+    for axis in axes:
+        if axis in ("lora_model", "lora_strength", "seed"):
+            continue
+        value = row.get(axis)
+        if axis == "scheduler":
+            value = SHORT_SCHEDULERS.get(str(value), str(value).removesuffix("Scheduler"))
+        elif axis in ("prompt", "negative_prompt"):
+            value = str(value)[:32] + ("…" if len(str(value)) > 32 else "")
+        else:
+            value = f"{axis} {value}"
+        parts.append(str(value))
+    parts.append(f"seed {row.get('seed')}")
+    return " · ".join(parts)[:250]
+
+
+def runs_view_url(experiment_id: str, host: str = "http://127.0.0.1:5000") -> str:
+    return f"{host}/#/experiments/{experiment_id}/runs"
+
+
 def default_uri(outputs: Path) -> str:
     return f"sqlite:///{outputs.resolve() / 'mlflow.db'}"
 
@@ -54,10 +95,16 @@ class Tracker:
         if experiment_id is None:
             found = self.client.get_experiment_by_name(experiment)
             if found is None:
-                experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
+                experiment_id = self.client.create_experiment(
+                    experiment, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: "custom_model_development"}
+                )
             else:
                 experiment_id = found.experiment_id
+                if EXPERIMENT_KIND_TAG not in found.tags:
+                    self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
         self.experiment_id = experiment_id
+        self.name_axes: list[str] = []  # the sweep's axes, for readable child run names
+        self.chart_images = True  # log_image under a key for the chart view (tracking.chart_images)
         self.parent_id: str | None = None
         self.children: dict[str, tuple[str, str, str]] = {}  # image id -> (run id, status, artifact uri)
 
@@ -76,6 +123,17 @@ class Tracker:
             self.parent_id = run.info.run_id
             self._log_params(self.parent_id, params)
         self.client.set_tag(self.parent_id, "lora_sweep.last_started", time.strftime("%Y-%m-%dT%H:%M:%S"))
+        self._load_children()
+        return self.parent_id
+
+    def attach_parent(self) -> str | None:
+        """The sweep's existing parent run and its children, for logging after the fact (`lora-sweep score`)."""
+        existing = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'parent'", order_by=["attributes.start_time ASC"], max_results=1
+        )
+        if not existing:
+            return None
+        self.parent_id = existing[0].info.run_id
         self._load_children()
         return self.parent_id
 
@@ -129,7 +187,7 @@ class Tracker:
         else:
             run = self.client.create_run(
                 self.experiment_id,
-                run_name=row["id"],
+                run_name=run_name(row, self.name_axes),
                 tags={PARENT_TAG: self.parent_id, ID_TAG: row["id"], **tags},
             )
             run_id, artifact_uri = run.info.run_id, run.info.artifact_uri
@@ -143,6 +201,8 @@ class Tracker:
             params=params,
             tags=[RunTag(k, v) for k, v in run_tags.items()],
         )
+        if result.image is not None and self.chart_images:  # under a key, so the chart view shows the images of several runs side by side
+            self.client.log_image(run_id, result.image, key="image", step=0, timestamp=now)
         if image_path is not None:
             if artifact_uri.startswith("file:"):  # a local store: skip the client's run lookup per image
                 get_artifact_repository(artifact_uri).log_artifact(str(image_path))
@@ -151,6 +211,25 @@ class Tracker:
         status = "FINISHED" if result.status == "ok" else "FAILED"
         self.client.set_terminated(run_id, status)
         self.children[row["id"]] = (run_id, status, artifact_uri)
+
+    def log_scores(self, scores: Any) -> int:
+        """Each image's scores as metrics on its child run (so the chart view can rank blends); returns runs logged."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        logged = 0
+        for record in scores.to_dict("records"):
+            known = self.children.get(record["id"])
+            metrics = [Metric(k, float(v), now, 0) for k, v in record.items() if k != "id" and v == v]
+            if known and metrics:
+                self.client.log_batch(known[0], metrics=metrics)
+                logged += 1
+        return logged
+
+    def log_ranking(self, ranking: Any) -> None:
+        """The ranking as an MLflow table on the parent run (artifact ranking.json)."""
+        if self.parent_id is not None and not ranking.empty:
+            self.client.log_table(self.parent_id, data=ranking, artifact_file="ranking.json")
 
     def _log_params(self, run_id: str, params: Mapping[str, str]) -> None:
         from mlflow.entities import Param

@@ -80,7 +80,7 @@ SMALL_SWEEP = {
     "name": "small",
     "base": {"prompt": "a red fox", "negative_prompt": "blurry", "width": 64, "height": 64, "num_inference_steps": 4},
     "grid": {
-        "lora_model": ["ganyu", "ganyu,more_details"],
+        "lora_model": ["sunset", "sunset,stripes"],
         "lora_strength": [0.5, 1.0],
         "seed": [1, 2],
     },

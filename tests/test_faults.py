@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 SLOW_SWEEP = {
     "name": "long",
     "base": {"prompt": "a red fox", "width": 128, "height": 128, "num_inference_steps": 8},
-    "grid": {"lora_model": ["ganyu", "more_details"], "seed": {"start": 0, "count": 16}},
+    "grid": {"lora_model": ["sunset", "stripes"], "seed": {"start": 0, "count": 16}},
 }
 
 
@@ -106,11 +106,11 @@ def write_nan_lora(source: Path, target: Path) -> None:
 
 
 def test_failed_images_are_recorded_and_the_sweep_goes_on(workspace):
-    write_nan_lora(workspace.assets / "loras" / "ganyu.safetensors", workspace.root / "diverged.safetensors")
+    write_nan_lora(workspace.assets / "loras" / "sunset.safetensors", workspace.root / "diverged.safetensors")
     sweep = {
         "name": "faulty",
         "base": {"prompt": "a fox", "width": 64, "height": 64, "num_inference_steps": 4},
-        "grid": {"lora_model": ["ganyu", "diverged"], "seed": [1, 2]},
+        "grid": {"lora_model": ["sunset", "diverged"], "seed": [1, 2]},
     }
     path = workspace.sweep("faulty", sweep)
     extra = f"+loras.diverged={{source: {workspace.root / 'diverged.safetensors'}}}"
@@ -137,24 +137,24 @@ def test_changed_lora_file_is_detected_and_its_images_regenerated(workspace, tmp
     import shutil
 
     own = tmp_path / "mine.safetensors"
-    shutil.copy(workspace.assets / "loras" / "ganyu.safetensors", own)
+    shutil.copy(workspace.assets / "loras" / "sunset.safetensors", own)
     sweep = {
         "name": "changing",
         "base": {"prompt": "a fox", "width": 64, "height": 64, "num_inference_steps": 4},
-        "grid": {"lora_model": ["mine", "more_details"], "seed": [1, 2]},
+        "grid": {"lora_model": ["mine", "stripes"], "seed": [1, 2]},
     }
     path = workspace.sweep("changing", sweep)
     extra = f"+loras.mine={{source: {own}}}"
     assert workspace.cli("run", f"sweep={path}", extra, "tracking=none").code == 0
     first_plan = pd.read_parquet(workspace.outputs / "changing" / "plan.parquet")
-    shutil.copy(workspace.assets / "loras" / "watercolor.safetensors", own)  # retrained: new weights
+    shutil.copy(workspace.assets / "loras" / "star.safetensors", own)  # retrained: new weights
     result = workspace.cli("run", f"sweep={path}", extra, "tracking=none")
     assert result.code == 0, result.err
     assert "LoRA 'mine' changed on disk since the last run" in result.out
     assert "done: 2 ok, 0 failed, 2 skipped of 4 images" in result.out
     second_plan = pd.read_parquet(workspace.outputs / "changing" / "plan.parquet")
     kept = set(first_plan["id"]) & set(second_plan["id"])
-    assert set(second_plan.loc[second_plan["id"].isin(kept), "lora_model"]) == {"more_details"}
+    assert set(second_plan.loc[second_plan["id"].isin(kept), "lora_model"]) == {"stripes"}
     grids = list((workspace.outputs / "changing" / "grids").glob("*.png"))
     assert grids, "grids are redrawn from the current plan only"
 
@@ -180,7 +180,7 @@ def test_second_run_on_the_same_sweep_refuses_and_stale_locks_are_taken_over(wor
 def test_mlflow_down_mid_sweep_keeps_writing_and_sync_backfills(workspace, tmp_path):
     port = free_port()
     server = start_mlflow_server(tmp_path, port)
-    path = workspace.sweep("long", {**SLOW_SWEEP, "grid": {"lora_model": ["ganyu"], "seed": {"start": 0, "count": 24}}})
+    path = workspace.sweep("long", {**SLOW_SWEEP, "grid": {"lora_model": ["sunset"], "seed": {"start": 0, "count": 24}}})
     env_overrides = ("engine.batch_size=1", f"tracking.uri=http://127.0.0.1:{port}")
     proc = start_run(workspace, f"sweep={path}", *env_overrides)
     wait_for_results(workspace.outputs / "long", 3, proc)

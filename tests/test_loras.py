@@ -68,7 +68,7 @@ def test_kohya_lora_reproduces_the_expected_weight_delta(assets_dir, tmp_path):
 def test_many_loras_are_loaded_per_group_and_unloaded_after_their_last_group(workspace):
     loras = {}
     for i in range(6):
-        source = ["ganyu", "more_details", "watercolor"][i % 3]
+        source = ["sunset", "stripes", "star"][i % 3]
         loras[f"lora{i}"] = shutil.copy(workspace.assets / "loras" / f"{source}.safetensors", workspace.root / f"lora{i}.safetensors")
     sweep = {
         "name": "many",

@@ -37,7 +37,7 @@ def test_file_hashes_are_cached_by_path_size_and_mtime(workspace, small_sweep):
     import os
 
     own = workspace.root / "mine.safetensors"
-    shutil.copy(workspace.assets / "loras" / "ganyu.safetensors", own)
+    shutil.copy(workspace.assets / "loras" / "sunset.safetensors", own)
     overrides = [f"+loras.mine={{source: {own}}}", "sweep.grid.lora_model=[mine]", "sweep.grid.seed=[1]"]
 
     def ids():
@@ -47,7 +47,7 @@ def test_file_hashes_are_cached_by_path_size_and_mtime(workspace, small_sweep):
 
     first = ids()
     stat = own.stat()
-    replacement = (workspace.assets / "loras" / "watercolor.safetensors").read_bytes()
+    replacement = (workspace.assets / "loras" / "star.safetensors").read_bytes()
     assert len(replacement) == stat.st_size
     own.write_bytes(replacement)
     os.utime(own, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same path, size and mtime: the cached hash is used
@@ -79,7 +79,7 @@ def test_single_file_checkpoints_give_the_pixels_of_their_diffusers_folder(works
         {
             "name": "single",
             "base": {"prompt": "a red fox", "width": 64, "height": 64, "num_inference_steps": 4, "seed": 5},
-            "grid": {"model_id": ["tiny-sd", "st", "ckpt"], "lora_model": ["", "ganyu"]},
+            "grid": {"model_id": ["tiny-sd", "st", "ckpt"], "lora_model": ["", "sunset"]},
         },
     )
     configs = single_files / "configs"
@@ -93,10 +93,10 @@ def test_single_file_checkpoints_give_the_pixels_of_their_diffusers_folder(works
     rows, pixels = sweep_images(workspace.outputs, "single")
     assert set(rows["status"]) == {"ok"} and len(rows) == 6
     by = {(r.model_id, r.lora_model): pixels(r.id) for r in rows.itertuples()}
-    for blend in ("", "ganyu"):
+    for blend in ("", "sunset"):
         assert np.array_equal(by[("st", blend)], by[("tiny-sd", blend)])
         assert np.array_equal(by[("ckpt", blend)], by[("tiny-sd", blend)])
-    assert not np.array_equal(by[("st", "ganyu")], by[("st", "")]), "the LoRA applies to a single-file model too"
+    assert not np.array_equal(by[("st", "sunset")], by[("st", "")]), "the LoRA applies to a single-file model too"
     assert len(set(rows["id"])) == 6, "each model's own hash enters the ids"
 
 

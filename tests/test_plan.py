@@ -46,9 +46,9 @@ def test_blend_generators():
 
 
 def test_per_lora_strengths_crossed_and_zipped():
-    crossed = plan_of({"lora_model": ["ganyu,more_details"], "lora_strength": {"ganyu": [0.4, 0.8], "more_details": [0.5, 0.6]}})
+    crossed = plan_of({"lora_model": ["sunset,stripes"], "lora_strength": {"sunset": [0.4, 0.8], "stripes": [0.5, 0.6]}})
     assert list(crossed["lora_strength"]) == ["0.4,0.5", "0.4,0.6", "0.8,0.5", "0.8,0.6"]
-    assert crossed.loc[0, "blend"] == "ganyu 0.4 + more_details 0.5"
+    assert crossed.loc[0, "blend"] == "sunset 0.4 + stripes 0.5"
     zipped = plan_of({"lora_model": ["a,b"], "lora_strength": {"mode": "zip", "a": [0.2, 0.4], "b": [0.6, 0.8]}})
     assert list(zipped["lora_strength"]) == ["0.2,0.6", "0.4,0.8"]
     with_default = plan_of({"lora_model": {"each": ["a", "b"]}, "lora_strength": {"a": [0.3], "default": [0.9, 1.0]}})

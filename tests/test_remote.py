@@ -27,7 +27,7 @@ FAST = [
 SWEEP = {
     "name": "remote",
     "base": {"prompt": "a red fox", "width": 64, "height": 64, "num_inference_steps": 31, "model_id": "f222-diffusion"},
-    "grid": {"lora_model": ["ganyu-lora", "ganyu-lora,more_details"], "lora_strength": [0.5], "seed": [1, 2, 3]},
+    "grid": {"lora_model": ["ganyu-lora", "ganyu-lora,stripes"], "lora_strength": [0.5], "seed": [1, 2, 3]},
 }
 ENV = {"MODELSLAB_API_KEY": KEY}
 
@@ -52,7 +52,7 @@ def test_remote_sweep_end_to_end(workspace, provider):
     sent = p.submits[0]
     assert sent["width"] == "64" and sent["samples"] == "1" and sent["num_inference_steps"] == "30"  # clamped, as a string
     assert sent["enhance_prompt"] == "no" and sent["safety_checker"] == "no" and isinstance(sent["seed"], int)
-    assert {s["lora_model"] for s in p.submits} == {"ganyu-lora", "ganyu-lora,more_details"}
+    assert {s["lora_model"] for s in p.submits} == {"ganyu-lora", "ganyu-lora,stripes"}
     assert {s["lora_strength"] for s in p.submits} == {"0.5", "0.5,0.5"}
     folder = workspace.outputs / "remote"
     results = pd.read_parquet(folder / "results.parquet")

@@ -70,11 +70,11 @@ def test_mlflow_has_parent_and_one_child_per_image(finished_sweep):
     assert sorted(children["tags.lora_sweep.id"]) == sorted(plan["id"])
     assert set(children["tags.mlflow.parentRunId"]) == {parent["run_id"].iloc[0]}
     assert set(children["status"]) == {"FINISHED"}
-    blend = children[children["params.lora_model"] == "ganyu,more_details"].iloc[0]
+    blend = children[children["params.lora_model"] == "sunset,stripes"].iloc[0]
     assert blend["params.lora_strength"] in ("0.5,0.5", "1,1")
-    assert blend["params.lora_strength.ganyu"] in ("0.5", "1.0")
+    assert blend["params.lora_strength.sunset"] in ("0.5", "1.0")
     assert blend["params.width"] == "64" and blend["params.prompt"] == "a red fox"
-    assert len(blend["tags.lora.ganyu.sha256"]) == 64 and len(blend["tags.model.tiny-sd.sha256"]) == 64
+    assert len(blend["tags.lora.sunset.sha256"]) == 64 and len(blend["tags.model.tiny-sd.sha256"]) == 64
     assert blend["tags.lib.diffusers"] and blend["tags.lib.torch"] and blend["tags.device"] == "cpu"
     assert blend["metrics.generation_s"] > 0
 
@@ -82,9 +82,9 @@ def test_mlflow_has_parent_and_one_child_per_image(finished_sweep):
 
     client = MlflowClient(f"sqlite:///{ws.outputs / 'mlflow.db'}")
     child_files = [a.path for a in client.list_artifacts(blend["run_id"])]
-    assert child_files == [f"{blend['tags.lora_sweep.id']}.png"]
+    assert set(child_files) == {f"{blend['tags.lora_sweep.id']}.png", "images"}  # the PNG, and the chart view's copy under a key
     parent_files = {a.path for a in client.list_artifacts(parent["run_id"].iloc[0])}
-    assert {"plan.parquet", "results", "config", "grids"} <= parent_files
+    assert {"plan.parquet", "results", "config", "grids", "report"} <= parent_files
 
 
 def test_rerun_generates_nothing_new(finished_sweep):
@@ -116,16 +116,16 @@ def test_loras_and_strengths_change_pixels_and_reruns_reproduce_them(workspace):
     sweep = {
         "name": "pixels",
         "base": {"prompt": "a red fox", "width": 64, "height": 64, "num_inference_steps": 4, "seed": 3},
-        "grid": {"lora_model": {"each": ["ganyu"], "baseline": True}, "lora_strength": [0.1, 1.0]},
+        "grid": {"lora_model": {"each": ["sunset"], "baseline": True}, "lora_strength": [0.1, 1.0]},
     }
     path = workspace.sweep("pixels", sweep)
     first = workspace.cli("run", f"sweep={path}", "tracking=none", "paths.outputs=" + str(workspace.root / "a"))
     second = workspace.cli("run", f"sweep={path}", "tracking=none", "paths.outputs=" + str(workspace.root / "b"), "engine.batch_size=1")
     assert first.code == 0 and second.code == 0, first.err + second.err
     plan = pd.read_parquet(workspace.root / "a" / "pixels" / "plan.parquet").set_index("blend")
-    assert list(plan.index) == ["no LoRA", "ganyu 0.1", "ganyu 1"]
+    assert list(plan.index) == ["no LoRA", "sunset 0.1", "sunset 1"]
     a, b = workspace.root / "a" / "pixels", workspace.root / "b" / "pixels"
-    base, weak, strong = (pixels(a, plan.loc[k, "id"]) for k in ("no LoRA", "ganyu 0.1", "ganyu 1"))
+    base, weak, strong = (pixels(a, plan.loc[k, "id"]) for k in ("no LoRA", "sunset 0.1", "sunset 1"))
     assert np.abs(strong - base).mean() > 1.0, "a LoRA at strength 1 must change the image"
     assert np.abs(strong - weak).mean() > 0.5, "strength 0.1 and 1.0 must differ"
     assert np.abs(weak - base).mean() < np.abs(strong - base).mean(), "a weaker LoRA moves the image less"
@@ -138,7 +138,7 @@ def test_the_prompt_decides_the_image(workspace):
     sweep = {
         "name": "prompts",
         "base": {"width": 64, "height": 64, "num_inference_steps": 4, "seed": 3},
-        "grid": {"prompt": ["a red fox", "a blue whale", "a red fox, watercolor"]},
+        "grid": {"prompt": ["a red fox", "a blue whale", "a red fox, star"]},
     }
     result = workspace.cli("run", f"sweep={workspace.sweep('prompts', sweep)}", "tracking=none")
     assert result.code == 0, result.err

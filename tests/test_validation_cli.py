@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 BAD_OVERRIDES = [
-    (["sweep.grid.lora_model=[ganyu,nope]"], "lora_model: unknown LoRA id 'nope'"),
-    (["sweep.grid.lora_model=[gany]"], "did you mean 'ganyu'"),
-    (["sweep.grid.lora_model=[ganyu]", "sweep.grid.lora_strength=['0.4,0.5']"], "lora_strength: 2 strengths for 1 LoRAs"),
+    (["sweep.grid.lora_model=[sunset,nope]"], "lora_model: unknown LoRA id 'nope'"),
+    (["sweep.grid.lora_model=[sunst]"], "did you mean 'sunset'"),
+    (["sweep.grid.lora_model=[sunset]", "sweep.grid.lora_strength=['0.4,0.5']"], "lora_strength: 2 strengths for 1 LoRAs"),
     (["sweep.grid.lora_strength=[1.5]"], "lora_strength: 1.5 is outside 0.1..1"),
     (["sweep.base.width=100"], "width: 100 must be a multiple of 8"),
     (["sweep.base.height=2048"], "height: 2048 must be a multiple of 8 in 8..1024"),
@@ -118,7 +118,7 @@ MORE_BAD_OVERRIDES = [
     (["sweep.base.key=abc123"], "key: API keys do not belong in sweep files"),
     (["sweep.base.safety_checker=maybe"], 'safety_checker: expected "yes" or "no"'),
     (["sweep.grid.seed=[-5]"], "seed: seed must be in 0.."),
-    (["sweep.grid.lora_model={pairs: [ganyu]}", "~sweep.grid.lora_strength"], "sweep.grid.lora_model: generates no blends"),
+    (["sweep.grid.lora_model={pairs: [sunset]}", "~sweep.grid.lora_strength"], "sweep.grid.lora_model: generates no blends"),
     (["+loras.x={weight_name: a.safetensors}", "sweep.grid.lora_model=[x]"], "loras.x: needs a source"),
     (["+loras.x={source: /tmp/a.safetensors, wieght_name: a}", "sweep.grid.lora_model=[x]"], "did you mean 'weight_name'"),
     (["paths.outputs=/etc/passwd/outputs"], "paths.outputs: cannot write /etc/passwd/outputs"),
@@ -162,14 +162,14 @@ def sdxl_lora(ws):
 
 def test_an_sdxl_lora_on_an_sd_model_is_refused(workspace, small_sweep):
     path, _ = sdxl_lora(workspace)
-    overrides = [f"+loras.xl={{source: {path}}}", "sweep.grid.lora_model=[ganyu,xl]"]
+    overrides = [f"+loras.xl={{source: {path}}}", "sweep.grid.lora_model=[sunset,xl]"]
     check_refused(workspace, small_sweep, "run", overrides, "loras.xl: is an SDXL LoRA but model 'tiny-sd' is not SDXL")
 
 
 @pytest.mark.parametrize("make", [not_a_lora, corrupt_safetensors, lycoris_loha])
 def test_bad_lora_files_are_refused_before_loading(workspace, small_sweep, make):
     path, expected = make(workspace)
-    overrides = [f"+loras.bad={{source: {path}}}", "sweep.grid.lora_model=[ganyu,bad]"]
+    overrides = [f"+loras.bad={{source: {path}}}", "sweep.grid.lora_model=[sunset,bad]"]
     check_refused(workspace, small_sweep, "run", overrides, f"loras.bad.source: {path.name} {expected}")
 
 

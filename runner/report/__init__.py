@@ -1,5 +1,73 @@
-"""Reports built from the sweep folder alone: comparison grids (and later scores and HTML)."""
+"""Reports built from the sweep folder alone: grids, ranking, response curves and report.html.
+
+Reads the store (plan, results with their scores, config, identity); never generates or scores.
+Works on a sweep that is still running or was interrupted: what is not done yet shows as missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
 
 from runner.report.grid import make_grids
+from runner.report.ranking import default_rank_by, plot_curves, rank_cells, response_curves
 
-__all__ = ["make_grids"]
+
+@dataclass
+class ReportFiles:
+    html: Path
+    grids: list[Path] = field(default_factory=list)
+    ranking: pd.DataFrame = field(default_factory=pd.DataFrame)
+    ranking_csv: Path | None = None
+    curves: list[Path] = field(default_factory=list)
+    rank_by: str | None = None
+
+
+def make_report(
+    store: Any,
+    plan: pd.DataFrame,
+    results: pd.DataFrame,
+    report: Any,
+    scores: list[str],
+    name: str,
+    description: str = "",
+    command: str = "",
+) -> ReportFiles:
+    """Grids, ranking.csv, response curves and report.html into the sweep folder."""
+    from runner.report.html import write_html
+
+    root = Path(store.root)
+    grid = report.grid
+    grids = make_grids(
+        plan,
+        results,
+        root,
+        grid.x,
+        grid.y,
+        report.cell_size,
+        page=grid.get("page"),
+        max_pixels=report.get("max_grid_pixels", 40_000_000),
+    )
+    rank_by = report.get("rank_by") or default_rank_by(scores)
+    ranking = rank_cells(plan, results, scores, rank_by)
+    ranking_csv = None
+    if not ranking.empty:
+        ranking_csv = root / "ranking.csv"
+        ranking.to_csv(ranking_csv, index=False)
+    curve_metrics = list(dict.fromkeys([m for m in [rank_by, "lora_effect", *scores] if m and m != "seed_spread"]))
+    curves = []
+    table = response_curves(plan, results, curve_metrics)
+    if not table.empty and table["strength"].nunique() > 1:
+        path = plot_curves(table, curve_metrics, root / "report" / "curves.png")
+        curves = [path] if path else []
+    config_text = store.config_path.read_text() if store.config_path.exists() else ""
+    html = write_html(
+        root, name, description, plan, results, ranking, rank_by, scores, curves, grids, config_text, command, store.read_identity()
+    )
+    return ReportFiles(html, grids, ranking, ranking_csv, curves, rank_by)
+
+
+__all__ = ["ReportFiles", "make_grids", "make_report"]

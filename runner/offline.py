@@ -1,0 +1,249 @@
+"""Commands on a sweep folder that generate nothing new for the sweep: `score`, `report` and `reproduce`.
+
+    lora-sweep score     outputs/demo [overrides]   compute missing scores (or a new scorer's), log them to the MLflow runs
+    lora-sweep report    outputs/demo               grids, ranking, curves and report.html, also while the sweep runs
+    lora-sweep reproduce IMAGE_ID | RUN_ID          regenerate one image from its record and compare the pixels
+
+Each reads the folder's saved config.yaml, so it uses the models, LoRAs and scorers the sweep used.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from runner.run import UserError
+from runner.store import SweepLocked, SweepStore
+
+
+def folder_config(store: SweepStore, overrides: list[str] = ()) -> DictConfig:
+    """The sweep's saved config (checked against the schema) with `key=value` overrides applied."""
+    from runner.config import Config
+
+    if not store.plan_path.exists() or not store.config_path.exists():
+        raise UserError(
+            f"{store.root} has no plan.parquet and config.yaml; give a sweep folder written by lora-sweep run (e.g. outputs/demo)"
+        )
+    try:
+        saved = OmegaConf.load(store.config_path)
+        extra = OmegaConf.from_dotlist([o.lstrip("+") for o in overrides])
+        return OmegaConf.merge(OmegaConf.structured(Config), saved, extra)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"overrides: {first}; use key=value, e.g. 'sweep.scores=[clip_score,aesthetic]'") from None
+
+
+def report_folder(folder: str, out: TextIO = sys.stdout) -> Path:
+    """`lora-sweep report`: the whole report from what the folder holds now (no lock: the sweep may be running)."""
+    from runner.report import make_report
+    from runner.run import user_command
+
+    store = SweepStore(folder)
+    cfg = folder_config(store)
+    plan = store.read_plan()
+    results = store.read_results()
+    files = make_report(
+        store, plan, results, cfg.sweep.report, list(cfg.sweep.scores), cfg.sweep.name, cfg.sweep.description, user_command()
+    )
+    done = int((results["status"].isin(["ok", "failed"]) & results["id"].isin(plan["id"])).sum()) if len(results) else 0
+    print(f"report of {done} of {len(plan)} images: {files.html}", file=out)
+    print(f"grids:  {len(files.grids)} in {store.grids}" + (f"; ranking: {files.ranking_csv}" if files.ranking_csv else ""), file=out)
+    return files.html
+
+
+def score_folder(folder: str, overrides: list[str], out: TextIO = sys.stdout) -> int:
+    """`lora-sweep score`: scores the finished images lack, onto their MLflow runs; then the report again."""
+    from runner.assets import demo_assets_ready, ensure_demo_assets
+    from runner.prepare import score_entries
+    from runner.run import Summary, config_yaml, open_tracker, score_stage, write_report
+
+    store = SweepStore(folder)
+    cfg = folder_config(store, overrides)
+    if not cfg.sweep.scores:
+        raise UserError(
+            "sweep.scores: no scores asked for; e.g. lora-sweep score FOLDER 'sweep.scores=[clip_score,lora_effect,seed_spread]'"
+        )
+    scorers, problems = score_entries(cfg)
+    if problems:
+        raise UserError(problems)
+    if any(entry.builtin for entry in scorers.values()) and not demo_assets_ready(Path(cfg.paths.assets)):
+        ensure_demo_assets(cfg.paths.assets)
+    try:
+        store.acquire()
+    except SweepLocked as exc:
+        raise UserError(f"sweep.name: {exc}") from None
+    try:
+        plan = store.read_plan()
+        results = store.read_results()
+        tracker, uri = open_tracker(cfg)
+        if tracker is not None and tracker.attach_parent() is None:
+            print(f"note: no MLflow runs of '{cfg.sweep.name}' at {uri}; scores go to the sweep folder only", file=out)
+            tracker = None
+        scored = score_stage(cfg, scorers, store, plan, results, tracker, out)
+        if not scored:
+            print(f"nothing to score: every finished image already has {', '.join(cfg.sweep.scores)}", file=out)
+        results = store.snapshot()
+        store.write_config(config_yaml(cfg))  # the report (and a later `score`) show the scores asked for
+        summary = Summary(cfg.sweep.name, store.root, len(plan))
+        write_report(cfg, store, plan, results, summary)
+        if tracker is not None:
+            for path, where in ((summary.report, "report"), (store.root / "ranking.csv", "report/ranking")):
+                if path and path.exists():
+                    tracker.client.log_artifact(tracker.parent_id, str(path), where)
+            if summary.ranking is not None:
+                tracker.log_ranking(summary.ranking.drop(columns=["ids"], errors="ignore"))
+        print(f"report: {summary.report}", file=out)
+        return scored
+    finally:
+        store.release()
+
+
+# ---------------------------------------------------------------- reproduce
+
+
+def find_record(outputs: Path, key: str) -> tuple[SweepStore, dict[str, Any]] | None:
+    """The sweep folder and plan row of an image id under `outputs`."""
+    for plan_path in sorted(outputs.glob("*/plan.parquet")):
+        plan = pd.read_parquet(plan_path)
+        hit = plan[plan["id"] == key]
+        if len(hit):
+            row = hit.iloc[0].to_dict()
+            return SweepStore(plan_path.parent), {k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
+    return None
+
+
+def record_from_mlflow(cfg: DictConfig, run_id: str) -> tuple[dict[str, Any], dict[str, str], str]:
+    """An image's request from its MLflow run's params, the file hashes from its tags, and its sweep name."""
+    from runner.run import open_tracker
+
+    tracker, uri = open_tracker(cfg)
+    if tracker is None:
+        raise UserError("tracking.enabled: MLflow is off, so a run id cannot be looked up; give the image id instead")
+    try:
+        run = tracker.client.get_run(run_id)
+    except Exception:
+        raise UserError(f"reproduce: '{run_id}' is neither an image id under {cfg.paths.outputs} nor a run in MLflow at {uri}") from None
+    tags, params = run.data.tags, run.data.params
+    if "lora_sweep.id" not in tags:
+        raise UserError(f"reproduce: MLflow run {run_id} is not an image of a lora-sweep sweep (no lora_sweep.id tag)")
+    hashes = {k: v for k, v in tags.items() if k.endswith(".sha256")}
+    record = {**params, "id": tags["lora_sweep.id"], "scheduler_used": tags.get("scheduler_used") or params.get("scheduler")}
+    return record, hashes, tags.get("lora_sweep.sweep", "")
+
+
+def reproduce(key: str, overrides: list[str], cfg: DictConfig, out: TextIO = sys.stdout) -> bool:
+    """Regenerate one image from its record alone; True when the pixels are identical to the stored image."""
+    import numpy as np
+    from PIL import Image
+
+    from runner.plan import Identity, image_id
+    from runner.prepare import engine_identity, wanted_files
+    from runner.registry import HashCache, resolve_all
+    from runner.request import FIELDS, parse_request
+    from runner.run import SINGULAR, ensure_builtin_assets_for
+
+    outputs = Path(cfg.paths.outputs)
+    found = find_record(outputs, key)
+    stored_png: Path | None = None
+    if found:
+        store, row = found
+        identity = store.read_identity()
+        recorded = {f"{SINGULAR[kind]}.{name}.sha256": sha for kind, group in identity.items() for name, sha in group.items()}
+        stored_png = store.image_path(row["id"])
+        sweep_cfg = folder_config(store, overrides)
+    else:
+        params, recorded, sweep = record_from_mlflow(cfg, key)
+        store = SweepStore(outputs / sweep)
+        sweep_cfg = folder_config(store, overrides) if store.config_path.exists() else cfg
+        request, problems = parse_request({k: v for k, v in params.items() if k in FIELDS})
+        if problems:
+            raise UserError([f"reproduce: MLflow run {key}: {p}" for p in problems])
+        row = {**request, "id": params["id"], "scheduler_used": params["scheduler_used"]}
+        stored_png = download_run_image(sweep_cfg, key, row["id"], store.root / "reproduced")
+    if sweep_cfg.engine.kind != "local":
+        raise UserError("engine.kind: reproduce regenerates with the local engine; a remote provider's pixels are not reproducible here")
+
+    frame = pd.DataFrame([row])
+    wanted = wanted_files(frame)
+    entries = {name: OmegaConf.to_container(sweep_cfg[name], resolve=True) for name in ("models", "loras", "vaes", "embeddings")}
+    ensure_builtin_assets_for(sweep_cfg, entries, wanted)
+    hashes = HashCache(outputs / ".cache" / "hashes.json")
+    registry = resolve_all(
+        entries, wanted, hashes, OmegaConf.to_container(sweep_cfg.upscaler, resolve=True) if row.get("upscale") else None
+    )
+    if registry.problems:
+        raise UserError([str(p) for p in registry.problems])
+    for kind, group in registry.files().items():
+        for name, resolved in group.items():
+            tag = f"{SINGULAR[kind]}.{name}.sha256"
+            if tag in recorded and recorded[tag] != resolved.sha256:
+                raise UserError(
+                    f"{kind}.{name}: {resolved.path} has changed since the image was made "
+                    f"(sha256 {recorded[tag][:10]} -> {resolved.sha256[:10]}); restore the original file to reproduce it"
+                )
+    identity = Identity(
+        model_hashes={k: v.identity for k, v in registry.models.items()},
+        lora_hashes={k: v.identity for k, v in registry.loras.items()},
+        engine=engine_identity(sweep_cfg),
+        file_hashes={f"vae:{k}": v.identity for k, v in registry.vaes.items()}
+        | {f"embeddings:{k}": v.identity for k, v in registry.embeddings.items()},
+    )
+    if image_id(row, identity) != row["id"]:
+        print(
+            f"note: the record's id {row['id']} differs from the id its fields give now (the config changed); regenerating anyway", file=out
+        )
+    image = generate_one(sweep_cfg, registry, row)
+    target = store.root / "reproduced" / f"{row['id']}.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    image.save(target)
+    if stored_png is None or not stored_png.exists():
+        print(f"regenerated {target}; no stored image to compare with", file=out)
+        return False
+    with Image.open(stored_png) as before:
+        old = np.asarray(before.convert("RGB"), dtype=np.int16)
+    new = np.asarray(image.convert("RGB"), dtype=np.int16)
+    if old.shape == new.shape and np.array_equal(old, new):
+        print(f"identical: {target} has the same pixels as {stored_png}", file=out)
+        return True
+    diff = np.abs(old - new).max() if old.shape == new.shape else "size differs"
+    print(
+        f"different: {target} vs {stored_png} (largest difference {diff}/255; a GPU or another library version gives other pixels)",
+        file=out,
+    )
+    return False
+
+
+def generate_one(cfg: DictConfig, registry, row: dict[str, Any]):
+    from runner.engines import create_engine
+    from runner.validate import local_pipeline
+
+    row = dict(row)
+    family = next(iter(registry.models.values())).family if registry.models else "sd"
+    row.setdefault("scheduler_used", row.get("scheduler"))
+    if not row.get("pipeline_used"):
+        row["pipeline_used"], _ = local_pipeline(row, family, registry.upscaler is not None)
+    settings = OmegaConf.to_container(cfg.engine, resolve=True)
+    engine = create_engine(settings.pop("kind"), registry=registry, upscaler=OmegaConf.to_container(cfg.upscaler), api_key=None, **settings)
+    frame = pd.DataFrame([row])
+    try:
+        engine.prepare(frame)
+        result = next(iter(engine.generate(frame)))
+    finally:
+        engine.close()
+    if result.status != "ok":
+        raise UserError(f"reproduce: generation failed: {result.error}")
+    return result.image
+
+
+def download_run_image(cfg: DictConfig, run_id: str, image_id: str, where: Path) -> Path | None:
+    from runner.run import open_tracker
+
+    tracker, _ = open_tracker(cfg)
+    try:
+        return Path(tracker.client.download_artifacts(run_id, f"{image_id}.png", str(where / ".mlflow")))
+    except Exception:
+        return None

@@ -1,0 +1,207 @@
+"""report.html: one self-contained page per sweep folder (relative links only, no network resources).
+
+Plan summary, the ranking (sortable), response curves, the grids, failures, timings and the exact
+command and config to reproduce the sweep. Every image is linked by a path relative to the folder,
+so the folder can be zipped, moved or served as it is.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import time
+from pathlib import Path
+
+import pandas as pd
+
+SORT_SCRIPT = """
+document.querySelectorAll('table.sortable th').forEach(function (th, col) {
+  th.addEventListener('click', function () {
+    var body = th.closest('table').tBodies[0];
+    var rows = Array.prototype.slice.call(body.rows);
+    var up = th.dataset.dir !== 'up'; th.dataset.dir = up ? 'up' : 'down';
+    rows.sort(function (a, b) {
+      var x = a.cells[col].dataset.v || a.cells[col].textContent, y = b.cells[col].dataset.v || b.cells[col].textContent;
+      var nx = parseFloat(x), ny = parseFloat(y);
+      var c = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y);
+      return up ? c : -c;
+    });
+    rows.forEach(function (r) { body.appendChild(r); });
+  });
+});
+window.addEventListener('load', function () {
+  var broken = Array.prototype.filter.call(document.images, function (im) { return !im.complete || im.naturalWidth === 0; });
+  document.body.dataset.brokenImages = String(broken.length);
+  document.body.dataset.loaded = 'yes';
+});
+"""
+
+STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1200px; color: #222; padding: 0 16px; }
+h1 { margin-bottom: 0; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
+.muted { color: #666; } table { border-collapse: collapse; margin: 8px 0; }
+th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: middle; }
+th { background: #f4f4f4; cursor: pointer; user-select: none; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.best td { background: #eef8ee; } img.thumb { width: 48px; height: auto; margin: 1px; image-rendering: pixelated; }
+img.grid, img.plot { max-width: 100%; border: 1px solid #eee; } pre { background: #f6f6f6; padding: 10px; overflow-x: auto; }
+.facts td:first-child { color: #666; } .error { color: #a00; }
+"""
+
+
+def _e(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "<td class='num' data-v=''>–</td>"
+    return f"<td class='num' data-v='{float(value):.6g}'>{float(value):.{digits}f}</td>"
+
+
+def _facts(items: list[tuple[str, str]]) -> str:
+    return "<table class='facts'>" + "".join(f"<tr><td>{_e(k)}</td><td>{v}</td></tr>" for k, v in items) + "</table>"
+
+
+def ranking_section(ranking: pd.DataFrame, rank_by: str | None, scores: list[str]) -> str:
+    if ranking.empty:
+        hint = "set <code>sweep.scores</code> (for example <code>[clip_score, lora_effect, seed_spread]</code>) to rank cells"
+        return f"<h2 id='ranking'>Ranking</h2><p class='muted'>No scores yet: {hint}, or run <code>lora-sweep score FOLDER</code>.</p>"
+    value_columns = [c for c in ranking.columns if c.endswith(("_mean", "_std")) or c in ("ci_low", "ci_high")]
+    head = "".join(f"<th>{_e(c)}</th>" for c in ["rank", "cell", "images", *value_columns, "seeds"])
+    body = []
+    for record in ranking.to_dict("records"):
+        thumbs = "".join(
+            f"<a href='images/{_e(i)}.png'><img class='thumb' src='images/{_e(i)}.png' alt='{_e(i)}'></a>"
+            for i in str(record["ids"]).split()
+        )
+        cells = [f"<td class='num'>{record['rank']}</td>", f"<td>{_e(record['cell'])}</td>", f"<td class='num'>{record['images']}</td>"]
+        cells += [_num(record[c]) for c in value_columns]
+        cells.append(f"<td>{thumbs}</td>")
+        body.append(f"<tr class='{'best' if record['rank'] == 1 else ''}' data-cell='{_e(record['cell'])}'>{''.join(cells)}</tr>")
+    note = (
+        f"<p class='muted'>Cells (every field but the seed) by mean <b>{_e(rank_by)}</b> across seeds, best first; "
+        "<code>_std</code> is the spread across seeds, <code>ci_low..ci_high</code> a 95% bootstrap interval of the mean. "
+        "Click a column to sort. Also in <a href='ranking.csv'>ranking.csv</a>.</p>"
+    )
+    table = f"<table class='sortable' id='ranking-table'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f"<h2 id='ranking'>Ranking</h2>{note}{table}"
+
+
+def write_html(
+    root: Path,
+    name: str,
+    description: str,
+    plan: pd.DataFrame,
+    results: pd.DataFrame,
+    ranking: pd.DataFrame,
+    rank_by: str | None,
+    scores: list[str],
+    curves: list[Path],
+    grids: list[Path],
+    config_text: str,
+    command: str,
+    identity: dict,
+) -> Path:
+    from runner.plan import summarize
+
+    info = summarize(plan)
+    table = plan.merge(results, on="id", how="left", suffixes=("", "_result"))
+    ok = table[table["status"] == "ok"]
+    failed = table[table["status"] == "failed"]
+    pending = len(plan) - len(ok) - len(failed)
+    axes = ", ".join(f"{_e(k)} ({v})" for k, v in info["axes"].items()) or "none"
+    files = "".join(
+        f"<li>{_e(kind)} <b>{_e(k)}</b> <code>{_e(str(v)[:10])}</code></li>" for kind, group in identity.items() for k, v in group.items()
+    )
+    generation = pd.to_numeric(ok.get("generation_s"), errors="coerce") if len(ok) else pd.Series(dtype=float)
+    state = (
+        "finished"
+        if pending == 0
+        else f"<b>{pending} images not generated yet</b> (running or interrupted; run the command again to continue)"
+    )
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{_e(name)}: lora-sweep report</title><style>{STYLE}</style></head><body>",
+        f"<h1>{_e(name)}</h1><p class='muted'>{_e(description)}</p>",
+        "<p><a href='#ranking'>ranking</a> · <a href='#curves'>response curves</a> · <a href='#grids'>grids</a> · "
+        "<a href='#failures'>failures</a> · <a href='#timings'>timings</a> · <a href='#reproduce'>reproduce</a> · "
+        "<a href='#images'>all images</a></p>",
+        "<h2 id='summary'>Plan</h2>",
+        _facts(
+            [
+                ("images", f"{len(plan)} planned: {len(ok)} ok, {len(failed)} failed; {state}"),
+                ("axes", axes),
+                ("models", _e(", ".join(info["models"]))),
+                ("blends", str(info["blends"])),
+                ("scores", _e(", ".join(scores) or "none")),
+                ("report written", time.strftime("%Y-%m-%d %H:%M:%S")),
+            ]
+        ),
+        f"<p class='muted'>Files (sha256 prefix):</p><ul>{files}</ul>" if files else "",
+        ranking_section(ranking, rank_by, scores),
+        "<h2 id='curves'>Response curves</h2>",
+        "".join(f"<p><img class='plot' src='{_e(p.relative_to(root).as_posix())}' alt='response curves'></p>" for p in curves)
+        or "<p class='muted'>No curves: they need scores and LoRAs at more than one strength.</p>",
+        "<p class='muted'>Each LoRA's mean score (bars: spread across images) against its strength; the no-LoRA images are strength 0.</p>"
+        if curves
+        else "",
+        "<h2 id='grids'>Grids</h2>",
+        "".join(grid_html(p, root) for p in grids) or "<p class='muted'>No grids yet.</p>",
+        "<h2 id='failures'>Failures</h2>",
+        (
+            "<table><tr><th>id</th><th>cell</th><th>seed</th><th>error</th></tr>"
+            + "".join(failure_row(r) for r in failed.to_dict("records"))
+            + "</table><p class='muted'>Run again with <code>retry_failed=true</code> to retry only these.</p>"
+        )
+        if len(failed)
+        else "<p>None.</p>",
+        "<h2 id='timings'>Timings</h2>",
+        _facts(
+            [
+                ("generation, all images", f"{generation.sum():.1f} s" if len(generation) else "–"),
+                ("per image", f"{generation.mean():.3f} s mean, {generation.median():.3f} s median" if len(generation) else "–"),
+                ("batch sizes", _e(", ".join(str(int(b)) for b in sorted(ok["batch_size"].dropna().unique())) if len(ok) else "–")),
+                ("first / last image", _e(f"{ok['finished_at'].min()} / {ok['finished_at'].max()}") if len(ok) else "–"),
+            ]
+        ),
+        "<h2 id='reproduce'>Reproduce</h2>",
+        f"<p>The command that made this sweep (run it again to continue or regenerate):</p><pre>{_e(command)}</pre>",
+        "<p>One image: <code>lora-sweep reproduce IMAGE_ID</code>. The composed config (<a href='config.yaml'>config.yaml</a>):</p>",
+        f"<details><summary>config.yaml</summary><pre>{_e(config_text)}</pre></details>",
+        "<h2 id='images'>All images</h2>",
+        images_table(table, scores),
+        f"<script>{SORT_SCRIPT}</script></body></html>",
+    ]
+    path = root / "report.html"
+    tmp = path.with_suffix(".html.tmp")
+    tmp.write_text("".join(parts), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def images_table(table: pd.DataFrame, scores: list[str]) -> str:
+    present = [s for s in scores if s in table]
+    head = "".join(f"<th>{_e(c)}</th>" for c in ["id", "blend", "seed", "status", *present])
+    rows = []
+    for r in table.to_dict("records"):
+        link = f"<a href='images/{_e(r['id'])}.png'>{_e(r['id'])}</a>" if r.get("status") == "ok" else _e(r["id"])
+        cells = [
+            f"<td>{link}</td>",
+            f"<td>{_e(r['blend'])}</td>",
+            f"<td class='num'>{_e(r['seed'])}</td>",
+            f"<td>{_e(r.get('status') or 'pending')}</td>",
+        ]
+        cells += [_num(r.get(s)) for s in present]
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    body = f"<table class='sortable'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    return f"<details><summary>{len(table)} images</summary>{body}</details>"
+
+
+def grid_html(path: Path, root: Path) -> str:
+    link = _e(path.relative_to(root).as_posix())
+    return f"<h3>{_e(path.stem)}</h3><p><a href='{link}'><img class='grid' src='{link}' alt='{_e(path.stem)}'></a></p>"
+
+
+def failure_row(r: dict) -> str:
+    error = (str(r.get("error") or "").strip().splitlines() or [""])[0]
+    return f"<tr><td>{_e(r['id'])}</td><td>{_e(r['blend'])}</td><td>{_e(r['seed'])}</td><td class='error'>{_e(error)}</td></tr>"

@@ -1,0 +1,335 @@
+"""Scores, ranking, grids, report.html, MLflow as a place to compare, and `reproduce`: through the CLI and the files written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+SCORES = ["clip_score", "aesthetic", "lora_effect", "seed_spread"]
+SCORED_SWEEP = {
+    "name": "scored",
+    "description": "two LoRAs at two strengths, scored",
+    "base": {
+        "prompt": "a red circle on a blue background",
+        "width": 128,
+        "height": 128,
+        "num_inference_steps": 8,
+        "scheduler": "EulerDiscreteScheduler",
+    },
+    "grid": {"lora_model": {"each": ["sunset", "star"]}, "lora_strength": [0.5, 1.0], "seed": [0, 1]},
+    "report": {"grid": {"x": "lora_strength", "y": "lora_model"}, "baseline": True},
+    "scores": SCORES,
+}
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory, assets_dir):
+    """One scored run (2 LoRAs x 2 strengths x 2 seeds + 2 baseline rows = 10 images), shared by the read-only tests."""
+    from tests.conftest import Workspace
+
+    ws = Workspace(tmp_path_factory.mktemp("scored"), assets_dir)
+    result = ws.cli("run", f"sweep={ws.sweep('scored', SCORED_SWEEP)}")
+    assert result.code == 0, result.err
+    folder = ws.outputs / "scored"
+    return ws, result, folder, pd.read_parquet(folder / "results.parquet"), pd.read_parquet(folder / "plan.parquet")
+
+
+def mlflow_children(outputs, experiment):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{outputs / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=[experiment], output_format="pandas")
+    return runs[runs["tags.mlflow.parentRunId"].notna()], runs[runs["tags.lora_sweep.role"] == "parent"]
+
+
+def test_every_image_is_scored_in_results_and_mlflow(scored):
+    ws, result, folder, results, plan = scored
+    assert len(plan) == 10 and set(results["status"]) == {"ok"}
+    assert "scored 10 images" in result.out
+    table = plan.merge(results, on="id", suffixes=("", "_r"))
+    for name in SCORES:
+        assert table[name].notna().all(), name
+    assert (table["clip_score"] >= 0).all() and (table["clip_score"] <= 100).all()
+    baseline = table[table["lora_model"] == ""]
+    with_lora = table[table["lora_model"] != ""]
+    assert len(baseline) == 2 and (baseline["lora_effect"] == 0).all(), "the baseline is its own reference"
+    assert (with_lora["lora_effect"] > 0).all()
+    for _, cell in table.groupby("blend"):
+        assert cell["seed_spread"].nunique() == 1 and cell["seed_spread"].iloc[0] > 0, "one spread per cell, across its seeds"
+    children, _ = mlflow_children(ws.outputs, "scored")
+    assert len(children) == 10
+    by_id = children.set_index("tags.lora_sweep.id")
+    for row in table.to_dict("records"):
+        for name in SCORES:
+            assert by_id.loc[row["id"], f"metrics.{name}"] == pytest.approx(row[name], rel=1e-5), name
+
+
+def test_clip_score_is_transformers_clip_and_the_aesthetic_head_reads_its_embeddings(scored):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import CLIPModel, CLIPProcessor
+
+    ws, _, folder, results, plan = scored
+    clip_dir = ws.assets / "tiny-clip"
+    model, processor = CLIPModel.from_pretrained(clip_dir), CLIPProcessor.from_pretrained(clip_dir)
+    row = results.iloc[3]
+    with Image.open(folder / row["file"]) as image:
+        inputs = processor(
+            text=[plan.set_index("id").loc[row["id"], "prompt"]], images=image.convert("RGB"), return_tensors="pt", padding="max_length"
+        )
+    with torch.no_grad():
+        image_emb = model.get_image_features(pixel_values=inputs["pixel_values"])
+        text_emb = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    image_emb = getattr(image_emb, "pooler_output", image_emb)
+    text_emb = getattr(text_emb, "pooler_output", text_emb)
+    image_emb, text_emb = (torch.nn.functional.normalize(t, dim=-1) for t in (image_emb, text_emb))
+    assert row["clip_score"] == pytest.approx(100 * max(0.0, float(image_emb @ text_emb.T)), abs=1e-3)
+    head = load_file(str(ws.assets / "aesthetic.safetensors"))
+    expected = float(image_emb @ head["layers.0.weight"].T + head["layers.0.bias"])
+    assert row["aesthetic"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_ranking_orders_cells_by_mean_score_with_spread_and_interval(scored):
+    _, result, folder, results, plan = scored
+    ranking = pd.read_csv(folder / "ranking.csv")
+    table = plan.merge(results, on="id", suffixes=("", "_r"))
+    expected = table.groupby("blend")["clip_score"].agg(["mean", "std", "count"])
+    assert len(ranking) == 5 and set(ranking["cell"]) == set(expected.index)
+    assert list(ranking["rank"]) == [1, 2, 3, 4, 5]
+    assert ranking["clip_score_mean"].is_monotonic_decreasing
+    for row in ranking.to_dict("records"):
+        assert row["clip_score_mean"] == pytest.approx(expected.loc[row["cell"], "mean"])
+        assert row["clip_score_std"] == pytest.approx(expected.loc[row["cell"], "std"])
+        assert row["images"] == expected.loc[row["cell"], "count"] == 2
+        assert row["ci_low"] <= row["clip_score_mean"] <= row["ci_high"]
+        assert "aesthetic_mean" in row and "lora_effect_mean" in row
+    assert f"1. {ranking['cell'][0]}: " in result.out, "the run's closing lines name the best cell"
+    assert (folder / "report" / "curves.png").exists()
+
+
+class Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links: list[str] = []
+        self.ranking_cells: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        for key in ("href", "src"):
+            if attrs.get(key):
+                self.links.append(attrs[key])
+        if tag == "tr" and "data-cell" in attrs and self.ranking_cells is not None:
+            self.ranking_cells.append(attrs["data-cell"])
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_report_html_links_resolve_every_image_appears_and_ranking_matches_csv(scored):
+    _, result, folder, results, _ = scored
+    assert f"report:  {folder / 'report.html'}" in result.out
+    page = (folder / "report.html").read_text()
+    parser = Links()
+    parser.feed(page)
+    assert not [u for u in parser.links if u.startswith(("http:", "https:", "//"))], "no network resources"
+    local = [u for u in parser.links if not u.startswith("#")]
+    assert local and all((folder / u).is_file() for u in local), [u for u in local if not (folder / u).is_file()]
+    for image_id in results.loc[results["status"] == "ok", "id"]:
+        assert f"images/{image_id}.png" in local
+    ranking = pd.read_csv(folder / "ranking.csv")
+    assert parser.ranking_cells == list(ranking["cell"])
+    text = "".join(parser.text)
+    for mean in ranking["clip_score_mean"]:
+        assert f"{mean:.3f}" in text
+    assert "lora-sweep run" in text and "config.yaml" in text  # how to reproduce
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found:
+        if os.environ.get("LORA_SWEEP_REQUIRE_CHROMIUM"):
+            pytest.fail("chromium is not installed (apt-get install -y chromium); .ci/run installs it")
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    return found
+
+
+def test_report_renders_in_headless_chromium_without_broken_images(scored, tmp_path):
+    ws, _, folder, _, _ = scored
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=10000",
+    ]
+    url = (folder / "report.html").as_uri()
+    dom = subprocess.run([chromium(), *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert 'data-loaded="yes"' in dom.stdout, dom.stderr[-2000:]
+    assert 'data-broken-images="0"' in dom.stdout, "an image of the report did not load"
+    shot = ws.outputs / "report-screenshot.png"
+    subprocess.run([chromium(), *flags, "--window-size=1280,2000", f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    with Image.open(shot) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    assert pixels.shape[:2] == (2000, 1280) and pixels.std() > 10, "the page rendered something"
+
+
+def test_mlflow_experiment_opens_on_runs_with_readable_names_images_and_ranking(scored):
+    from mlflow.tracking import MlflowClient
+
+    ws, result, folder, _, _ = scored
+    client = MlflowClient(f"sqlite:///{ws.outputs / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("scored")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs" in result.out
+    children, parent = mlflow_children(ws.outputs, "scored")
+    names = set(children["tags.mlflow.runName"])
+    assert {"sunset 0.5 · seed 0", "star 1 · seed 1", "no LoRA · seed 0"} <= names
+    child = children.iloc[0]
+    files = [a.path for a in client.list_artifacts(child["run_id"])]
+    assert f"{child['tags.lora_sweep.id']}.png" in files and "images" in files
+    logged = [a.path for a in client.list_artifacts(child["run_id"], "images")]
+    assert any(p.startswith("images/image+step+0") and p.endswith(".png") for p in logged), "log_image under the key 'image'"
+    parent_files = {a.path for a in client.list_artifacts(parent["run_id"].iloc[0])}
+    assert {"ranking.json", "report", "grids"} <= parent_files
+    table = json.loads(Path(client.download_artifacts(parent["run_id"].iloc[0], "ranking.json", str(folder / ".dl"))).read_text())
+    assert len(table["data"]) == 5
+
+
+SCORER_MODULE = '''
+import numpy as np
+
+
+class Brightness:
+    """A user's own learned scorer: the interface of runner/scores/learned.py."""
+
+    def __init__(self, source, clip, device):
+        self.scale = float(open(source).read())
+
+    def score(self, images, prompts, image_embeddings):
+        return np.array([self.scale * np.asarray(im, dtype=float).mean() for im in images])
+'''
+
+
+def test_score_command_adds_a_new_scorer_without_generating_and_logs_it(scored):
+    ws, _, folder, results, _ = scored
+    again = ws.cli("score", str(folder))
+    assert again.code == 0, again.err
+    assert "nothing to score" in again.out
+    (ws.root / "my_scorer.py").write_text(SCORER_MODULE)
+    (ws.root / "scale.txt").write_text("0.5")
+    journal = (folder / "results.jsonl").read_text()
+    scored_run = ws.cli(
+        "score",
+        str(folder),
+        f"scorers.brightness={{source: {ws.root / 'scale.txt'}, kind: 'my_scorer:Brightness'}}",
+        "sweep.scores=[clip_score,brightness]",
+    )
+    assert scored_run.code == 0, scored_run.err
+    assert "scored 10 images (clip_score, brightness)" in scored_run.out
+    assert (folder / "results.jsonl").read_text() == journal, "nothing was generated"
+    after = pd.read_parquet(folder / "results.parquet").set_index("id")
+    for _, row in after.iterrows():
+        with Image.open(folder / row["file"]) as image:
+            assert row["brightness"] == pytest.approx(0.5 * np.asarray(image.convert("RGB"), dtype=float).mean())
+    assert after["clip_score"].equals(results.set_index("id").loc[after.index, "clip_score"]), "existing scores are kept"
+    children, _ = mlflow_children(ws.outputs, "scored")
+    assert children["metrics.brightness"].notna().all() and len(children) == 10
+
+
+def test_reproduce_an_image_by_id_and_by_mlflow_run_id(scored):
+    ws, _, folder, results, _ = scored
+    image_id = results["id"].iloc[4]
+    by_id = ws.cli("reproduce", image_id)
+    assert by_id.code == 0, by_id.err
+    assert "identical" in by_id.out
+    children, _ = mlflow_children(ws.outputs, "scored")
+    run_id = children.set_index("tags.lora_sweep.id").loc[image_id, "run_id"]
+    by_run = ws.cli("reproduce", run_id)
+    assert by_run.code == 0, by_run.err + by_run.out
+    assert "identical" in by_run.out
+    unknown = ws.cli("reproduce", "0123456789abcdef")
+    assert unknown.code == 2 and unknown.err_lines[-1].startswith("error: reproduce:") and "Traceback" not in unknown.err
+
+
+def test_reproduce_refuses_when_a_lora_file_changed(workspace):
+    own = workspace.root / "mine.safetensors"
+    shutil.copy(workspace.assets / "loras" / "sunset.safetensors", own)
+    sweep = {
+        "name": "one",
+        "base": {
+            "prompt": "a red circle on a blue background",
+            "width": 64,
+            "height": 64,
+            "num_inference_steps": 2,
+            "seed": 1,
+            "lora_model": "mine",
+        },
+    }
+    run = workspace.cli("run", f"sweep={workspace.sweep('one', sweep)}", f"+loras.mine={{source: {own}}}", "tracking=none")
+    assert run.code == 0, run.err
+    image_id = pd.read_parquet(workspace.outputs / "one" / "results.parquet")["id"].iloc[0]
+    shutil.copy(workspace.assets / "loras" / "star.safetensors", own)
+    again = workspace.cli("reproduce", image_id)
+    assert again.code == 2 and "Traceback" not in again.err
+    assert again.err_lines == [next(line for line in again.err_lines if line.startswith("error: loras.mine:"))]
+    assert "has changed since the image was made" in again.err
+
+
+def test_grids_keep_aspect_stay_within_the_pixel_budget_and_report_works_midway(workspace):
+    sweep = {
+        "name": "wide",
+        "base": {"prompt": "a red circle on a blue background", "width": 128, "height": 64, "num_inference_steps": 2},
+        "grid": {"lora_model": {"each": ["sunset", "stripes", "star"]}, "lora_strength": [0.5, 1.0], "seed": [0, 1]},
+        "report": {"grid": {"x": "seed", "y": "lora_strength", "page": "lora_model"}, "cell_size": 64, "max_grid_pixels": 30000},
+    }
+    result = workspace.cli("run", f"sweep={workspace.sweep('wide', sweep)}", "tracking=none")
+    assert result.code == 0, result.err
+    folder = workspace.outputs / "wide"
+    grids = sorted((folder / "grids").glob("*.png"))
+    assert len(grids) == 6 and all("part" in g.name for g in grids), "3 pages (one per LoRA), each split in two parts"
+    for grid in grids:
+        with Image.open(grid) as image:
+            assert image.width * image.height <= 30000
+            assert image.width > image.height  # 2:1 thumbnails in a row of two
+    # a sweep still running or interrupted: half the results are not there yet
+    lines = (folder / "results.jsonl").read_text().splitlines()
+    (folder / "results.jsonl").write_text("\n".join(lines[:5]) + "\n")
+    (folder / "results.parquet").unlink()
+    report = workspace.cli("report", str(folder))
+    assert report.code == 0, report.err
+    assert "report of 5 of 12 images" in report.out
+    assert "7 images not generated yet" in (folder / "report.html").read_text()
+
+
+def test_a_base_field_that_an_axis_replaces_is_warned_about_once(workspace, small_sweep):
+    result = workspace.cli("plan", f"sweep={small_sweep}", "sweep.base.seed=5", "sweep.base.scheduler=DDIMScheduler")
+    assert result.code == 0, result.err
+    warnings = [line for line in result.out.splitlines() if line.startswith("warning: sweep.base.")]
+    assert warnings == [
+        "warning: sweep.base.seed=5 is not used: the axis sweep.grid.seed sets it on every row; "
+        "to use the base value, remove the axis (~sweep.grid.seed)"
+    ]
+
+
+def test_an_unknown_scorer_is_one_line_before_any_image(workspace, small_sweep):
+    result = workspace.cli("run", f"sweep={small_sweep}", "sweep.scores=[clip_score,aesthetics]")
+    assert result.code == 2
+    assert result.err_lines == ["error: sweep.scores: unknown scorer 'aesthetics'; did you mean 'aesthetic'?"]
+    assert not (workspace.outputs / "small" / "images").exists()
