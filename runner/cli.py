@@ -33,7 +33,7 @@ SWEEP_KEYS = ("name", "description", "base", "grid", "report", "scores", "max_im
 USAGE = """usage: lora-sweep COMMAND [overrides...]
 
 commands:
-  run     generate a sweep: plan, validate, generate what is not done yet, log to MLflow, draw grids
+  run     generate a sweep: plan, validate, generate what is not done yet, score, log to MLflow, report
   plan    expand and validate a sweep, print its summary and write plan-preview.parquet/.csv (no GPU, no torch)
   sync    log to MLflow what a run could not (tracking server down), refresh grids; generates nothing
   score   compute missing scores of a sweep folder, or a new scorer's, and log them to its MLflow runs:

@@ -83,7 +83,7 @@ def ensure_builtin_assets(cfg: DictConfig, prepared: PreparedSweep) -> bool:
     uses_builtin = any(r.builtin for group in prepared.registry.files().values() for r in group.values())
     uses_builtin = uses_builtin or any(entry.builtin for entry in prepared.scorers.values())
     if uses_builtin and not demo_assets_ready(Path(cfg.paths.assets)):
-        print(f"building the embedded tiny model and LoRAs into {cfg.paths.assets} (once) ...", flush=True)
+        print(f"copying the demo's tiny world (model, LoRAs, scorers) into {cfg.paths.assets} (once) ...", flush=True)
         ensure_demo_assets(cfg.paths.assets)
         return True
     return False
@@ -140,7 +140,7 @@ def run_sweep(cfg: DictConfig, out: TextIO = sys.stdout, generate: bool = True) 
     artifacts are brought up to date.
     """
     prepared = plan_or_fail(cfg)
-    if generate and cfg.engine.kind == "local" and ensure_builtin_assets(cfg, prepared):
+    if generate and ensure_builtin_assets(cfg, prepared):  # the local engine's model and LoRAs, any engine's scorers
         prepared = plan_or_fail(cfg)  # hashed again from the files just built
     api_key = require_api_key(cfg) if cfg.engine.kind == "remote" and generate else None
     plan = prepared.plan

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -126,6 +127,12 @@ def test_failed_images_are_recorded_and_the_sweep_goes_on(workspace):
     _, children = mlflow_runs(workspace.outputs, "faulty")
     assert sorted(children["status"]) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
     assert children.loc[children["status"] == "FAILED", "tags.error"].str.contains("NaN").all()
+    for grid in (workspace.outputs / "faulty" / "grids").glob("*.png"):  # one per seed: one ok and one failed cell
+        with Image.open(grid) as image:
+            marked = (np.asarray(image.convert("RGB")) == (250, 225, 225)).all(axis=2).sum()
+        assert marked > 32 * 32, "a failed image is a marked cell of its grid"
+    report = (workspace.outputs / "faulty" / "report.html").read_text()
+    assert report.count("NaN in the output") == 2, "the report lists each failure with its line"
 
     retry = workspace.cli("run", f"sweep={path}", extra, "retry_failed=true")
     assert "done: 0 ok, 2 failed, 2 skipped of 4 images" in retry.out, retry.out + retry.err

@@ -179,16 +179,11 @@ def _draw(group: pd.DataFrame, root: Path, title: str, x: str, y: str, cell: tup
             elif row is not None and row.get("status") == "failed":
                 draw.rectangle([left, top, left + cw - 1, top + ch - 1], fill=(250, 225, 225), outline=(200, 40, 40), width=2)
                 _centered(draw, "failed", left, top + ch // 2 - 7, cw, font, fill=(170, 20, 20))
-            else:
+            elif row is not None:  # planned, not finished yet (running, interrupted), or its file is gone
                 draw.rectangle([left, top, left + cw - 1, top + ch - 1], fill=(230, 230, 230))
-                _centered(
-                    draw,
-                    "missing" if row is None or missing(row.get("status")) else str(row.get("status")),
-                    left,
-                    top + ch // 2 - 7,
-                    cw,
-                    font,
-                )
+                status = "missing" if missing(row.get("status")) else str(row.get("status"))
+                _centered(draw, status, left, top + ch // 2 - 7, cw, font)
+            # else: no such image in the plan (the no-LoRA row has no strengths): left blank
     return canvas
 
 

@@ -37,12 +37,14 @@ window.addEventListener('load', function () {
 """
 
 STYLE = """
-body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1200px; color: #222; padding: 0 16px; }
+body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1400px; color: #222; padding: 0 16px; }
+.scroll { overflow-x: auto; } .scroll table { font-size: 12.5px; }
 h1 { margin-bottom: 0; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
 .muted { color: #666; } table { border-collapse: collapse; margin: 8px 0; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: middle; }
 th { background: #f4f4f4; cursor: pointer; user-select: none; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-tr.best td { background: #eef8ee; } img.thumb { width: 48px; height: auto; margin: 1px; image-rendering: pixelated; }
+tr.best td { background: #eef8ee; } img.thumb { width: 40px; height: auto; margin: 0 1px; vertical-align: middle; }
+td.thumbs { white-space: nowrap; } td.cell { min-width: 220px; }
 img.grid, img.plot { max-width: 100%; border: 1px solid #eee; } pre { background: #f6f6f6; padding: 10px; overflow-x: auto; }
 .facts td:first-child { color: #666; } .error { color: #a00; }
 """
@@ -74,9 +76,13 @@ def ranking_section(ranking: pd.DataFrame, rank_by: str | None, scores: list[str
             f"<a href='images/{_e(i)}.png'><img class='thumb' src='images/{_e(i)}.png' alt='{_e(i)}'></a>"
             for i in str(record["ids"]).split()
         )
-        cells = [f"<td class='num'>{record['rank']}</td>", f"<td>{_e(record['cell'])}</td>", f"<td class='num'>{record['images']}</td>"]
+        cells = [
+            f"<td class='num'>{record['rank']}</td>",
+            f"<td class='cell'>{_e(record['cell'])}</td>",
+            f"<td class='num'>{record['images']}</td>",
+        ]
         cells += [_num(record[c]) for c in value_columns]
-        cells.append(f"<td>{thumbs}</td>")
+        cells.append(f"<td class='thumbs'>{thumbs}</td>")
         body.append(f"<tr class='{'best' if record['rank'] == 1 else ''}' data-cell='{_e(record['cell'])}'>{''.join(cells)}</tr>")
     note = (
         f"<p class='muted'>Cells (every field but the seed) by mean <b>{_e(rank_by)}</b> across seeds, best first; "
@@ -84,6 +90,7 @@ def ranking_section(ranking: pd.DataFrame, rank_by: str | None, scores: list[str
         "Click a column to sort. Also in <a href='ranking.csv'>ranking.csv</a>.</p>"
     )
     table = f"<table class='sortable' id='ranking-table'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    table = f"<div class='scroll'>{table}</div>"
     return f"<h2 id='ranking'>Ranking</h2>{note}{table}"
 
 
@@ -110,8 +117,11 @@ def write_html(
     failed = table[table["status"] == "failed"]
     pending = len(plan) - len(ok) - len(failed)
     axes = ", ".join(f"{_e(k)} ({v})" for k, v in info["axes"].items()) or "none"
+    kinds = {"models": "model", "loras": "LoRA", "vaes": "VAE", "embeddings": "embeddings", "upscaler": "upscaler"}
     files = "".join(
-        f"<li>{_e(kind)} <b>{_e(k)}</b> <code>{_e(str(v)[:10])}</code></li>" for kind, group in identity.items() for k, v in group.items()
+        f"<li>{_e(kinds.get(kind, kind))} <b>{_e(k)}</b> <code>{_e(str(v)[:10])}</code></li>"
+        for kind, group in identity.items()
+        for k, v in group.items()
     )
     generation = pd.to_numeric(ok.get("generation_s"), errors="coerce") if len(ok) else pd.Series(dtype=float)
     state = (
