@@ -313,20 +313,21 @@ FOLDER_USAGE = {
 
 
 def folder_command(command: str, argv: list[str]) -> None:
-    """report, score and reproduce: the first argument is a sweep folder (or an image id), then overrides."""
-    if not argv or argv[0].startswith("-"):
+    """report, score and reproduce: one sweep folder (or image id) and key=value overrides, in any order."""
+    positional = [a for a in argv if "=" not in a and not a.startswith("-")]
+    overrides = [a for a in argv if "=" in a]
+    if any(a in ("-h", "--help") for a in argv) or len(positional) != 1:
         print(FOLDER_USAGE[command])
-        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+        sys.exit(0 if any(a in ("-h", "--help") for a in argv) else 2)
     from runner import offline
 
+    target = positional[0]
     if command == "report":
-        if len(argv) != 1:
-            fail([f"report: takes only the sweep folder; {FOLDER_USAGE['report']}"])
-        offline.report_folder(argv[0])
+        offline.report_folder(target)
     elif command == "score":
-        offline.score_folder(argv[0], argv[1:])
+        offline.score_folder(target, overrides)
     else:
-        identical = offline.reproduce(argv[0], argv[1:], compose_config(argv[1:]))
+        identical = offline.reproduce(target, overrides, compose_config(overrides))
         sys.exit(0 if identical else 1)
 
 

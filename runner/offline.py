@@ -116,8 +116,9 @@ def find_record(outputs: Path, key: str) -> tuple[SweepStore, dict[str, Any]] | 
     return None
 
 
-def record_from_mlflow(cfg: DictConfig, run_id: str) -> tuple[dict[str, Any], dict[str, str], str]:
-    """An image's request from its MLflow run's params, the file hashes from its tags, and its sweep name."""
+def records_from_mlflow(cfg: DictConfig, run_id: str) -> tuple[list[dict[str, Any]], dict[str, str], str]:
+    """An image's request from its MLflow run's params (first), the other images of its batch from theirs,
+    the file hashes from its tags, and its sweep name."""
     from runner.run import open_tracker
 
     tracker, uri = open_tracker(cfg)
@@ -127,12 +128,24 @@ def record_from_mlflow(cfg: DictConfig, run_id: str) -> tuple[dict[str, Any], di
         run = tracker.client.get_run(run_id)
     except Exception:
         raise UserError(f"reproduce: '{run_id}' is neither an image id under {cfg.paths.outputs} nor a run in MLflow at {uri}") from None
-    tags, params = run.data.tags, run.data.params
+    tags = run.data.tags
     if "lora_sweep.id" not in tags:
         raise UserError(f"reproduce: MLflow run {run_id} is not an image of a lora-sweep sweep (no lora_sweep.id tag)")
     hashes = {k: v for k, v in tags.items() if k.endswith(".sha256")}
-    record = {**params, "id": tags["lora_sweep.id"], "scheduler_used": tags.get("scheduler_used") or params.get("scheduler")}
-    return record, hashes, tags.get("lora_sweep.sweep", "")
+
+    def record(run) -> dict[str, Any]:
+        tags, params = run.data.tags, run.data.params
+        return {**params, "id": tags["lora_sweep.id"], "scheduler_used": tags.get("scheduler_used") or params.get("scheduler")}
+
+    records = [record(run)]
+    for other in str(tags.get("meta.batch") or "").split():
+        if other == tags["lora_sweep.id"]:
+            continue
+        found = tracker.client.search_runs([run.info.experiment_id], filter_string=f"tags.`lora_sweep.id` = '{other}'", max_results=1)
+        if not found:
+            return records[:1], hashes, tags.get("lora_sweep.sweep", "")  # its batch is not all there: the image alone
+        records.append(record(found[0]))
+    return records, hashes, tags.get("lora_sweep.sweep", "")
 
 
 def reproduce(key: str, overrides: list[str], cfg: DictConfig, out: TextIO = sys.stdout) -> bool:
@@ -155,20 +168,27 @@ def reproduce(key: str, overrides: list[str], cfg: DictConfig, out: TextIO = sys
         recorded = {f"{SINGULAR[kind]}.{name}.sha256": sha for kind, group in identity.items() for name, sha in group.items()}
         stored_png = store.image_path(row["id"])
         sweep_cfg = folder_config(store, overrides)
+        results = store.read_results().set_index("id")
+        plan = store.read_plan().set_index("id", drop=False)
+        members = str(results["meta.batch"].get(row["id"]) or "").split() if "meta.batch" in results else []
+        batch = [clean(plan.loc[m].to_dict()) for m in members if m in plan.index] if members else []
     else:
-        params, recorded, sweep = record_from_mlflow(cfg, key)
+        records, recorded, sweep = records_from_mlflow(cfg, key)
         store = SweepStore(outputs / sweep)
         sweep_cfg = folder_config(store, overrides) if store.config_path.exists() else cfg
-        request, problems = parse_request({k: v for k, v in params.items() if k in FIELDS})
-        if problems:
-            raise UserError([f"reproduce: MLflow run {key}: {p}" for p in problems])
-        row = {**request, "id": params["id"], "scheduler_used": params["scheduler_used"]}
+        batch = []
+        for params in records:
+            request, problems = parse_request({k: v for k, v in params.items() if k in FIELDS})
+            if problems:
+                raise UserError([f"reproduce: MLflow run {key}: {p}" for p in problems])
+            batch.append({**request, "id": params["id"], "scheduler_used": params["scheduler_used"]})
+        row = batch[0]
         stored_png = download_run_image(sweep_cfg, key, row["id"], store.root / "reproduced")
+    batch = batch if row["id"] in {b["id"] for b in batch} else [row]
     if sweep_cfg.engine.kind != "local":
         raise UserError("engine.kind: reproduce regenerates with the local engine; a remote provider's pixels are not reproducible here")
 
-    frame = pd.DataFrame([row])
-    wanted = wanted_files(frame)
+    wanted = wanted_files(pd.DataFrame([row]))
     entries = {name: OmegaConf.to_container(sweep_cfg[name], resolve=True) for name in ("models", "loras", "vaes", "embeddings")}
     ensure_builtin_assets_for(sweep_cfg, entries, wanted)
     hashes = HashCache(outputs / ".cache" / "hashes.json")
@@ -196,7 +216,7 @@ def reproduce(key: str, overrides: list[str], cfg: DictConfig, out: TextIO = sys
         print(
             f"note: the record's id {row['id']} differs from the id its fields give now (the config changed); regenerating anyway", file=out
         )
-    image = generate_one(sweep_cfg, registry, row)
+    image = generate_batch(sweep_cfg, registry, batch, row["id"])
     target = store.root / "reproduced" / f"{row['id']}.png"
     target.parent.mkdir(parents=True, exist_ok=True)
     image.save(target)
@@ -217,21 +237,30 @@ def reproduce(key: str, overrides: list[str], cfg: DictConfig, out: TextIO = sys
     return False
 
 
-def generate_one(cfg: DictConfig, registry, row: dict[str, Any]):
+def clean(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
+
+
+def generate_batch(cfg: DictConfig, registry, rows: list[dict[str, Any]], target: str):
+    """The image `target`, generated in the batch it was first made in (same members, one engine call)."""
     from runner.engines import create_engine
     from runner.validate import local_pipeline
 
-    row = dict(row)
     family = next(iter(registry.models.values())).family if registry.models else "sd"
-    row.setdefault("scheduler_used", row.get("scheduler"))
-    if not row.get("pipeline_used"):
-        row["pipeline_used"], _ = local_pipeline(row, family, registry.upscaler is not None)
+    prepared = []
+    for row in rows:
+        row = dict(row)
+        row["scheduler_used"] = row.get("scheduler_used") or row.get("scheduler")
+        if not row.get("pipeline_used"):
+            row["pipeline_used"], _ = local_pipeline(row, family, registry.upscaler is not None)
+        prepared.append(row)
     settings = OmegaConf.to_container(cfg.engine, resolve=True)
+    settings["batch_size"] = len(prepared)
     engine = create_engine(settings.pop("kind"), registry=registry, upscaler=OmegaConf.to_container(cfg.upscaler), api_key=None, **settings)
-    frame = pd.DataFrame([row])
+    frame = pd.DataFrame(prepared)
     try:
         engine.prepare(frame)
-        result = next(iter(engine.generate(frame)))
+        result = next(r for r in engine.generate(frame) if r.id == target)
     finally:
         engine.close()
     if result.status != "ok":

@@ -48,7 +48,7 @@ def test_plan_writes_plan_and_does_not_import_torch(workspace):
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=workspace.root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "plan 'demo': 72 images, 3 distinct blends" in proc.stdout
+    assert "plan 'demo': 104 images, 4 distinct blends" in proc.stdout
     plan = pd.read_parquet(workspace.outputs / "demo" / "plan-preview.parquet")
     assert len(plan) == 72 and plan["id"].is_unique
     assert (workspace.outputs / "demo" / "plan-preview.csv").exists()
@@ -70,7 +70,7 @@ def test_unknown_sweep_name_suggests(workspace, small_sweep):
 def test_hydra_multirun_plans_several_sweeps(workspace, small_sweep):
     result = workspace.cli("plan", "-m", "sweep=demo,small")
     assert result.code == 0, result.err
-    assert "plan 'demo': 72 images" in result.out and "plan 'small': 8 images" in result.out
+    assert "plan 'demo': 104 images" in result.out and "plan 'small': 8 images" in result.out
     assert (workspace.outputs / "demo" / "plan-preview.parquet").exists()
     assert (workspace.outputs / "small" / "plan-preview.parquet").exists()
 

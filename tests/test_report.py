@@ -296,26 +296,31 @@ def test_grids_keep_aspect_stay_within_the_pixel_budget_and_report_works_midway(
     sweep = {
         "name": "wide",
         "base": {"prompt": "a red circle on a blue background", "width": 128, "height": 64, "num_inference_steps": 2},
-        "grid": {"lora_model": {"each": ["sunset", "stripes", "star"]}, "lora_strength": [0.5, 1.0], "seed": [0, 1]},
-        "report": {"grid": {"x": "seed", "y": "lora_strength", "page": "lora_model"}, "cell_size": 64, "max_grid_pixels": 30000},
+        "grid": {"lora_model": {"each": ["sunset", "stripes", "star"]}, "lora_strength": [0.5, 1.0], "seed": [0, 1, 2, 3]},
+        # at 64 px a page is 174x200 = 34,800 px; thumbnails shrink to 32x16, then each page splits into two parts
+        "report": {"grid": {"x": "lora_strength", "y": "seed", "page": "lora_model"}, "cell_size": 64, "max_grid_pixels": 12000},
     }
     result = workspace.cli("run", f"sweep={workspace.sweep('wide', sweep)}", "tracking=none")
     assert result.code == 0, result.err
     folder = workspace.outputs / "wide"
     grids = sorted((folder / "grids").glob("*.png"))
-    assert len(grids) == 6 and all("part" in g.name for g in grids), "3 pages (one per LoRA), each split in two parts"
+    assert [g.name for g in grids] == [f"lora_model={lora}_part{k}.png" for lora in ("star", "stripes", "sunset") for k in (1, 2)]
     for grid in grids:
         with Image.open(grid) as image:
-            assert image.width * image.height <= 30000
-            assert image.width > image.height  # 2:1 thumbnails in a row of two
-    # a sweep still running or interrupted: half the results are not there yet
+            assert image.width * image.height <= 12000
+            pixels = np.asarray(image.convert("RGB"))
+        # the first thumbnail: 32x16, its 2:1 aspect kept (the image is blue around its red circle, the page white)
+        cell = pixels[66 : 66 + 16, 40 : 40 + 32]
+        assert (cell != 255).any(axis=2).all(), "a 32x16 thumbnail fills its cell"
+        assert (pixels[66 + 16 : 66 + 17, 40 : 40 + 32] != pixels[66:67, 40 : 40 + 32]).any(), "the next row is another image"
+    # a sweep still running or interrupted: most results are not there yet
     lines = (folder / "results.jsonl").read_text().splitlines()
     (folder / "results.jsonl").write_text("\n".join(lines[:5]) + "\n")
     (folder / "results.parquet").unlink()
     report = workspace.cli("report", str(folder))
     assert report.code == 0, report.err
-    assert "report of 5 of 12 images" in report.out
-    assert "7 images not generated yet" in (folder / "report.html").read_text()
+    assert "report of 5 of 24 images" in report.out
+    assert "19 images not generated yet" in (folder / "report.html").read_text()
 
 
 def test_a_base_field_that_an_axis_replaces_is_warned_about_once(workspace, small_sweep):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import sweep_images
 from safetensors.torch import save_file
-from tiny_models import bare_diffusers_image, build_tiny_latent_upscaler, tiny_vae
+from tiny_models import bare_diffusers_image, build_tiny_latent_upscaler
 
 pytestmark = pytest.mark.slow
 
@@ -18,13 +18,15 @@ BASE = {"prompt": "a <fox-style> fox", "width": 64, "height": 64, "num_inference
 
 
 @pytest.fixture(scope="module")
-def extras(tmp_path_factory):
+def extras(tmp_path_factory, assets_dir):
     """Another VAE (folder and original-layout single file), an A1111-style embedding, a 2x latent upscaler."""
+    from diffusers import AutoencoderKL
     from ldm_layout import vae_to_ldm
 
     root = tmp_path_factory.mktemp("extras")
     torch.manual_seed(11)
-    vae = tiny_vae()
+    # other weights, the model's VAE config (as a real replacement VAE has: a single file takes its config from the model's vae/)
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(assets_dir / "tiny-sd" / "vae"))
     vae.save_pretrained(root / "alt-vae")
     save_file(
         {k: v.contiguous() for k, v in vae_to_ldm(vae.state_dict(), vae.config, prefix="").items()}, str(root / "alt-vae.safetensors")

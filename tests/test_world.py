@@ -72,7 +72,8 @@ def strengths_sweep(tmp_path_factory, assets_dir):
         if strength is None:
             rows = table[table["lora_model"] == ""]
         else:
-            rows = table[(table["lora_model"] == lora) & (table["lora_strength"].astype(float) == strength)]
+            rows = table[table["lora_model"] == lora]
+            rows = rows[rows["lora_strength"].astype(float) == strength]
         out = []
         for image_id in rows.sort_values("seed")["id"]:
             with Image.open(folder / "images" / f"{image_id}.png") as im:

@@ -446,6 +446,9 @@ class LocalEngine:
                     "variant": self._variant,
                     "pipeline": type(self._pipeline(cell.get("pipeline_used", "text2img"))).__name__,
                     "upscaled": bool(cell.get("upscale") and self.registry.upscaler is not None),
+                    # the images computed together: float results differ by a few 1e-7 between batch sizes, so
+                    # `lora-sweep reproduce` runs this same batch again to get identical pixels
+                    "batch": " ".join(r["id"] for r in batch),
                 },
             )
 
