@@ -50,7 +50,7 @@ def test_plan_writes_plan_and_does_not_import_torch(workspace):
     assert proc.returncode == 0, proc.stderr
     assert "plan 'demo': 104 images, 4 distinct blends" in proc.stdout
     plan = pd.read_parquet(workspace.outputs / "demo" / "plan-preview.parquet")
-    assert len(plan) == 72 and plan["id"].is_unique
+    assert len(plan) == 104 and plan["id"].is_unique
     assert (workspace.outputs / "demo" / "plan-preview.csv").exists()
 
 

@@ -338,3 +338,27 @@ def test_an_unknown_scorer_is_one_line_before_any_image(workspace, small_sweep):
     assert result.code == 2
     assert result.err_lines == ["error: sweep.scores: unknown scorer 'aesthetics'; did you mean 'aesthetic'?"]
     assert not (workspace.outputs / "small" / "images").exists()
+
+
+def test_a_clip_scorer_from_the_local_hub_cache_gives_the_same_scores(scored):
+    """`scorers:` takes a hub id like models do, read from the local Hugging Face cache only."""
+    from tests.conftest import fake_hub_cache
+
+    ws, _, folder, results, _ = scored
+    cache = ws.root / "hf-cache"
+    fake_hub_cache(cache, "lora-sweep/tiny-clip", ws.assets / "tiny-clip")
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    scored_again = ws.cli("score", str(folder), "scorers.hub={source: lora-sweep/tiny-clip}", "scores.clip=hub", env=env)
+    assert scored_again.code == 0, scored_again.err
+    assert "nothing to score" in scored_again.out  # the scores are there; now the same CLIP under another id, from a fresh folder:
+    copy = ws.outputs / "scored-copy"
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("scores.jsonl", "results.parquet", "mlflow*"))
+    fresh = ws.cli("score", str(copy), "scorers.hub={source: lora-sweep/tiny-clip}", "scores.clip=hub", "tracking=none", env=env)
+    assert fresh.code == 0, fresh.err
+    again = pd.read_parquet(copy / "results.parquet").set_index("id")["clip_score"]
+    assert np.allclose(again.loc[results["id"]].to_numpy(), results["clip_score"].to_numpy(), atol=1e-4)
+    missing = ws.cli("score", str(copy), "scorers.hub={source: lora-sweep/not-there}", "scores.clip=hub", env=env)
+    assert missing.code == 2 and missing.err_lines == [
+        "error: scorers.hub.source: lora-sweep/not-there is neither a file or folder nor a hub id in the local cache; "
+        "fix the path, or pre-download it with: huggingface-cli download lora-sweep/not-there"
+    ]
