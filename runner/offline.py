@@ -30,11 +30,31 @@ def folder_config(store: SweepStore, overrides: list[str] = ()) -> DictConfig:
         )
     try:
         saved = OmegaConf.load(store.config_path)
-        extra = OmegaConf.from_dotlist([o.lstrip("+") for o in overrides])
-        return OmegaConf.merge(OmegaConf.structured(Config), saved, extra)
+        layers = [group_choice(o) for o in overrides if o.split("=", 1)[0] in CONFIG_GROUPS]
+        extra = OmegaConf.from_dotlist([o.lstrip("+") for o in overrides if o.split("=", 1)[0] not in CONFIG_GROUPS])
+        return OmegaConf.merge(OmegaConf.structured(Config), saved, *layers, extra)
+    except UserError:
+        raise
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"overrides: {first}; use key=value, e.g. 'sweep.scores=[clip_score,aesthetic]'") from None
+
+
+CONFIG_GROUPS = ("model", "engine", "tracking", "scores")
+
+
+def group_choice(override: str) -> DictConfig:
+    """`tracking=none` and friends: the group's file from conf/, placed where Hydra would put it."""
+    from runner.cli import CONF_DIR
+
+    group, _, option = override.partition("=")
+    path = CONF_DIR / group / f"{option}.yaml"
+    if not path.exists():
+        options = ", ".join(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
+        raise UserError(f"{group}: no option '{option}'; available: {options}")
+    content = OmegaConf.load(path)
+    is_global = path.read_text().lstrip().startswith("# @package _global_")
+    return content if is_global else OmegaConf.create({group: content})
 
 
 def report_folder(folder: str, out: TextIO = sys.stdout) -> Path:
