@@ -106,6 +106,10 @@ def score_folder(folder: str, overrides: list[str], out: TextIO = sys.stdout) ->
         scored = score_stage(cfg, scorers, store, plan, results, tracker, out)
         if not scored:
             print(f"nothing to score: every finished image already has {', '.join(cfg.sweep.scores)}", file=out)
+        if tracker is not None:  # scores computed while MLflow was down reach their runs now
+            backfilled = tracker.log_scores(store.read_scores(), only_missing=True)
+            if backfilled:
+                print(f"logged the scores of {backfilled} images to MLflow that their runs did not have", file=out)
         results = store.snapshot()
         store.write_config(config_yaml(cfg))  # the report (and a later `score`) show the scores asked for
         summary = Summary(cfg.sweep.name, store.root, len(plan))

@@ -77,7 +77,7 @@ def sweep_folder(cfg: DictConfig) -> Path:
 
 
 def ensure_builtin_assets(cfg: DictConfig, prepared: PreparedSweep) -> bool:
-    """Build the embedded tiny model and LoRAs if the plan uses them and they are missing or from an older recipe."""
+    """Copy the demo's tiny world into paths.assets if the plan or its scores use it and it is missing or from an older recipe."""
     from runner.assets import demo_assets_ready, ensure_demo_assets
 
     uses_builtin = any(r.builtin for group in prepared.registry.files().values() for r in group.values())

@@ -107,6 +107,7 @@ class Tracker:
         self.chart_images = True  # log_image under a key for the chart view (tracking.chart_images)
         self.parent_id: str | None = None
         self.children: dict[str, tuple[str, str, str]] = {}  # image id -> (run id, status, artifact uri)
+        self.child_metrics: dict[str, set[str]] = {}  # image id -> metric keys its run had when loaded
 
     # ------------------------------------------------------------ parent
 
@@ -143,6 +144,7 @@ class Tracker:
             image_id = run.data.tags.get(ID_TAG)
             if image_id and (image_id not in self.children or run.info.status == "FINISHED"):
                 self.children[image_id] = (run.info.run_id, run.info.status, run.info.artifact_uri)
+                self.child_metrics[image_id] = set(run.data.metrics)
 
     def finish_parent(self, status: str, files: Mapping[str, Path], folders: Mapping[str, Path], metrics: Mapping[str, float]) -> None:
         """Attach the sweep's plan, results, grids and config; end the parent run with `status`."""
@@ -212,17 +214,22 @@ class Tracker:
         self.client.set_terminated(run_id, status)
         self.children[row["id"]] = (run_id, status, artifact_uri)
 
-    def log_scores(self, scores: Any) -> int:
-        """Each image's scores as metrics on its child run (so the chart view can rank blends); returns runs logged."""
+    def log_scores(self, scores: Any, only_missing: bool = False) -> int:
+        """Each image's scores as metrics on its child run (so the chart view can rank blends); returns runs logged.
+
+        `only_missing` logs only the metrics a run does not have yet (what a run could not log while MLflow was down).
+        """
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         logged = 0
         for record in scores.to_dict("records"):
             known = self.children.get(record["id"])
-            metrics = [Metric(k, float(v), now, 0) for k, v in record.items() if k != "id" and v == v]
+            have = self.child_metrics.get(record["id"], set()) if only_missing else set()
+            metrics = [Metric(k, float(v), now, 0) for k, v in record.items() if k != "id" and v == v and k not in have]
             if known and metrics:
                 self.client.log_batch(known[0], metrics=metrics)
+                self.child_metrics.setdefault(record["id"], set()).update(m.key for m in metrics)
                 logged += 1
         return logged
 

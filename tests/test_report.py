@@ -362,3 +362,22 @@ def test_a_clip_scorer_from_the_local_hub_cache_gives_the_same_scores(scored):
         "error: scorers.hub.source: lora-sweep/not-there is neither a file or folder nor a hub id in the local cache; "
         "fix the path, or pre-download it with: huggingface-cli download lora-sweep/not-there"
     ]
+
+
+def test_scores_made_without_mlflow_reach_the_runs_later(workspace, small_sweep):
+    """Scored while MLflow was off; the next run back-fills the image runs, and `score` their missing metrics."""
+    first = workspace.cli("run", f"sweep={small_sweep}", "sweep.scores=[clip_score,seed_spread]", "tracking=none")
+    assert first.code == 0, first.err
+    assert "scored 8 images" in first.out
+    again = workspace.cli("run", f"sweep={small_sweep}", "sweep.scores=[clip_score,seed_spread]")
+    assert again.code == 0, again.err
+    assert "logged 8 earlier images to MLflow" in again.out and "scored" not in again.out
+    children, _ = mlflow_children(workspace.outputs, "small")
+    assert len(children) == 8 and "metrics.clip_score" not in children
+    logged = workspace.cli("score", str(workspace.outputs / "small"))
+    assert logged.code == 0, logged.err
+    assert "nothing to score" in logged.out and "logged the scores of 8 images to MLflow" in logged.out
+    children, _ = mlflow_children(workspace.outputs, "small")
+    results = pd.read_parquet(workspace.outputs / "small" / "results.parquet").set_index("id")
+    for row in children.to_dict("records"):
+        assert row["metrics.clip_score"] == pytest.approx(results.loc[row["tags.lora_sweep.id"], "clip_score"], rel=1e-5)

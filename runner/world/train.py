@@ -223,7 +223,7 @@ def build_unet(seed: int):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(  # the layout of runner.assets.build_tiny_pipeline
+    return UNet2DConditionModel(  # a tiny SD 1.x layout: 16x16 latents, cross-attention at 8x8, 32-wide text
         sample_size=16,
         in_channels=4,
         out_channels=4,
