@@ -60,7 +60,9 @@ def run_name(row: Mapping[str, Any], axes: list[str]) -> str:
 
 
 def runs_view_url(experiment_id: str, host: str = "http://127.0.0.1:5000") -> str:
-    return f"{host}/#/experiments/{experiment_id}/runs"
+    """The experiment's runs in the UI's classic-ML mode: MLflow 3.17 opens every experiment in its GenAI mode
+    (a global switch, `workflowType`, remembered by the browser) whatever the experiment's kind tag says."""
+    return f"{host}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def default_uri(outputs: Path) -> str:

@@ -197,7 +197,7 @@ def test_mlflow_experiment_opens_on_runs_with_readable_names_images_and_ranking(
     client = MlflowClient(f"sqlite:///{ws.outputs / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("scored")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    assert f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs" in result.out
+    assert f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning" in result.out
     children, parent = mlflow_children(ws.outputs, "scored")
     names = set(children["tags.mlflow.runName"])
     assert {"sunset 0.5 · seed 0", "star 1 · seed 1", "no LoRA · seed 0"} <= names
