@@ -172,7 +172,11 @@ def prepare_sweep(cfg: DictConfig) -> PreparedSweep:
         has_upscaler=registry.upscaler is not None,
     )
     scorers, score_problems = score_entries(cfg)
-    problems = [str(p) for p in registry.problems] + problems_fit + checked.problems + score_problems
+    engine_problems = []
+    if caps.kind == "local" and int(cfg.engine.batch_size) < 1:  # it used to run silently as 1
+        batch = cfg.engine.batch_size
+        engine_problems.append(str(Problem("engine.batch_size", f"{batch} is not a batch size", "use 1 or more (default 4)")))
+    problems = [str(p) for p in registry.problems] + problems_fit + checked.problems + score_problems + engine_problems
     warnings = shadowed_base_fields(base, grid) + checked.warnings
     return PreparedSweep(name, checked.plan, registry, identity, problems, warnings, duplicates, scorers)
 

@@ -26,6 +26,8 @@ BAD_OVERRIDES = [
         "models.tiny-sd.source: path /does/not/exist does not exist",
     ),
     (["validation.max_lora_strength=5"], "validation.max_lora_strength"),
+    (["engine.batch_size=0"], "engine.batch_size: 0 is not a batch size; use 1 or more (default 4)"),
+    (["engine.batch_size=-2"], "engine.batch_size: -2 is not a batch size"),
     (["++sweep.base.vae=mse"], "vae: unknown VAE id 'mse'; add it under `vaes:` in the config"),
     (["++sweep.base.embeddings_model=easyneg", "+embeddings.easynegative={source: /e.pt}"], "did you mean 'easynegative'"),
     (["++sweep.base.vae=mse", "+vaes.mse={source: /no/vae}"], "vaes.mse.source: path /no/vae does not exist"),
