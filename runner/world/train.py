@@ -1,6 +1,6 @@
 """Train the demo's tiny world from pictures drawn by runner/world/draw.py, on a CPU, from scratch.
 
-    python -m runner.world.train                      # the shipped files, into runner/world/files (about 30 min, 2 cores)
+    python -m runner.world.train                      # the shipped files, into runner/world/files (about 45 min, 2 cores)
     python -m runner.world.train --out /tmp/w --quick # every stage for a few steps (the test that the script still runs)
 
 Stages, each the usual recipe at toy size:
