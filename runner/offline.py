@@ -77,9 +77,8 @@ def report_folder(folder: str, out: TextIO = sys.stdout) -> Path:
 
 def score_folder(folder: str, overrides: list[str], out: TextIO = sys.stdout) -> int:
     """`lora-sweep score`: scores the finished images lack, onto their MLflow runs; then the report again."""
-    from runner.assets import demo_assets_ready, ensure_demo_assets
     from runner.prepare import score_entries
-    from runner.run import Summary, config_yaml, open_tracker, score_stage, write_report
+    from runner.run import Summary, config_yaml, copy_demo_world_if, open_tracker, score_stage, write_report
 
     store = SweepStore(folder)
     cfg = folder_config(store, overrides)
@@ -90,8 +89,7 @@ def score_folder(folder: str, overrides: list[str], out: TextIO = sys.stdout) ->
     scorers, problems = score_entries(cfg)
     if problems:
         raise UserError(problems)
-    if any(entry.builtin for entry in scorers.values()) and not demo_assets_ready(Path(cfg.paths.assets)):
-        ensure_demo_assets(cfg.paths.assets)
+    copy_demo_world_if(any(entry.builtin for entry in scorers.values()), cfg)
     try:
         store.acquire()
     except SweepLocked as exc:
@@ -177,8 +175,8 @@ def reproduce(key: str, overrides: list[str], cfg: DictConfig, out: TextIO = sys
     import numpy as np
     from PIL import Image
 
-    from runner.plan import Identity, image_id
-    from runner.prepare import engine_identity, wanted_files
+    from runner.plan import image_id
+    from runner.prepare import registry_identity, wanted_files
     from runner.registry import HashCache, resolve_all
     from runner.request import FIELDS, parse_request
     from runner.run import SINGULAR, ensure_builtin_assets_for
@@ -229,14 +227,7 @@ def reproduce(key: str, overrides: list[str], cfg: DictConfig, out: TextIO = sys
                     f"{kind}.{name}: {resolved.path} has changed since the image was made "
                     f"(sha256 {recorded[tag][:10]} -> {resolved.sha256[:10]}); restore the original file to reproduce it"
                 )
-    identity = Identity(
-        model_hashes={k: v.identity for k, v in registry.models.items()},
-        lora_hashes={k: v.identity for k, v in registry.loras.items()},
-        engine=engine_identity(sweep_cfg),
-        file_hashes={f"vae:{k}": v.identity for k, v in registry.vaes.items()}
-        | {f"embeddings:{k}": v.identity for k, v in registry.embeddings.items()},
-    )
-    if image_id(row, identity) != row["id"]:
+    if image_id(row, registry_identity(registry, sweep_cfg)) != row["id"]:
         print(
             f"note: the record's id {row['id']} differs from the id its fields give now (the config changed); regenerating anyway", file=out
         )

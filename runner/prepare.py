@@ -50,6 +50,20 @@ def engine_identity(cfg: DictConfig) -> dict[str, Any]:
     return {"kind": cfg.engine.kind, "device": cfg.engine.device, "dtype": cfg.engine.dtype}
 
 
+def registry_identity(registry: Registry, cfg: DictConfig) -> Identity:
+    """What decides the pixels besides the request: every resolved file's identity and the engine's settings."""
+    file_hashes = {f"vae:{k}": v.identity for k, v in registry.vaes.items()}
+    file_hashes |= {f"embeddings:{k}": v.identity for k, v in registry.embeddings.items()}
+    if registry.upscaler is not None:
+        file_hashes["upscaler"] = registry.upscaler.identity
+    return Identity(
+        model_hashes={k: v.identity for k, v in registry.models.items()},
+        lora_hashes={k: v.identity for k, v in registry.loras.items()},
+        engine=engine_identity(cfg),
+        file_hashes=file_hashes,
+    )
+
+
 def fit_problems(plan: pd.DataFrame, registry: Registry) -> list[str]:
     """Files made for another model family (an SDXL LoRA or embedding on SD 1.x...) are refused before any image."""
     problems = []
@@ -149,16 +163,7 @@ def prepare_sweep(cfg: DictConfig) -> PreparedSweep:
         hashes = HashCache(Path(cfg.paths.outputs) / ".cache" / "hashes.json")
         upscaler = OmegaConf.to_container(cfg.upscaler, resolve=True) if plan["upscale"].any() else None
         registry = resolve_all(entries, wanted_files(plan), hashes, upscaler)
-    file_hashes = {f"vae:{k}": v.identity for k, v in registry.vaes.items()}
-    file_hashes |= {f"embeddings:{k}": v.identity for k, v in registry.embeddings.items()}
-    if registry.upscaler is not None:
-        file_hashes["upscaler"] = registry.upscaler.identity
-    identity = Identity(
-        model_hashes={k: v.identity for k, v in registry.models.items()},
-        lora_hashes={k: v.identity for k, v in registry.loras.items()},
-        engine=engine_identity(cfg),
-        file_hashes=file_hashes,
-    )
+    identity = registry_identity(registry, cfg)
     problems_fit = fit_problems(plan, registry)
     plan, duplicates = with_ids(plan, identity)
     lcm_ids = frozenset(k for k, v in {**entries["models"], **entries["loras"]}.items() if (v or {}).get("lcm"))

@@ -78,24 +78,25 @@ def sweep_folder(cfg: DictConfig) -> Path:
 
 def ensure_builtin_assets(cfg: DictConfig, prepared: PreparedSweep) -> bool:
     """Copy the demo's tiny world into paths.assets if the plan or its scores use it and it is missing or from an older recipe."""
-    from runner.assets import demo_assets_ready, ensure_demo_assets
-
     uses_builtin = any(r.builtin for group in prepared.registry.files().values() for r in group.values())
     uses_builtin = uses_builtin or any(entry.builtin for entry in prepared.scorers.values())
-    if uses_builtin and not demo_assets_ready(Path(cfg.paths.assets)):
-        print(f"copying the demo's tiny world (model, LoRAs, scorers) into {cfg.paths.assets} (once) ...", flush=True)
-        ensure_demo_assets(cfg.paths.assets)
-        return True
-    return False
+    return copy_demo_world_if(uses_builtin, cfg)
 
 
 def ensure_builtin_assets_for(cfg: DictConfig, entries: dict[str, dict], wanted: dict[str, set[str]]) -> None:
     """The same, for one record's files (`lora-sweep reproduce`)."""
+    copy_demo_world_if(any((entries.get(kind) or {}).get(i, {}).get("builtin") for kind, ids in wanted.items() for i in ids), cfg)
+
+
+def copy_demo_world_if(needed: bool, cfg: DictConfig) -> bool:
+    """Copy the demo's world into paths.assets when something uses it and it is not there (or older); True if copied."""
     from runner.assets import demo_assets_ready, ensure_demo_assets
 
-    builtin = any((entries.get(kind) or {}).get(i, {}).get("builtin") for kind, ids in wanted.items() for i in ids)
-    if builtin and not demo_assets_ready(Path(cfg.paths.assets)):
-        ensure_demo_assets(cfg.paths.assets)
+    if not needed or demo_assets_ready(Path(cfg.paths.assets)):
+        return False
+    print(f"copying the demo's tiny world (model, LoRAs, scorers) into {cfg.paths.assets} (once) ...", flush=True)
+    ensure_demo_assets(cfg.paths.assets)
+    return True
 
 
 def plan_or_fail(cfg: DictConfig) -> PreparedSweep:
