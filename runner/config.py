@@ -92,8 +92,13 @@ class EngineConfig(Policy):
 
     kind: str = "local"  # local | remote
     device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
-    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
-    batch_size: int = 4  # seeds of one cell generated in one call
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | float16 | bfloat16
+    batch_size: Any = "auto"  # seeds of one cell in one call: a number, or auto (from free GPU memory; 4 on CPU)
+    max_batch_size: int = 32  # the most batch_size: auto picks
+    fuse_loras: Any = "auto"  # fuse each blend into the base weights for its group (auto: on; false: peft adapters per step)
+    channels_last: Any = "auto"  # channels-last UNet and VAE (auto: on CUDA)
+    compile: bool = False  # torch.compile the UNet and VAE decoder (minutes of warm-up per image size; see README)
+    compile_mode: str | None = None  # torch.compile mode: None (default), max-autotune, max-autotune-no-cudagraphs
     substitute_schedulers: bool = False  # run a documented substitute for non-generator schedulers
     cache_prompt_embeddings: bool = True
     # remote engine (engine=remote): the provider's text2img API, or `lora-sweep serve`
@@ -111,6 +116,7 @@ class TrackingConfig:
     artifact_location: str | None = None  # default <paths.outputs>/mlartifacts for new experiments
     experiment: str | None = None  # default: the sweep name
     queue_size: int = 64  # images waiting for the background writer before generation waits
+    process: bool = False  # log from a child process instead of the writer thread (measured slower on an H100: bench/RESULTS.md)
     chart_images: bool = True  # also log each image with mlflow's log_image under the key `image` (chart view; bench/RESULTS.md)
 
 

@@ -177,10 +177,7 @@ def prepare_sweep(cfg: DictConfig) -> PreparedSweep:
         has_upscaler=registry.upscaler is not None,
     )
     scorers, score_problems = score_entries(cfg)
-    engine_problems = []
-    if caps.kind == "local" and int(cfg.engine.batch_size) < 1:  # it used to run silently as 1
-        batch = cfg.engine.batch_size
-        engine_problems.append(str(Problem("engine.batch_size", f"{batch} is not a batch size", "use 1 or more (default 4)")))
+    engine_problems = engine_setting_problems(cfg) if caps.kind == "local" else []
     problems = [str(p) for p in registry.problems] + problems_fit + checked.problems + score_problems + engine_problems
     warnings = shadowed_base_fields(base, grid) + checked.warnings
     return PreparedSweep(name, checked.plan, registry, identity, problems, warnings, duplicates, scorers)
@@ -197,3 +194,33 @@ def score_entries(cfg: DictConfig) -> tuple[dict[str, Any], list[str]]:
         return requested_scorers(names, cfg.scores.clip, OmegaConf.to_container(cfg.scorers, resolve=True)), []
     except ScoreProblem as exc:
         return {}, [str(p) for p in exc.problems]
+
+
+def engine_setting_problems(cfg: DictConfig) -> list[str]:
+    """The local engine's fast-path switches, checked before anything loads (one line each)."""
+    problems = []
+    batch = cfg.engine.get("batch_size", "auto")
+    if not (isinstance(batch, str) and batch.strip().lower() == "auto"):
+        try:
+            valid = int(str(batch)) >= 1  # it used to run silently as 1
+        except ValueError:
+            valid = False
+        if not valid:
+            problems.append(str(Problem("engine.batch_size", f"{batch} is not a batch size", "use 1 or more, or auto (the default)")))
+    for name in ("fuse_loras", "channels_last"):
+        value = cfg.engine.get(name, "auto")
+        if not isinstance(value, bool) and str(value).strip().lower() != "auto":
+            problems.append(str(Problem(f"engine.{name}", f"{value!r} is not true, false or auto", f"use engine.{name}=auto")))
+    if int(cfg.engine.get("max_batch_size", 32)) < 1:
+        problems.append(str(Problem("engine.max_batch_size", f"{cfg.engine.max_batch_size} is below 1", "use for example 32")))
+    if cfg.engine.get("compile") and cfg.engine.get("fuse_loras") is False:
+        problems.append(
+            str(
+                Problem(
+                    "engine.compile",
+                    "a compiled UNet runs blends fused (switching peft adapters would recompile it)",
+                    "drop engine.fuse_loras=false, or set engine.compile=false",
+                )
+            )
+        )
+    return problems

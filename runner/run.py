@@ -381,7 +381,9 @@ def _generate(cfg, prepared, pending, rows, store, tracker, hashes, base_tags, s
     started = time.perf_counter()
     try:
         tags = {**base_tags, **{f"lib.{k}" if k not in ("engine", "device", "dtype") else k: v for k, v in engine.describe().items()}}
-        writer = BackgroundWriter(store, tracker, rows, hashes, tags, cfg.tracking.queue_size)
+        writer = BackgroundWriter(
+            store, tracker, rows, hashes, tags, cfg.tracking.queue_size, tracking_process=tracking_in_process(cfg, engine)
+        )
         engine.prepare(pending)
         started = time.perf_counter()  # images/s counts generation + writing, not imports and loading
         bar = tqdm(total=len(pending), unit="img", desc=cfg.sweep.name, disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
@@ -409,6 +411,11 @@ def _generate(cfg, prepared, pending, rows, store, tracker, hashes, base_tags, s
             summary.generate_s = time.perf_counter() - started
         engine.close()
     return summary, status
+
+
+def tracking_in_process(cfg: DictConfig, engine) -> bool:
+    """tracking.process: MLflow logging from a child process instead of the writer thread."""
+    return bool(cfg.tracking.get("process", False))
 
 
 def progress_state(engine, summary: Summary) -> dict[str, Any]:

@@ -76,9 +76,18 @@ class BackgroundWriter:
         hashes: Mapping[str, str],
         tags: Mapping[str, str],
         maxsize: int = 64,
+        encode_workers: int = 2,
+        tracking_process: bool = False,
     ):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from runner.tracking import TrackingProcess
+
         self.store = store
-        self.tracker = tracker
+        self._process_tracking = tracker is not None and tracking_process
+        self.tracker = TrackingProcess(tracker, queue_size=4 * maxsize) if self._process_tracking else tracker
+        # PNG encoding (zlib, which releases the GIL) on a few threads: one cannot keep up with a fast GPU
+        self._encoder = ThreadPoolExecutor(max(1, encode_workers), thread_name_prefix="lora-sweep-png")
         self.rows = rows
         self.hashes = hashes
         self.tags = dict(tags)
@@ -88,17 +97,29 @@ class BackgroundWriter:
         self.tracking_down = False  # after MAX_TRACKING_FAILURES in a row: the next run back-fills
         self._failures_in_a_row = 0
         self.busy_s = 0.0
+        self._journalled: dict[str, dict[str, Any]] = {}  # records handed to a tracking process, in case it cannot log them
         self._thread = threading.Thread(target=self._loop, name="lora-sweep-writer", daemon=True)
         self._thread.start()
 
     def put(self, result: ImageResult) -> None:
-        self.queue.put(result)
+        """Queue a finished image; its PNG starts encoding at once (in order of arrival, written in order)."""
+        png = None
+        if result.status == "ok" and result.image is not None:
+            row = {**self.rows[result.id], "scheduler_used": result.scheduler or self.rows[result.id].get("scheduler_used")}
+            png = self._encoder.submit(png_bytes, result.image, row, self.hashes)
+        self.queue.put((result, png))
 
     def close(self) -> None:
-        """Write everything queued, then stop the thread."""
+        """Write everything queued, then stop the thread (and wait for the tracking process to log it all)."""
         if self._thread.is_alive():
             self.queue.put(_STOP)
             self._thread.join()
+        self._encoder.shutdown()
+        if self._process_tracking:
+            self.tracker.close()
+            self.tracking_errors += self.tracker.errors
+            for image_id in self.tracker.failed_ids:  # journalled as tracked when handed over: say they are not
+                self.store.append_result({**self._journalled[image_id], "tracked": False})
         self.store.snapshot()
 
     def _loop(self) -> None:
@@ -107,13 +128,14 @@ class BackgroundWriter:
             if item is _STOP:
                 return
             started = time.perf_counter()
+            result, png = item
             try:
-                self._write(item)
+                self._write(result, png.result() if png is not None else None)
             except Exception:  # a write error must not kill the thread and stall the engine
-                log.exception("could not write image %s", item.id)
+                log.exception("could not write image %s", result.id)
             self.busy_s += time.perf_counter() - started
 
-    def _write(self, result: ImageResult) -> None:
+    def _write(self, result: ImageResult, png: bytes | None = None) -> None:
         if result.status == "submitted":  # only the remote id, so a killed run can fetch instead of resubmitting
             self.store.append_result(
                 {"id": result.id, "status": "submitted", "seed": result.seed, "meta.remote_id": result.meta["remote_id"]}
@@ -122,24 +144,25 @@ class BackgroundWriter:
         row = {**self.rows[result.id], "scheduler_used": result.scheduler or self.rows[result.id].get("scheduler_used")}
         path = None
         if result.status == "ok":
-            path = self.store.write_image(result.id, png_bytes(result.image, row, self.hashes))
+            path = self.store.write_image(result.id, png if png is not None else png_bytes(result.image, row, self.hashes))
         tracked = self._track(row, result, path)
-        self.store.append_result(
-            {
-                "id": result.id,
-                "status": result.status,
-                "error": result.error,
-                "file": str(path.relative_to(self.store.root)) if path else "",
-                "seed": result.seed,
-                "scheduler": result.scheduler,
-                "generation_s": round(result.generation_s, 4),
-                "batch_size": result.batch_size,
-                "notes": "; ".join(result.notes),
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "tracked": tracked,
-                **{f"meta.{k}": v for k, v in result.meta.items()},
-            }
-        )
+        record = {
+            "id": result.id,
+            "status": result.status,
+            "error": result.error,
+            "file": str(path.relative_to(self.store.root)) if path else "",
+            "seed": result.seed,
+            "scheduler": result.scheduler,
+            "generation_s": round(result.generation_s, 4),
+            "batch_size": result.batch_size,
+            "notes": "; ".join(result.notes),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "tracked": tracked,
+            **{f"meta.{k}": v for k, v in result.meta.items()},
+        }
+        self.store.append_result(record)
+        if self._process_tracking:
+            self._journalled[result.id] = record
         self.written += 1
 
     def _track(self, row: Mapping[str, Any], result: ImageResult, path: Any) -> bool:

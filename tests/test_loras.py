@@ -46,7 +46,8 @@ def engine_for(assets, loras):
     for name, path in loras.items():
         resolved[name], problem = resolve_lora(name, str(path), None, cache)
         assert problem is None, problem
-    return LocalEngine(registry=Registry(models={"tiny-sd": model}, loras=resolved), device="cpu", dtype="float32")
+    # unfused: these tests read each adapter's delta as peft scales it per blend
+    return LocalEngine(registry=Registry(models={"tiny-sd": model}, loras=resolved), device="cpu", dtype="float32", fuse_loras=False)
 
 
 def test_kohya_lora_reproduces_the_expected_weight_delta(assets_dir, tmp_path):

@@ -26,7 +26,10 @@ BAD_OVERRIDES = [
         "models.tiny-sd.source: path /does/not/exist does not exist",
     ),
     (["validation.max_lora_strength=5"], "validation.max_lora_strength"),
-    (["engine.batch_size=0"], "engine.batch_size: 0 is not a batch size; use 1 or more (default 4)"),
+    (["engine.batch_size=0"], "engine.batch_size: 0 is not a batch size; use 1 or more, or auto (the default)"),
+    (["engine.batch_size=abc"], "engine.batch_size: abc is not a batch size"),
+    (["engine.fuse_loras=maybe"], "engine.fuse_loras: 'maybe' is not true, false or auto"),
+    (["engine.compile=true", "engine.fuse_loras=false"], "engine.compile: a compiled UNet runs blends fused"),
     (["engine.batch_size=-2"], "engine.batch_size: -2 is not a batch size"),
     (["++sweep.base.vae=mse"], "vae: unknown VAE id 'mse'; add it under `vaes:` in the config"),
     (["++sweep.base.embeddings_model=easyneg", "+embeddings.easynegative={source: /e.pt}"], "did you mean 'easynegative'"),
@@ -113,7 +116,6 @@ def test_unknown_sweep_key_did_you_mean(workspace):
 
 MORE_BAD_OVERRIDES = [
     (["sweep.grid.seed=[]"], "sweep.grid.seed: is an empty list"),
-    (["engine.batch_size=abc"], "engine.batch_size: Value 'abc' of type 'str' could not be converted to Integer"),
     (["engine.batchsize=2"], "did you mean 'batch_size'"),
     (["tracking=nonee"], "tracking: no option 'nonee'; did you mean 'none'"),
     (["engine.kind=gpu"], "engine.kind: unknown engine 'gpu'"),

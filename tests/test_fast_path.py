@@ -1,0 +1,142 @@
+"""The fast path of the local engine, on the CPU: fused blends restore the base weights exactly and
+give the images the adapters give; the switches are validated like every other setting."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pandas as pd
+import torch
+from conftest import SMALL_SWEEP, sweep_images
+
+from runner.engines.local import LocalEngine
+from runner.registry import HashCache, Registry, resolve_lora, resolve_model
+
+MODULE = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
+def demo_engine(assets, **settings) -> LocalEngine:
+    cache = HashCache(None)
+    model, problem = resolve_model("tiny-sd", {"source": str(assets / "tiny-sd")}, cache)
+    assert problem is None
+    loras = {}
+    for name in ("sunset", "stripes", "star"):
+        loras[name], problem = resolve_lora(name, str(assets / "loras" / f"{name}.safetensors"), None, cache)
+        assert problem is None
+    return LocalEngine(registry=Registry(models={"tiny-sd": model}, loras=loras), device="cpu", dtype="float32", **settings)
+
+
+def base_weights(engine: LocalEngine) -> dict[str, torch.Tensor]:
+    """Every weight of the UNet and text encoder that is not a LoRA's own, under its loaded name."""
+    weights = {}
+    for part in ("unet", "text_encoder"):
+        for name, tensor in getattr(engine.pipe, part).state_dict().items():
+            if ".lora_" not in name:
+                weights[f"{part}.{name.replace('.base_layer', '')}"] = tensor.detach().clone()
+    return weights
+
+
+def test_fifty_blend_switches_leave_the_base_weights_bit_identical(assets_dir):
+    engine = demo_engine(assets_dir, fuse_loras=True)
+    engine.prepare(pd.DataFrame({"model_id": ["tiny-sd"]}))
+    loaded = base_weights(engine)
+    engine._load_adapters({"sunset", "stripes", "star"})
+    layer = engine.pipe.unet.get_submodule(MODULE)
+    blends = [("sunset", "1"), ("stripes", "0.5"), ("star", "0.75"), ("sunset,stripes", "0.4,0.9"), ("sunset,star", "1,0.25")]
+    blends += [("sunset,stripes,star", "0.3,0.6,0.9"), ("", "")]
+    rng = random.Random(0)
+    for switch in range(50):
+        names, strengths = rng.choice(blends)
+        engine._set_adapters(names, strengths)
+        fused = layer.get_base_layer().weight
+        expected = loaded[f"unet.{MODULE}.weight"].clone()
+        for name, strength in zip(names.split(",") if names else [], strengths.split(",")):
+            expected += float(strength) * layer.get_delta_weight(name)  # peft's own delta (at strength 1: never set_adapters)
+        assert torch.allclose(fused, expected, atol=1e-6), f"switch {switch}: the blend {names} @ {strengths} is fused"
+        assert engine._lora_mode == ("fused" if names else "none")
+    engine._set_adapters("", "")
+    after = base_weights(engine)
+    assert after.keys() == loaded.keys()
+    changed = [name for name in loaded if not torch.equal(after[name], loaded[name])]
+    assert not changed, f"weights not restored bit for bit: {changed[:5]}"
+    engine.close()
+
+
+def test_fused_sweep_matches_the_adapters_and_records_how_it_ran(workspace):
+    sweep = workspace.sweep("small", SMALL_SWEEP)
+    images = {}
+    for fuse in ("true", "false"):
+        outputs = workspace.root / f"out-{fuse}"
+        result = workspace.cli("run", f"sweep={sweep}", "tracking=none", f"engine.fuse_loras={fuse}", f"paths.outputs={outputs}")
+        assert result.code == 0, result.err
+        images[fuse] = sweep_images(outputs, "small")
+    (fused, fused_pixels), (unfused, unfused_pixels) = images["true"], images["false"]
+    assert set(fused["meta.lora_mode"]) == {"fused"} and set(unfused["meta.lora_mode"]) == {"unfused"}
+    assert sorted(fused["id"]) == sorted(unfused["id"]), "fusing is not part of an image's identity"
+    assert set(fused["batch_size"]) == {2}, "batch_size auto on a CPU: 4, here capped by the 2 seeds of a cell"
+    for image_id in fused["id"]:
+        difference = np.abs(fused_pixels(image_id) - unfused_pixels(image_id))
+        assert difference.max() <= 2 and difference.mean() < 0.01, f"{image_id}: fused differs from the adapters by {difference.max()}"
+    weak, strong = (
+        fused[(fused["lora_model"] == "sunset") & (fused["seed"] == 1) & (fused["lora_strength"] == s)]["id"].item() for s in ("0.5", "1")
+    )
+    assert np.abs(fused_pixels(weak) - fused_pixels(strong)).max() > 20, "a tolerance of 2 is far below what a blend changes"
+
+
+def test_fused_images_equal_unfused_within_tolerance_in_process(assets_dir):
+    """The same rows through one engine with fusing on and one with it off (no CLI: the engine interface)."""
+    blend = "sunset,stripes"
+    rows = pd.DataFrame(
+        [
+            {
+                "id": f"r{seed}",
+                "model_id": "tiny-sd",
+                "prompt": "a red circle on a blue background",
+                "negative_prompt": "",
+                "width": 64,
+                "height": 64,
+                "num_inference_steps": 4,
+                "guidance_scale": 7.5,
+                "seed": seed,
+                "lora_model": blend,
+                "lora_strength": ",".join(["0.8"] * len(blend.split(","))),
+                "scheduler_used": "EulerDiscreteScheduler",
+                "use_karras_sigmas": False,
+                "algorithm_type": None,
+                "clip_skip": 1,
+                "vae": None,
+                "embeddings_model": None,
+                "pipeline_used": "text2img",
+                "upscale": False,
+            }
+            for seed in (1, 2, 3)
+        ]
+    )
+    pixels = {}
+    for fuse in (True, False):
+        engine = demo_engine(assets_dir, fuse_loras=fuse)
+        engine.prepare(rows)
+        results = list(engine.generate(rows))
+        engine.close()
+        assert [r.status for r in results] == ["ok"] * 3
+        assert {r.meta["lora_mode"] for r in results} == {"fused" if fuse else "unfused"}
+        pixels[fuse] = np.stack([np.asarray(r.image, dtype=np.int16) for r in results])
+    assert np.abs(pixels[True] - pixels[False]).max() <= 2
+
+
+def test_mlflow_logging_from_a_child_process_logs_every_image(workspace):
+    from mlflow.tracking import MlflowClient
+
+    sweep = workspace.sweep("small", SMALL_SWEEP)
+    result = workspace.cli("run", f"sweep={sweep}", "tracking.process=true")
+    assert result.code == 0, result.err
+    client = MlflowClient(f"sqlite:///{workspace.outputs.resolve() / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("small")
+    children = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("lora_sweep.role") != "parent"]
+    assert len(children) == 8 and {r.info.status for r in children} == {"FINISHED"}
+    results = pd.read_parquet(workspace.outputs / "small" / "results.parquet")
+    assert results["tracked"].all()
+    for run in children:
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert f"{run.data.tags['lora_sweep.id']}.png" in names, names
