@@ -297,11 +297,17 @@ def plan_command(cfg: Any) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         # a preview beside the run's own plan.parquet, which a plan with other settings must not overwrite
         atomic_write_parquet(folder / "plan-preview.parquet", prepared.plan)
-        prepared.plan.to_csv(folder / "plan-preview.csv", index=False)
+        csv = len(prepared.plan) <= CSV_PREVIEW_ROWS  # a million-row CSV takes longer to write than the plan to build
+        if csv:
+            prepared.plan.to_csv(folder / "plan-preview.csv", index=False)
     except OSError as exc:
         raise UserError(f"paths.outputs: cannot write {folder} ({exc.strerror}); choose a writable folder with paths.outputs=DIR") from None
     requests = len(prepared.plan)
-    print(f"wrote {folder / 'plan-preview.parquet'} and plan-preview.csv ({requests} rows; {requests} requests on a remote engine)")
+    also = " and plan-preview.csv" if csv else f" (no CSV preview over {CSV_PREVIEW_ROWS:,} rows)"
+    print(f"wrote {folder / 'plan-preview.parquet'}{also} ({requests} rows; {requests} requests on a remote engine)")
+
+
+CSV_PREVIEW_ROWS = 100_000
 
 
 FOLDER_USAGE = {

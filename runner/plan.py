@@ -28,17 +28,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from runner.request import (
     FIELDS,
+    LIMITED_FIELDS,
     NOT_IN_ID,
+    SECRET_FIELDS,
     Limits,
     Problem,
     blend_label,
+    canonical_strengths,
     did_you_mean,
+    field_limit_problems,
     format_number,
-    parse_request,
+    lora_problems,
+    parse_field,
     split_loras,
     split_strengths,
 )
@@ -300,52 +306,342 @@ def build_plan(
 ) -> PlanResult:
     """Expand and parse every row; rows get ids from `with_ids` once the files are hashed.
 
+    Vectorised: each axis value is parsed and checked once, rows are index arrays into the axes
+    (numpy), and the text hashed for derived seeds is assembled column by column, so a million rows
+    take seconds (bench/bench_plan.py). The rows, their order and the problems are what expanding
+    the grid row by row and calling `parse_request` on each gives (`expand_grid`; tests/test_plan.py).
+
     `baseline` adds, for every row with LoRAs, the same row without them (`report.baseline: true`),
     the reference `lora_effect` is measured against. Raises PlanError when the grid itself cannot be
     read; row problems are returned, counted.
     """
-    parsed: list[dict[str, Any]] = []
-    problems: list[Problem] = []
-    raws = expand_grid(base, grid)
-    if baseline:
-        seen = {json.dumps(r, sort_keys=True, default=str) for r in raws if not split_loras(r.get("lora_model"))}
-        for raw in list(raws):
-            if split_loras(raw.get("lora_model")):
-                plain = {**raw, "lora_model": "", "lora_strength": None}
-                key = json.dumps(plain, sort_keys=True, default=str)
-                if key not in seen:
-                    seen.add(key)
-                    raws.append(plain)
-    for raw in raws:
-        raw = dict(raw)
-        if raw.get("model_id") in (None, ""):
-            raw["model_id"] = default_model_id
-        request, row_problems = parse_request(raw, limits)
-        problems += row_problems
-        parsed.append(request)
-    if problems:
-        return PlanResult(pd.DataFrame(), count_problems(problems))
+    axes = _grid_axes(grid)
+    strength_spec = grid.get("lora_strength", _MISSING)
+    sizes = [len(assignments) for _, assignments in axes]
+    total = math.prod(sizes)
+    codes = _product_codes(sizes, total)  # axis -> the value index of each row
+    provider = {name: k for k, (names, _) in enumerate(axes) for name in names}  # the last axis naming a field sets it
 
-    rows = []
-    for request in parsed:
-        source = "given" if request["seed"] is not None else "derived"
-        first_seed = request["seed"] if request["seed"] is not None else derived_seed(request)
-        for sample in range(request["samples"]):
-            row = {**request, "seed": (first_seed + sample) % 2**32, "samples": 1}
-            row["id"] = ""
-            row["blend"] = blend_label(row["lora_model"], row["lora_strength"])
-            row["sample"] = sample
-            row["seed_source"] = source
-            rows.append(row)
-    return PlanResult(pd.DataFrame(rows, columns=[*PLAN_COLUMNS, *FIELDS]), [])
+    def raw_values(name: str) -> list[Any]:
+        """The loose values a field takes: one per value of the axis that sets it, else the base's one."""
+        if name in provider:
+            return [a.get(name) for a in axes[provider[name]][1]]
+        return [base[name] if name in base else FIELDS[name].default] if name in FIELDS else [base.get(name)]
+
+    def row_codes(name: str) -> np.ndarray:
+        return codes[provider[name]] if name in provider else np.zeros(len(codes[0]) if codes else total, dtype=np.int64)
+
+    # lora_strength is expanded per blend, innermost: (blend value, base strength value) -> its options
+    blend_values, base_strengths = raw_values("lora_model"), raw_values("lora_strength")
+    pair = row_codes("lora_model") * len(base_strengths) + row_codes("lora_strength")
+    unique_pairs, pair_of_row = np.unique(pair, return_inverse=True)
+    options: list[Any] = []
+    option_start, option_count, has_loras = [], [], []
+    for code in unique_pairs.tolist():
+        try:
+            blend = split_loras(blend_values[code // len(base_strengths)])
+        except ValueError:
+            blend = []  # parsing reports it
+        found = strength_options(blend, strength_spec, base_strengths[code % len(base_strengths)])
+        option_start.append(len(options))
+        option_count.append(len(found))
+        has_loras.append(bool(blend))
+        options += found
+    counts = np.asarray(option_count)[pair_of_row]
+    rows = np.repeat(np.arange(total), counts)
+    within = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+    codes = [c[rows] for c in codes]
+    strength_code = np.asarray(option_start)[pair_of_row][rows] + within
+    lora_rows = np.asarray(has_loras)[pair_of_row][rows]
+    plain = np.zeros(len(rows), dtype=bool)
+    if baseline:
+        codes, strength_code, plain = _with_baseline(axes, codes, strength_code, lora_rows, blend_values, row_codes_fn=provider)
+    n = len(strength_code)
+
+    problems: list[tuple[tuple[int, int, int], str, int]] = []  # (first row, phase, position), text, rows
+
+    def report(found: list[Problem], value_rows: np.ndarray, phase: int, position: int) -> None:
+        if found:
+            first, count = int(np.argmax(value_rows)), int(value_rows.sum())
+            problems.extend(((first, phase, position), str(problem), count) for problem in found)
+
+    for position, name in enumerate(base):
+        if name in SECRET_FIELDS:
+            why = Problem(
+                name, "API keys do not belong in sweep files", "set the key in the environment variable named by engine.api_key_env"
+            )
+            problems.append(((0, 0, position), str(why), n))
+        elif name not in FIELDS:
+            why = Problem(name, "unknown request field", did_you_mean(name, FIELDS) or f"known fields: {', '.join(FIELDS)}")
+            problems.append(((0, 0, position), str(why), n))
+
+    columns: dict[str, np.ndarray] = {}
+    for position, name in enumerate(FIELDS):
+        if name in ("lora_model", "lora_strength"):
+            continue
+        values, value_codes = raw_values(name), (codes[provider[name]] if name in provider else np.zeros(n, dtype=np.int64))
+        if name == "model_id":
+            values = [default_model_id if v in (None, "") else v for v in values]
+        parsed = []
+        for index, value in enumerate(values):
+            result, problem = parse_field(name, value)
+            parsed.append(result)
+            limit = field_limit_problems(name, result, limits) if problem is None and name in LIMITED_FIELDS else []
+            if problem is not None or limit:
+                used = value_codes == index
+                report([problem] if problem else [], used, 1, position)
+                report(limit, used, 2, LIMITED_FIELDS.index(name) if name in LIMITED_FIELDS else 0)
+        columns[name] = _take(parsed, value_codes)
+
+    # the blend and its strengths, checked together per distinct pair
+    blend_code = np.where(plain, len(blend_values), codes[provider["lora_model"]] if "lora_model" in provider else 0)
+    strength_code = np.where(plain, len(options), strength_code)
+    pairs, pair_index = np.unique(blend_code * (len(options) + 1) + strength_code, return_inverse=True)
+    lora_texts, strength_texts, labels = [], [], []
+    for index, code in enumerate(pairs.tolist()):
+        blend_raw = "" if code // (len(options) + 1) == len(blend_values) else blend_values[code // (len(options) + 1)]
+        strength_raw = None if code % (len(options) + 1) == len(options) else options[code % (len(options) + 1)]
+        lora_model, lora_problem = parse_field("lora_model", blend_raw)
+        strengths, strength_problem = parse_field("lora_strength", strength_raw)
+        found = lora_problems(lora_model, strengths, limits)
+        if lora_problem or strength_problem or found:
+            used = pair_index == index
+            report([lora_problem] if lora_problem else [], used, 1, list(FIELDS).index("lora_model"))
+            report([strength_problem] if strength_problem else [], used, 1, list(FIELDS).index("lora_strength"))
+            report(found, used, 3, 0)
+        strength_text = canonical_strengths(lora_model, strengths)
+        lora_texts.append(lora_model)
+        strength_texts.append(strength_text)
+        labels.append(blend_label(lora_model, strength_text))
+    if problems:
+        return PlanResult(pd.DataFrame(), _counted(problems))
+    columns["lora_model"] = _take(lora_texts, pair_index)
+    columns["lora_strength"] = _take(strength_texts, pair_index)
+    blend = _take(labels, pair_index)
+
+    # seeds: given, or derived from the row itself; `samples` spreads each over seed..seed+N-1
+    seeds = columns["seed"]
+    given = np.array([s is not None for s in seeds.tolist()], dtype=bool) if seeds.dtype == object else np.ones(n, dtype=bool)
+    first_seed = np.zeros(n, dtype=np.int64)
+    if given.any():
+        first_seed[given] = np.asarray(seeds[given], dtype=np.int64)
+    if not given.all():
+        first_seed[~given] = derived_seeds({k: v[~given] for k, v in columns.items()})
+    samples = np.asarray(columns["samples"], dtype=np.int64)
+    repeat = np.repeat(np.arange(n), samples)
+    sample = np.arange(len(repeat)) - np.repeat(np.cumsum(samples) - samples, samples)
+    frame = {
+        "id": np.full(len(repeat), "", dtype=object),
+        "blend": blend[repeat],
+        "sample": sample,
+        "seed_source": np.where(given[repeat], "given", "derived").astype(object),
+    }
+    for name in FIELDS:
+        frame[name] = columns[name][repeat]
+    frame["seed"] = (first_seed[repeat] + sample) % 2**32
+    frame["samples"] = np.ones(len(repeat), dtype=np.int64)
+    return PlanResult(pd.DataFrame(frame, columns=[*PLAN_COLUMNS, *FIELDS]), [])
+
+
+def _grid_axes(grid: Mapping[str, Any]) -> list[tuple[tuple[str, ...], list[dict[str, Any]]]]:
+    """The grid's axes in the order written, each (fields it sets, one assignment per value); lora_strength aside."""
+    problems = [
+        Problem(f"sweep.grid.{key}", "unknown request field", did_you_mean(key, FIELDS) or "see the text2img spec")
+        for key in grid
+        if key != "zip" and key not in FIELDS
+    ]
+    if problems:
+        raise PlanError(problems)
+    axes = []
+    for key, spec in grid.items():
+        if key == "lora_strength":
+            continue
+        if key == "zip":
+            assignments = _zip_axis(spec)
+        elif key == "lora_model":
+            assignments = [{"lora_model": ",".join(b)} for b in expand_blends(spec)]
+        else:
+            assignments = [{key: v} for v in expand_values(f"sweep.grid.{key}", spec)]
+        axes.append((tuple(assignments[0]), assignments))
+    return axes
+
+
+def _product_codes(sizes: list[int], total: int) -> list[np.ndarray]:
+    """itertools.product as index arrays: the first axis varies slowest."""
+    codes, stride = [], total
+    ramp = np.arange(total, dtype=np.int64)
+    for size in sizes:
+        stride //= size
+        codes.append((ramp // stride) % size)
+    return codes
+
+
+def _with_baseline(axes, codes, strength_code, lora_rows, blend_values, row_codes_fn):
+    """Add, after all rows, the no-LoRA copy of every row with LoRAs that the plan does not have yet."""
+    lora_fields = {"lora_model", "lora_strength"}
+    n = len(strength_code)
+    key = np.zeros(n, dtype=np.int64)
+    for k, (names, assignments) in enumerate(axes):
+        other = [name for name in names if name not in lora_fields]
+        if not other:
+            continue
+        texts = [json.dumps({name: a.get(name) for name in other}, sort_keys=True, default=str) for a in assignments]
+        first = {}
+        content = np.asarray([first.setdefault(t, i) for i, t in enumerate(texts)], dtype=np.int64)
+        key = key * len(assignments) + content[codes[k]]
+    blend_axis = row_codes_fn.get("lora_model")
+    if blend_axis is not None:
+        empty = np.asarray([v == "" for v in blend_values], dtype=bool)[codes[blend_axis]]
+    else:
+        empty = np.full(n, blend_values[0] == "", dtype=bool)
+    existing = set(np.unique(key[empty & ~lora_rows]).tolist())
+    candidates = np.flatnonzero(lora_rows)
+    _, first = np.unique(key[candidates], return_index=True)
+    new_rows = np.sort(candidates[first])
+    new_rows = np.asarray([r for r in new_rows.tolist() if int(key[r]) not in existing], dtype=np.int64)
+    codes = [np.concatenate([c, c[new_rows]]) for c in codes]
+    strength_code = np.concatenate([strength_code, np.zeros(len(new_rows), dtype=strength_code.dtype)])
+    plain = np.concatenate([np.zeros(n, dtype=bool), np.ones(len(new_rows), dtype=bool)])
+    return codes, strength_code, plain
+
+
+def _take(values: list[Any], codes: np.ndarray) -> Any:
+    """values[codes] as a column: numpy ints, floats or bools, pandas strings, else numpy objects."""
+    kinds = {type(v) for v in values}
+    if kinds <= {bool}:
+        array = np.asarray(values, dtype=bool)
+    elif kinds <= {int}:
+        array = np.asarray(values, dtype=np.int64)
+    elif kinds <= {float}:
+        array = np.asarray(values, dtype=np.float64)
+    elif kinds <= {str}:  # pandas' own string column, built by one arrow take instead of a million conversions
+        return pd.array(values, dtype="str").take(codes)
+    else:
+        array = np.empty(len(values), dtype=object)
+        array[:] = values
+    return array[codes]
+
+
+def _counted(problems: list[tuple[tuple[int, int, int], str, int]]) -> list[str]:
+    """Problem texts in first-seen order (by row, then as parse_request lists them), with how many rows had each."""
+    first: dict[str, tuple[int, int, int]] = {}
+    counts: Counter = Counter()
+    for order, text, count in problems:
+        first[text] = min(first.get(text, order), order)
+        counts[text] += count
+    return [text + (f" ({counts[text]} rows)" if counts[text] > 1 else "") for text in sorted(first, key=first.__getitem__)]
+
+
+def json_texts(fragments: list[tuple[str, list[str], np.ndarray | None]], n: int, item_sep: str, key_sep: str) -> list[str]:
+    """json.dumps(row, sort_keys=True) for n rows at once, from each key's text per distinct value.
+
+    `fragments`: (key, value texts, codes into them, or None for one value in every row), in key
+    order; a value text of None leaves the key out of that row. Constant keys are joined once.
+    """
+    pieces: list[Any] = []
+    literal = "{"
+    first_key = True
+    for key, texts, codes in fragments:
+        lead = "" if first_key else item_sep
+        if codes is None or len(texts) == 1:
+            if texts[0] is not None:
+                literal += f"{lead}{json.dumps(key)}{key_sep}{texts[0]}"
+                first_key = False
+            continue
+        if any(t is None for t in texts):  # optional key: the separator goes with it
+            item = np.asarray([None if t is None else f"{lead}{json.dumps(key)}{key_sep}{t}" for t in texts], dtype=object)
+            item = np.where(item == None, "", item)  # noqa: E711 - elementwise
+            pieces += [literal, item[codes]]
+        else:
+            pieces += [literal + lead, np.asarray([f"{json.dumps(key)}{key_sep}{t}" for t in texts], dtype=object)[codes]]
+            first_key = False
+        literal = ""
+    pieces.append(literal + "}")
+    columns = [itertools.repeat(piece, n) if isinstance(piece, str) else piece.tolist() for piece in pieces]
+    return list(map("".join, zip(*columns)))  # one join per row: no intermediate strings
+
+
+def derived_seeds(columns: Mapping[str, np.ndarray]) -> np.ndarray:
+    """derived_seed for many parsed rows (seed null): the same sha256 of the same JSON text."""
+    n = len(next(iter(columns.values())))
+    keys = sorted(k for k in FIELDS if k not in NOT_IN_ID and k != "seed")
+    fragments = []
+    for key in keys:
+        uniques, codes = _factorize(columns[key])
+        fragments.append((key, [json.dumps(v, default=str) for v in uniques], codes))
+    texts = json_texts(fragments, n, ", ", ": ")
+    return np.asarray([int.from_bytes(hashlib.sha256(t.encode()).digest()[:4], "big") for t in texts], dtype=np.int64)
+
+
+def _factorize(column: Any) -> tuple[list[Any], np.ndarray]:
+    """(distinct values as Python objects with None for missing, codes per row)."""
+    codes, uniques = pd.factorize(pd.Series(column, copy=False), use_na_sentinel=False)
+    values = [None if (v is None or (isinstance(v, float) and v != v) or v is pd.NA) else v for v in uniques.tolist()]
+    return values, codes
 
 
 def with_ids(plan: pd.DataFrame, identity: Identity) -> tuple[pd.DataFrame, int]:
-    """Give every row its id; rows that are the same image are kept once. Returns (plan, dropped)."""
+    """Give every row its id (`image_id`, column by column); rows that are the same image are kept once.
+
+    Returns (plan, dropped)."""
     plan = plan.copy()
-    plan["id"] = [image_id(row, identity) for row in plan[list(FIELDS)].to_dict("records")]
+    n = len(plan)
+    compact = (",", ":")
+    keys = sorted([k for k in FIELDS if k not in NOT_IN_ID and k not in ("lora_model", "lora_strength")] + ["loras", "engine", "files"])
+    fragments = []
+    for key in keys:
+        if key == "engine":
+            fragments.append((key, [json.dumps(dict(identity.engine), sort_keys=True, separators=compact, default=str)], None))
+        elif key == "loras":
+            blends, blend_codes = _factorize(plan["lora_model"])
+            strengths, strength_codes = _factorize(plan["lora_strength"])
+            pair = blend_codes.astype(np.int64) * len(strengths) + strength_codes
+            unique, codes = np.unique(pair, return_inverse=True)
+            texts = []
+            for code in unique.tolist():
+                loras = split_loras(blends[code // len(strengths)])
+                values = split_strengths(strengths[code % len(strengths)]) or [1.0] * len(loras)
+                texts.append(
+                    json.dumps(
+                        sorted([name, identity.lora_hashes.get(name, ""), format_number(s)] for name, s in zip(loras, values)),
+                        separators=compact,
+                    )
+                )
+            fragments.append((key, texts, codes))
+        elif key == "files":
+            fragments.append((key, *_files_fragments(plan, identity)))
+        elif key == "model_id":
+            uniques, codes = _factorize(plan["model_id"])
+            texts = [json.dumps([m, identity.model_hashes.get(m, "")], separators=compact, default=str) for m in uniques]
+            fragments.append((key, texts, codes))
+        else:
+            uniques, codes = _factorize(plan[key])
+            fragments.append((key, [json.dumps(v, sort_keys=True, separators=compact, default=str) for v in uniques], codes))
+    texts = json_texts(fragments, n, ",", ":")
+    sha256 = hashlib.sha256
+    plan["id"] = [sha256(t.encode()).hexdigest()[:16] for t in texts]
     deduped = plan.drop_duplicates("id", keep="first").reset_index(drop=True)
-    return deduped, len(plan) - len(deduped)
+    return deduped, n - len(deduped)
+
+
+def _files_fragments(plan: pd.DataFrame, identity: Identity) -> tuple[list[str | None], np.ndarray]:
+    """The `files` entry of image_id: only rows that use a VAE, embeddings or the upscaler carry it."""
+    vaes, vae_codes = _factorize(plan["vae"])
+    embeddings, embedding_codes = _factorize(plan["embeddings_model"])
+    upscales, upscale_codes = _factorize(plan["upscale"])
+    combined = (vae_codes.astype(np.int64) * len(embeddings) + embedding_codes) * len(upscales) + upscale_codes
+    unique, codes = np.unique(combined, return_inverse=True)
+    texts: list[str | None] = []
+    for code in unique.tolist():
+        vae = vaes[code // (len(embeddings) * len(upscales))]
+        names = split_loras(embeddings[(code // len(upscales)) % len(embeddings)])
+        upscale = upscales[code % len(upscales)]
+        files = [f"vae:{vae}"] if vae else []
+        files += [f"embeddings:{name}" for name in names]
+        files += ["upscaler"] if upscale else []
+        entries = sorted([name, identity.file_hashes.get(name, "")] for name in files)
+        texts.append(json.dumps(entries, separators=(",", ":")) if files else None)
+    return texts, codes
 
 
 def shadowed_base_fields(base: Mapping[str, Any], grid: Mapping[str, Any]) -> list[str]:
@@ -365,11 +661,11 @@ def shadowed_base_fields(base: Mapping[str, Any], grid: Mapping[str, Any]) -> li
 
 def varying_fields(plan: pd.DataFrame) -> list[str]:
     """The request fields that take more than one value in the plan (the sweep's real axes)."""
-    return [c for c in FIELDS if c in plan and plan[c].astype(str).nunique(dropna=False) > 1]
+    return [c for c in FIELDS if c in plan and plan[c].nunique(dropna=False) > 1]
 
 
 def summarize(plan: pd.DataFrame) -> dict[str, Any]:
-    axes = {c: plan[c].astype(str).nunique(dropna=False) for c in varying_fields(plan)}
+    axes = {c: plan[c].nunique(dropna=False) for c in varying_fields(plan)}
     return {
         "rows": len(plan),
         "blends": plan["lora_model"].nunique() if len(plan) else 0,

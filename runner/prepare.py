@@ -67,7 +67,8 @@ def registry_identity(registry: Registry, cfg: DictConfig) -> Identity:
 def fit_problems(plan: pd.DataFrame, registry: Registry) -> list[str]:
     """Files made for another model family (an SDXL LoRA or embedding on SD 1.x...) are refused before any image."""
     problems = []
-    pairs = {(m, lora) for m, blend in zip(plan["model_id"], plan["lora_model"]) for lora in split_loras(blend)}
+    blends = plan[["model_id", "lora_model"]].drop_duplicates()  # distinct pairs first: a plan may have a million rows
+    pairs = {(m, lora) for m, blend in zip(blends["model_id"], blends["lora_model"]) for lora in split_loras(blend)}
     for model_id, lora_id in sorted(pairs):
         model, lora = registry.models.get(model_id), registry.loras.get(lora_id)
         if model is None or lora is None or not lora.path.exists():
@@ -95,7 +96,8 @@ def fit_problems(plan: pd.DataFrame, registry: Registry) -> list[str]:
                     )
                 )
             )
-    pairs = {(m, e) for m, names in zip(plan["model_id"], plan["embeddings_model"]) for e in split_loras(names)}
+    used = plan[["model_id", "embeddings_model"]].drop_duplicates()
+    pairs = {(m, e) for m, names in zip(used["model_id"], used["embeddings_model"]) for e in split_loras(names)}
     for model_id, name in sorted(pairs):
         model, embedding = registry.models.get(model_id), registry.embeddings.get(name)
         if model is None or embedding is None or embedding.family == model.family:

@@ -201,7 +201,7 @@ def parse_float(value: Any) -> float:
 
 def _parse_value(spec: FieldSpec, value: Any) -> Any:
     if spec.kind == "str":
-        if isinstance(value, (dict, list)):
+        if isinstance(value, (dict, list, tuple)):
             raise ValueError(f"expected text, got {value!r}")
         return "" if value is None else str(value)
     if spec.kind == "optional_str":
@@ -260,6 +260,19 @@ def parse_request(raw: Mapping[str, Any], limits: Limits = Limits()) -> tuple[di
     return out, problems
 
 
+def parse_field(name: str, value: Any) -> tuple[Any, Problem | None]:
+    """One field's loose value -> (canonical value, problem); on a problem the value is the field's default."""
+    spec = FIELDS[name]
+    try:
+        return _parse_value(spec, value), None
+    except ValueError as exc:
+        return (spec.default if spec.kind != "strengths" else None), Problem(name, str(exc), f"see the text2img spec for {name}")
+
+
+def canonical_strengths(lora_model: str, strengths: list[float] | None) -> str:
+    return _canonical_strengths({"lora_model": lora_model, "lora_strength": strengths})
+
+
 def _canonical_strengths(req: dict[str, Any]) -> str:
     loras = split_loras(req["lora_model"])
     strengths = req["lora_strength"] or [1.0]
@@ -270,37 +283,43 @@ def _canonical_strengths(req: dict[str, Any]) -> str:
 
 def _check_limits(req: dict[str, Any], lim: Limits) -> list[Problem]:
     problems: list[Problem] = []
-    if not req["prompt"].strip():
-        problems.append(Problem("prompt", "is required", "set sweep.base.prompt"))
-    for name in ("width", "height"):
-        v = req[name]
-        if v % lim.size_multiple or not lim.min_size <= v <= lim.max_size:
-            fixed = min(max(lim.min_size, round(v / lim.size_multiple) * lim.size_multiple), lim.max_size)
-            problems.append(
-                Problem(name, f"{v} must be a multiple of {lim.size_multiple} in {lim.min_size}..{lim.max_size}", f"use {fixed}")
-            )
-    if not 1 <= req["samples"] <= lim.max_samples:
-        problems.append(Problem("samples", f"{req['samples']} is outside 1..{lim.max_samples}", "use more seeds instead of more samples"))
-    if not lim.min_steps <= req["num_inference_steps"] <= lim.max_steps:
-        problems.append(
-            Problem(
-                "num_inference_steps", f"{req['num_inference_steps']} is outside {lim.min_steps}..{lim.max_steps}", "use for example 30"
-            )
-        )
-    g = req["guidance_scale"]
-    if not lim.min_guidance <= g <= lim.max_guidance:
-        problems.append(
+    for name in LIMITED_FIELDS:
+        problems += field_limit_problems(name, req[name], lim)
+    return problems + lora_problems(req["lora_model"], req["lora_strength"], lim)
+
+
+LIMITED_FIELDS = ("prompt", "width", "height", "samples", "num_inference_steps", "guidance_scale", "clip_skip")
+
+
+def field_limit_problems(name: str, v: Any, lim: Limits) -> list[Problem]:
+    """The limits of one parsed field on its own (the plan checks each distinct value once)."""
+    if name == "prompt" and not v.strip():
+        return [Problem("prompt", "is required", "set sweep.base.prompt")]
+    if name in ("width", "height") and (v % lim.size_multiple or not lim.min_size <= v <= lim.max_size):
+        fixed = min(max(lim.min_size, round(v / lim.size_multiple) * lim.size_multiple), lim.max_size)
+        return [Problem(name, f"{v} must be a multiple of {lim.size_multiple} in {lim.min_size}..{lim.max_size}", f"use {fixed}")]
+    if name == "samples" and not 1 <= v <= lim.max_samples:
+        return [Problem("samples", f"{v} is outside 1..{lim.max_samples}", "use more seeds instead of more samples")]
+    if name == "num_inference_steps" and not lim.min_steps <= v <= lim.max_steps:
+        return [Problem("num_inference_steps", f"{v} is outside {lim.min_steps}..{lim.max_steps}", "use for example 30")]
+    if name == "guidance_scale" and not lim.min_guidance <= v <= lim.max_guidance:
+        return [
             Problem(
                 "guidance_scale",
-                f"{format_number(g)} is outside {format_number(lim.min_guidance)}..{format_number(lim.max_guidance)}",
+                f"{format_number(v)} is outside {format_number(lim.min_guidance)}..{format_number(lim.max_guidance)}",
                 "use for example 7.5",
             )
-        )
-    c = req["clip_skip"]
-    if not lim.min_clip_skip <= c <= lim.max_clip_skip:
-        problems.append(Problem("clip_skip", f"{c} is outside {lim.min_clip_skip}..{lim.max_clip_skip}", "1 means the last CLIP layer"))
-    loras = split_loras(req["lora_model"])
-    strengths = req["lora_strength"] or []
+        ]
+    if name == "clip_skip" and not lim.min_clip_skip <= v <= lim.max_clip_skip:
+        return [Problem("clip_skip", f"{v} is outside {lim.min_clip_skip}..{lim.max_clip_skip}", "1 means the last CLIP layer")]
+    return []
+
+
+def lora_problems(lora_model: str, strengths: list[float] | None, lim: Limits) -> list[Problem]:
+    """The checks that need the blend and its strengths together."""
+    problems: list[Problem] = []
+    loras = split_loras(lora_model)
+    strengths = strengths or []
     if strengths and not loras:
         problems.append(Problem("lora_strength", "is set but lora_model is empty", "set lora_model or drop lora_strength"))
     if loras and len(strengths) > 1 and len(strengths) != len(loras):
@@ -312,7 +331,7 @@ def _check_limits(req: dict[str, Any], lim: Limits) -> list[Problem]:
             )
         )
     if len(set(loras)) != len(loras):
-        problems.append(Problem("lora_model", f"'{req['lora_model']}' names a LoRA twice", "name each LoRA once"))
+        problems.append(Problem("lora_model", f"'{lora_model}' names a LoRA twice", "name each LoRA once"))
     for s in strengths:
         if not lim.min_lora_strength <= s <= lim.max_lora_strength:
             fix = f"use a value in {format_number(lim.min_lora_strength)}..{format_number(lim.max_lora_strength)}"

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from runner.engines.base import Capabilities
@@ -42,7 +43,6 @@ def validate_plan(
     """
     problems: list[Problem] = []
     warnings: dict[str, None] = {}
-    used, notes, pipelines = [], [], []
     if len(plan) > max_images:
         problems.append(
             Problem(
@@ -51,23 +51,33 @@ def validate_plan(
                 f"shrink the grid or set sweep.max_images={len(plan)}",
             )
         )
-    for row in plan.to_dict("records"):
+    # every distinct combination of the fields these checks read is checked once, then spread to its rows
+    not_applied_fields = sorted(set(caps.not_applied) | {"upscale", "panorama", "self_attention"})
+    keys = [c for c in ["scheduler", "model_id", "lora_model", *not_applied_fields] if c in plan]
+    groups = plan.groupby(keys, sort=False, dropna=False).ngroup().to_numpy() if len(plan) else np.zeros(0, dtype=np.int64)
+    firsts = pd.Series(np.arange(len(plan))).groupby(groups).first().to_numpy() if len(plan) else []
+    sizes = np.bincount(groups) if len(plan) else []
+    group_used, group_notes, group_pipelines = [], [], []
+    for first, size in zip(firsts, sizes):
+        row = {k: _native(v) for k, v in plan.iloc[int(first)][keys].items()}
         row_notes: list[str] = []
+        row_problems: list[Problem] = []
         if row["scheduler"] in caps.schedulers:
             choice, error = SchedulerChoice(row["scheduler"], row["scheduler"]), ""
         else:
             choice, error = choose(row["scheduler"], substitute_schedulers)
         if choice is None:
-            problems.append(Problem("scheduler", error))
-            used.append("")
+            row_problems.append(Problem("scheduler", error))
+            group_used.append("")
         elif choice.used not in caps.schedulers:
-            problems.append(Problem("scheduler", f"the {caps.kind} engine cannot run {choice.used}", "pick another scheduler"))
-            used.append("")
+            row_problems.append(Problem("scheduler", f"the {caps.kind} engine cannot run {choice.used}", "pick another scheduler"))
+            group_used.append("")
         else:
-            used.append(choice.used)
+            group_used.append(choice.used)
             if choice.note:
                 row_notes.append(choice.note)
                 warnings[choice.note] = None
+        problems.extend(row_problems * int(size))  # counted per row, as before
         if row["scheduler"] == "LCMScheduler" and caps.kind == "local":
             members = {row["model_id"], *filter(None, str(row["lora_model"]).split(","))}
             if not members & lcm_ids:
@@ -77,16 +87,19 @@ def validate_plan(
         not_applied = dict(caps.not_applied)
         if caps.kind == "local":
             pipeline, more = local_pipeline(row, (families or {}).get(row["model_id"], "sd"), has_upscaler)
-            pipelines.append(pipeline)
+            group_pipelines.append(pipeline)
             not_applied.update(more)
         for name, why in not_applied.items():
             if row.get(name) not in (None, False, "", 0):
                 note = f"{name} not applied: {why}"
                 row_notes.append(note)
                 warnings[note] = None
-        notes.append("; ".join(row_notes))
+        group_notes.append("; ".join(row_notes))
+    used = np.asarray(group_used, dtype=object)[groups] if len(plan) else []
+    notes = np.asarray(group_notes, dtype=object)[groups] if len(plan) else []
+    pipelines = np.asarray(group_pipelines, dtype=object)[groups] if len(plan) and group_pipelines else []
     plan = plan.assign(scheduler_used=used, notes=notes)
-    if pipelines:
+    if len(pipelines):
         plan = plan.assign(pipeline_used=pipelines)
     return Validation(plan, count_problems(problems), list(warnings))
 
@@ -109,3 +122,10 @@ def local_pipeline(row: Mapping[str, Any], family: str, has_upscaler: bool) -> t
             not_applied["self_attention"] = "the panorama pipeline has no self-attention guidance"
         return "panorama", not_applied
     return ("sag" if row.get("self_attention") else "text2img"), not_applied
+
+
+def _native(value: Any) -> Any:
+    """A plan cell as Python sees it in a record: None for missing, plain bools and numbers."""
+    if value is None or (isinstance(value, float) and value != value) or value is pd.NA:
+        return None
+    return value.item() if isinstance(value, np.generic) else value

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -179,3 +181,84 @@ def test_an_unset_optional_field_keeps_its_id_and_counts_as_an_axis_value():
     other_hash = plan_of({"seed": [1], "vae": [None, "mse"]}, identity=Identity(file_hashes={"vae:mse": "h2"}))
     assert len(set(mixed["id"]) & set(other_hash["id"])) == 1, "only the row using the VAE depends on its hash"
     assert summarize(mixed)["axes"] == {"vae": 2}
+
+
+# ---------------------------------------------------------------- the vectorised planner vs row by row
+
+
+def row_by_row(base, grid, baseline=False):
+    """The plan as the grid defines it: expand_grid's rows, parse_request on each, samples spread over seeds."""
+    from runner.plan import PLAN_COLUMNS, count_problems, derived_seed, expand_grid
+    from runner.request import FIELDS, blend_label, parse_request, split_loras
+
+    raws = expand_grid(base, grid)
+    if baseline:
+        seen = {json.dumps(r, sort_keys=True, default=str) for r in raws if not split_loras(r.get("lora_model"))}
+        for raw in list(raws):
+            plain = {**raw, "lora_model": "", "lora_strength": None}
+            if split_loras(raw.get("lora_model")) and json.dumps(plain, sort_keys=True, default=str) not in seen:
+                seen.add(json.dumps(plain, sort_keys=True, default=str))
+                raws.append(plain)
+    parsed, problems = [], []
+    for raw in raws:
+        request, found = parse_request({**raw, "model_id": raw.get("model_id") or "m"})
+        parsed.append(request)
+        problems += found
+    if problems:
+        return None, count_problems(problems)
+    rows = []
+    for request in parsed:
+        first = request["seed"] if request["seed"] is not None else derived_seed(request)
+        for sample in range(request["samples"]):
+            row = {**request, "seed": (first + sample) % 2**32, "samples": 1, "id": "", "sample": sample}
+            row["blend"] = blend_label(row["lora_model"], row["lora_strength"])
+            row["seed_source"] = "given" if request["seed"] is not None else "derived"
+            rows.append(row)
+    return pd.DataFrame(rows, columns=[*PLAN_COLUMNS, *FIELDS]), []
+
+
+EQUIVALENCE_CASES = [
+    ({"prompt": "p", "seed": 1}, {}),
+    ({"prompt": "p"}, {"seed": [1, 2, 2], "guidance_scale": [5, "7.5"]}),
+    ({"prompt": "p", "samples": 2}, {"lora_model": ["a", "a,b", ""], "lora_strength": [0.5, 1.0], "seed": [3]}),
+    ({"prompt": "p", "lora_strength": 0.7}, {"lora_model": {"each": ["a", "b"], "baseline": True}, "seed": {"start": 0, "count": 3}}),
+    (
+        {"prompt": "p"},
+        {
+            "lora_model": {"pairs": ["a", "b", "c"]},
+            "lora_strength": {"a": [0.5, 1], "default": [0.2, 0.4]},
+            "zip": {"prompt": ["x", "y"], "negative_prompt": ["n1", "n2"]},
+        },
+    ),
+    ({"prompt": "p", "vae": "v", "upscale": "yes"}, {"embeddings_model": ["e", None], "seed": [1, 2], "scheduler": ["DDIMScheduler"]}),
+    ({"prompt": "p", "width": 513, "num_inference_steps": 0}, {"seed": [1, -1], "guidance_scale": [0.5, 7]}),
+    ({"prompt": ""}, {"lora_model": ["a,a", "a"], "lora_strength": ["0.5,0.6,0.7", 3]}),
+    ({"prompt": "p", "key": "x", "promt": "y"}, {"seed": [1]}),
+]
+
+
+@pytest.mark.parametrize("baseline", [False, True])
+@pytest.mark.parametrize("base, grid", EQUIVALENCE_CASES)
+def test_vectorised_plan_equals_the_row_by_row_definition(base, grid, baseline):
+    from runner.plan import image_id
+    from runner.request import FIELDS
+
+    want, want_problems = row_by_row(base, grid, baseline)
+    got = build_plan(base, grid, default_model_id="m", baseline=baseline)
+    assert got.problems == want_problems
+    if want is None:
+        return
+    assert list(got.plan.columns) == list(want.columns)
+    for column in want.columns:
+        assert [None if v != v else v for v in got.plan[column].tolist()] == [None if v != v else v for v in want[column].tolist()], column
+    identity = Identity({"m": "h"}, {"a": "1", "b": "2"}, {"kind": "local"}, {"vae:v": "3", "embeddings:e": "4", "upscaler": "5"})
+    ids, _ = with_ids(got.plan, identity)
+    expected = dict.fromkeys(image_id(r, identity) for r in want[list(FIELDS)].to_dict("records"))
+    assert list(ids["id"]) == list(expected), "each id is image_id of its row; duplicates dropped"
+
+
+def test_a_large_plan_is_built_whole():
+    grid = {"lora_model": {"each": ["a", "b"], "pairs": ["a", "b"]}, "lora_strength": [0.5, 1], "seed": {"start": 0, "count": 40_000}}
+    plan, dropped = with_ids(build_plan({"prompt": "p"}, grid, default_model_id="m").plan, Identity())
+    assert len(plan) == 3 * 2 * 40_000 and dropped == 0 and plan["id"].is_unique
+    assert plan["seed"].between(0, 39_999).all() and (plan.groupby("blend")["seed"].nunique() == 40_000).all()
