@@ -116,7 +116,6 @@ class TrackingConfig:
     artifact_location: str | None = None  # default <paths.outputs>/mlartifacts for new experiments
     experiment: str | None = None  # default: the sweep name
     queue_size: int = 64  # images waiting for the background writer before generation waits
-    process: bool = False  # log from a child process instead of the writer thread (measured slower on an H100: bench/RESULTS.md)
     chart_images: bool = True  # also log each image with mlflow's log_image under the key `image` (chart view; bench/RESULTS.md)
 
 

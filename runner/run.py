@@ -381,9 +381,7 @@ def _generate(cfg, prepared, pending, rows, store, tracker, hashes, base_tags, s
     started = time.perf_counter()
     try:
         tags = {**base_tags, **{f"lib.{k}" if k not in ("engine", "device", "dtype") else k: v for k, v in engine.describe().items()}}
-        writer = BackgroundWriter(
-            store, tracker, rows, hashes, tags, cfg.tracking.queue_size, tracking_process=tracking_in_process(cfg, engine)
-        )
+        writer = BackgroundWriter(store, tracker, rows, hashes, tags, cfg.tracking.queue_size)
         engine.prepare(pending)
         started = time.perf_counter()  # images/s counts generation + writing, not imports and loading
         bar = tqdm(total=len(pending), unit="img", desc=cfg.sweep.name, disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
@@ -411,11 +409,6 @@ def _generate(cfg, prepared, pending, rows, store, tracker, hashes, base_tags, s
             summary.generate_s = time.perf_counter() - started
         engine.close()
     return summary, status
-
-
-def tracking_in_process(cfg: DictConfig, engine) -> bool:
-    """tracking.process: MLflow logging from a child process instead of the writer thread."""
-    return bool(cfg.tracking.get("process", False))
 
 
 def progress_state(engine, summary: Summary) -> dict[str, Any]:

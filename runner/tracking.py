@@ -69,6 +69,46 @@ def default_uri(outputs: Path) -> str:
     return f"sqlite:///{outputs.resolve() / 'mlflow.db'}"
 
 
+def seed_sqlite_store(uri: str) -> None:
+    """A new sqlite store starts as a copy of an empty one made once per MLflow version.
+
+    MLflow builds a new sqlite store by running its schema migrations one by one (3.4 s on the dev
+    machine); every new outputs folder paid that before its first image. The copy takes milliseconds.
+    Its Default experiment's artifact location is set to ./mlruns of this directory, as MLflow's own
+    initialisation would.
+    """
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    if path.exists() or str(path) == ":memory:":
+        return
+    import os
+    import shutil
+    import sqlite3
+
+    import mlflow
+
+    cache = Path(os.environ.get("LORA_SWEEP_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora-sweep")
+    template = cache / f"mlflow-{mlflow.__version__}-empty.db"
+    try:
+        if not template.exists():
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            cache.mkdir(parents=True, exist_ok=True)
+            building = template.with_name(f"{template.name}.{os.getpid()}.tmp")
+            store = SqlAlchemyStore(f"sqlite:///{building}", str(cache / "mlruns"))
+            store.engine.dispose()
+            os.replace(building, template)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, path)
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", ((Path.cwd() / "mlruns").as_uri(),))
+        db.close()
+    except (OSError, sqlite3.Error) as exc:  # no cache: MLflow builds the store itself, as before
+        log.debug("no sqlite store template (%s)", exc)
+        path.unlink(missing_ok=True)
+
+
 def ui_command(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
@@ -93,6 +133,7 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
+        seed_sqlite_store(uri)
         self.client = MlflowClient(tracking_uri=uri)
         if experiment_id is None:
             found = self.client.get_experiment_by_name(experiment)
@@ -246,81 +287,3 @@ class Tracker:
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[start : start + 100])
-
-
-class TrackingProcess:
-    """The per-image MLflow logging of a `Tracker`, done in a child process.
-
-    MLflow's client is Python-heavy (about 60 ms of CPU per image run with its PNG). In a thread of
-    the generating process it competes for the GIL with the thread that launches CUDA kernels (a GPU
-    sweep measured 22-40% slower tracked than untracked). Moving it here was meant to remove that, but
-    the one H100 run measured it slower still (bench/RESULTS.md), so it is opt-in (tracking.process=true)
-    until a profile says why. Same contract as `Tracker.log_image`; results come back on `close()`:
-    the child runs made (so scores find them) and the ids that could not be logged.
-    """
-
-    def __init__(self, tracker: Tracker, queue_size: int = 256):
-        import multiprocessing
-
-        self.tracker = tracker
-        context = multiprocessing.get_context("spawn")  # no fork of a process holding CUDA and threads
-        self._in = context.Queue(maxsize=max(1, queue_size))
-        self._out = context.Queue()
-        self._process = context.Process(
-            target=_tracking_main,
-            args=(tracker.uri, tracker.experiment_id, tracker.parent_id, tracker.children, tracker.name_axes, tracker.chart_images),
-            kwargs={"inbox": self._in, "outbox": self._out},
-            name="lora-sweep-tracking",
-            daemon=True,
-        )
-        self._process.start()
-        self.failed_ids: list[str] = []
-        self.errors = 0
-
-    def log_image(self, row: Mapping[str, Any], result: Any, image_path: Path | None, tags: Mapping[str, str]) -> None:
-        import dataclasses
-
-        light = dataclasses.replace(result, image=None)  # the child reads the PNG from disk
-        self._in.put((dict(row), light, str(image_path) if image_path else None, dict(tags)))
-
-    def close(self) -> None:
-        """Wait for every queued image to be logged; update the tracker's child runs."""
-        if not self._process.is_alive():
-            return
-        self._in.put(None)
-        children, self.failed_ids, self.errors = self._out.get()
-        self._process.join()
-        self.tracker.children.update(children)
-
-
-def _tracking_main(uri, experiment_id, parent_id, children, name_axes, chart_images, *, inbox, outbox) -> None:
-    """The child process: a Tracker on the same run, logging what arrives until None."""
-    from PIL import Image
-
-    from runner.run import run_environment_defaults
-
-    run_environment_defaults()
-    tracker = Tracker(uri, experiment_id=experiment_id)
-    tracker.parent_id, tracker.children, tracker.name_axes, tracker.chart_images = parent_id, dict(children), name_axes, chart_images
-    made: dict[str, tuple[str, str, str]] = {}
-    failed: list[str] = []
-    errors = in_a_row = 0
-    while (item := inbox.get()) is not None:
-        row, result, path, tags = item
-        if in_a_row >= 3:  # MLflow is down: the next run or `lora-sweep sync` back-fills the rest
-            failed.append(row["id"])
-            errors += 1
-            continue
-        try:
-            if path and chart_images and result.status == "ok":
-                with Image.open(path) as image:
-                    result.image = image.convert("RGB")
-            tracker.log_image(row, result, Path(path) if path else None, tags)
-            made[row["id"]] = tracker.children[row["id"]]
-            in_a_row = 0
-        except Exception as exc:
-            failed.append(row["id"])
-            errors += 1
-            in_a_row += 1
-            log.warning("MLflow logging failed for %s (%s)", row["id"], str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
-    outbox.put((made, failed, errors))

@@ -77,15 +77,11 @@ class BackgroundWriter:
         tags: Mapping[str, str],
         maxsize: int = 64,
         encode_workers: int = 2,
-        tracking_process: bool = False,
     ):
         from concurrent.futures import ThreadPoolExecutor
 
-        from runner.tracking import TrackingProcess
-
         self.store = store
-        self._process_tracking = tracker is not None and tracking_process
-        self.tracker = TrackingProcess(tracker, queue_size=4 * maxsize) if self._process_tracking else tracker
+        self.tracker = tracker
         # PNG encoding (zlib, which releases the GIL) on a few threads: one cannot keep up with a fast GPU
         self._encoder = ThreadPoolExecutor(max(1, encode_workers), thread_name_prefix="lora-sweep-png")
         self.rows = rows
@@ -97,7 +93,6 @@ class BackgroundWriter:
         self.tracking_down = False  # after MAX_TRACKING_FAILURES in a row: the next run back-fills
         self._failures_in_a_row = 0
         self.busy_s = 0.0
-        self._journalled: dict[str, dict[str, Any]] = {}  # records handed to a tracking process, in case it cannot log them
         self._thread = threading.Thread(target=self._loop, name="lora-sweep-writer", daemon=True)
         self._thread.start()
 
@@ -110,16 +105,11 @@ class BackgroundWriter:
         self.queue.put((result, png))
 
     def close(self) -> None:
-        """Write everything queued, then stop the thread (and wait for the tracking process to log it all)."""
+        """Write everything queued, then stop the thread."""
         if self._thread.is_alive():
             self.queue.put(_STOP)
             self._thread.join()
         self._encoder.shutdown()
-        if self._process_tracking:
-            self.tracker.close()
-            self.tracking_errors += self.tracker.errors
-            for image_id in self.tracker.failed_ids:  # journalled as tracked when handed over: say they are not
-                self.store.append_result({**self._journalled[image_id], "tracked": False})
         self.store.snapshot()
 
     def _loop(self) -> None:
@@ -161,8 +151,6 @@ class BackgroundWriter:
             **{f"meta.{k}": v for k, v in result.meta.items()},
         }
         self.store.append_result(record)
-        if self._process_tracking:
-            self._journalled[result.id] = record
         self.written += 1
 
     def _track(self, row: Mapping[str, Any], result: ImageResult, path: Any) -> bool:

@@ -63,25 +63,18 @@ def test_fifty_blend_switches_leave_the_base_weights_bit_identical(assets_dir):
     engine.close()
 
 
-def test_fused_sweep_matches_the_adapters_and_records_how_it_ran(workspace):
+def test_a_sweep_runs_fused_by_default_and_records_how_it_ran(workspace):
     sweep = workspace.sweep("small", SMALL_SWEEP)
-    images = {}
-    for fuse in ("true", "false"):
-        outputs = workspace.root / f"out-{fuse}"
-        result = workspace.cli("run", f"sweep={sweep}", "tracking=none", f"engine.fuse_loras={fuse}", f"paths.outputs={outputs}")
-        assert result.code == 0, result.err
-        images[fuse] = sweep_images(outputs, "small")
-    (fused, fused_pixels), (unfused, unfused_pixels) = images["true"], images["false"]
-    assert set(fused["meta.lora_mode"]) == {"fused"} and set(unfused["meta.lora_mode"]) == {"unfused"}
-    assert sorted(fused["id"]) == sorted(unfused["id"]), "fusing is not part of an image's identity"
-    assert set(fused["batch_size"]) == {2}, "batch_size auto on a CPU: 4, here capped by the 2 seeds of a cell"
-    for image_id in fused["id"]:
-        difference = np.abs(fused_pixels(image_id) - unfused_pixels(image_id))
-        assert difference.max() <= 2 and difference.mean() < 0.01, f"{image_id}: fused differs from the adapters by {difference.max()}"
+    result = workspace.cli("run", f"sweep={sweep}", "tracking=none")
+    assert result.code == 0, result.err
+    images, pixels = sweep_images(workspace.outputs, "small")
+    assert len(images) == 8 and set(images["meta.lora_mode"]) == {"fused"} and set(images["meta.compiled"]) == {False}
+    assert set(images["batch_size"]) == {2}, "batch_size auto on a CPU: 4, here capped by the 2 seeds of a cell"
     weak, strong = (
-        fused[(fused["lora_model"] == "sunset") & (fused["seed"] == 1) & (fused["lora_strength"] == s)]["id"].item() for s in ("0.5", "1")
+        images[(images["lora_model"] == "sunset") & (images["seed"] == 1) & (images["lora_strength"] == s)]["id"].item()
+        for s in ("0.5", "1")
     )
-    assert np.abs(fused_pixels(weak) - fused_pixels(strong)).max() > 20, "a tolerance of 2 is far below what a blend changes"
+    assert np.abs(pixels(weak) - pixels(strong)).max() > 20, "each blend's strength reaches the pixels"
 
 
 def test_fused_images_equal_unfused_within_tolerance_in_process(assets_dir):
@@ -125,18 +118,20 @@ def test_fused_images_equal_unfused_within_tolerance_in_process(assets_dir):
     assert np.abs(pixels[True] - pixels[False]).max() <= 2
 
 
-def test_mlflow_logging_from_a_child_process_logs_every_image(workspace):
+def test_new_sqlite_stores_start_from_an_empty_template(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    sweep = workspace.sweep("small", SMALL_SWEEP)
-    result = workspace.cli("run", f"sweep={sweep}", "tracking.process=true")
-    assert result.code == 0, result.err
-    client = MlflowClient(f"sqlite:///{workspace.outputs.resolve() / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("small")
-    children = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("lora_sweep.role") != "parent"]
-    assert len(children) == 8 and {r.info.status for r in children} == {"FINISHED"}
-    results = pd.read_parquet(workspace.outputs / "small" / "results.parquet")
-    assert results["tracked"].all()
-    for run in children:
-        names = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert f"{run.data.tags['lora_sweep.id']}.png" in names, names
+    from runner.tracking import Tracker
+
+    monkeypatch.setenv("LORA_SWEEP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    first = Tracker(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}", "one")
+    second = Tracker(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}", "two")
+    assert list((tmp_path / "cache").glob("mlflow-*-empty.db")), "the template is kept for the next store"
+    for tracker, name in ((first, "one"), (second, "two")):
+        client = MlflowClient(tracker.uri)
+        assert sorted(e.name for e in client.search_experiments()) == sorted(["Default", name]), "each store has only its own"
+        assert client.get_experiment("0").artifact_location == (tmp_path / "mlruns").as_uri()
+        run = client.create_run(tracker.experiment_id)
+        client.log_param(run.info.run_id, "seed", "3")
+        assert client.get_run(run.info.run_id).data.params == {"seed": "3"}

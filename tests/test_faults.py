@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 SLOW_SWEEP = {
     "name": "long",
     "base": {"prompt": "a red fox", "width": 128, "height": 128, "num_inference_steps": 8},
-    "grid": {"lora_model": ["sunset", "stripes"], "seed": {"start": 0, "count": 16}},
+    "grid": {"lora_model": ["sunset", "stripes"], "seed": {"start": 0, "count": 10}},
 }
 
 
@@ -88,12 +88,12 @@ def test_interrupted_sweep_resumes_without_loss_or_duplicates(workspace, sig):
         assert proc.returncode == -signal.SIGKILL
         parent_id = mlflow_runs(workspace.outputs, "long")[0]["run_id"].iloc[0]
     done_before = len(pd.read_json(workspace.outputs / "long" / "results.jsonl", lines=True))
-    assert 4 <= done_before < 32
+    assert 4 <= done_before < 20
 
     again = workspace.cli("run", f"sweep={path}", "engine.batch_size=1")
     assert again.code == 0, again.err
     assert f"{done_before} images already done" in again.out
-    assert_complete(workspace, "long", 32)
+    assert_complete(workspace, "long", 20)
     assert mlflow_runs(workspace.outputs, "long")[0]["run_id"].iloc[0] == parent_id, "the parent run is reused"
 
 
@@ -167,7 +167,7 @@ def test_changed_lora_file_is_detected_and_its_images_regenerated(workspace, tmp
 
 
 def test_second_run_on_the_same_sweep_refuses_and_stale_locks_are_taken_over(workspace):
-    path = workspace.sweep("long", SLOW_SWEEP)
+    path = workspace.sweep("long", {**SLOW_SWEEP, "grid": {**SLOW_SWEEP["grid"], "seed": {"start": 0, "count": 16}}})  # outlasts a start
     first = start_run(workspace, f"sweep={path}", "tracking=none")
     try:
         wait_for_results(workspace.outputs / "long", 1, first)
@@ -187,9 +187,10 @@ def test_second_run_on_the_same_sweep_refuses_and_stale_locks_are_taken_over(wor
 def test_mlflow_down_mid_sweep_keeps_writing_and_sync_backfills(workspace, tmp_path):
     port = free_port()
     server = start_mlflow_server(tmp_path, port)
-    path = workspace.sweep("long", {**SLOW_SWEEP, "grid": {"lora_model": ["sunset"], "seed": {"start": 0, "count": 24}}})
+    path = workspace.sweep("long", {**SLOW_SWEEP, "grid": {"lora_model": ["sunset"], "seed": {"start": 0, "count": 12}}})
     env_overrides = ("engine.batch_size=1", f"tracking.uri=http://127.0.0.1:{port}")
-    proc = start_run(workspace, f"sweep={path}", *env_overrides)
+    # no retries against the stopped server: the same path, without waiting out urllib3's back-off
+    proc = start_run(workspace, f"sweep={path}", *env_overrides, env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
     wait_for_results(workspace.outputs / "long", 3, proc)
     server.terminate()
     server.wait(timeout=30)
@@ -197,7 +198,7 @@ def test_mlflow_down_mid_sweep_keeps_writing_and_sync_backfills(workspace, tmp_p
     assert proc.returncode == 0, err
     assert "could not be logged to MLflow" in out
     results = pd.read_parquet(workspace.outputs / "long" / "results.parquet")
-    assert len(results) == 24 and set(results["status"]) == {"ok"}, "images and results keep being written"
+    assert len(results) == 12 and set(results["status"]) == {"ok"}, "images and results keep being written"
     assert not results["tracked"].all()
 
     server = start_mlflow_server(tmp_path, port)  # the same store comes back
@@ -211,7 +212,7 @@ def test_mlflow_down_mid_sweep_keeps_writing_and_sync_backfills(workspace, tmp_p
         runs = client.search_runs([client.get_experiment_by_name("long").experiment_id])
         children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
         ids = [r.data.tags["lora_sweep.id"] for r in children]
-        assert len(ids) == 24 and len(set(ids)) == 24
+        assert len(ids) == 12 and len(set(ids)) == 12
         assert {r.info.status for r in children} == {"FINISHED"}
     finally:
         server.terminate()
