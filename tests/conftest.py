@@ -143,3 +143,53 @@ def sdxl_dir(tmp_path_factory) -> Path:
         str(root / "xl_emb.safetensors"),
     )
     return root
+
+
+def demo_engine(assets: Path, device: str = "cpu", **settings):
+    """A LocalEngine over the demo's model and LoRAs, for tests of the engine interface itself."""
+    from runner.engines.local import LocalEngine
+    from runner.registry import HashCache, Registry, resolve_lora, resolve_model
+
+    cache = HashCache(None)
+    model, problem = resolve_model("tiny-sd", {"source": str(assets / "tiny-sd")}, cache)
+    assert problem is None, problem
+    loras = {}
+    for name in ("sunset", "stripes", "star"):
+        loras[name], problem = resolve_lora(name, str(assets / "loras" / f"{name}.safetensors"), None, cache)
+        assert problem is None, problem
+    if device == "cpu":
+        settings.setdefault("dtype", "float32")
+    return LocalEngine(registry=Registry(models={"tiny-sd": model}, loras=loras), device=device, **settings)
+
+
+def engine_rows(blends: list[tuple[str, str]], seeds: list[int], size: int = 64, steps: int = 4):
+    """Plan rows as the engine receives them (validated columns included): each blend x each seed."""
+    import pandas as pd
+
+    return pd.DataFrame(
+        [
+            {
+                "id": f"{blend}@{strength}#{seed}",
+                "model_id": "tiny-sd",
+                "prompt": "a red circle on a blue background",
+                "negative_prompt": "",
+                "width": size,
+                "height": size,
+                "num_inference_steps": steps,
+                "guidance_scale": 7.5,
+                "seed": seed,
+                "lora_model": blend,
+                "lora_strength": strength,
+                "scheduler_used": "EulerDiscreteScheduler",
+                "use_karras_sigmas": False,
+                "algorithm_type": None,
+                "clip_skip": 1,
+                "vae": None,
+                "embeddings_model": None,
+                "pipeline_used": "text2img",
+                "upscale": False,
+            }
+            for blend, strength in blends
+            for seed in seeds
+        ]
+    )

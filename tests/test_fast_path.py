@@ -8,23 +8,11 @@ import random
 import numpy as np
 import pandas as pd
 import torch
-from conftest import SMALL_SWEEP, sweep_images
+from conftest import SMALL_SWEEP, demo_engine, engine_rows, sweep_images
 
 from runner.engines.local import LocalEngine
-from runner.registry import HashCache, Registry, resolve_lora, resolve_model
 
 MODULE = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
-
-
-def demo_engine(assets, **settings) -> LocalEngine:
-    cache = HashCache(None)
-    model, problem = resolve_model("tiny-sd", {"source": str(assets / "tiny-sd")}, cache)
-    assert problem is None
-    loras = {}
-    for name in ("sunset", "stripes", "star"):
-        loras[name], problem = resolve_lora(name, str(assets / "loras" / f"{name}.safetensors"), None, cache)
-        assert problem is None
-    return LocalEngine(registry=Registry(models={"tiny-sd": model}, loras=loras), device="cpu", dtype="float32", **settings)
 
 
 def base_weights(engine: LocalEngine) -> dict[str, torch.Tensor]:
@@ -79,33 +67,7 @@ def test_a_sweep_runs_fused_by_default_and_records_how_it_ran(workspace):
 
 def test_fused_images_equal_unfused_within_tolerance_in_process(assets_dir):
     """The same rows through one engine with fusing on and one with it off (no CLI: the engine interface)."""
-    blend = "sunset,stripes"
-    rows = pd.DataFrame(
-        [
-            {
-                "id": f"r{seed}",
-                "model_id": "tiny-sd",
-                "prompt": "a red circle on a blue background",
-                "negative_prompt": "",
-                "width": 64,
-                "height": 64,
-                "num_inference_steps": 4,
-                "guidance_scale": 7.5,
-                "seed": seed,
-                "lora_model": blend,
-                "lora_strength": ",".join(["0.8"] * len(blend.split(","))),
-                "scheduler_used": "EulerDiscreteScheduler",
-                "use_karras_sigmas": False,
-                "algorithm_type": None,
-                "clip_skip": 1,
-                "vae": None,
-                "embeddings_model": None,
-                "pipeline_used": "text2img",
-                "upscale": False,
-            }
-            for seed in (1, 2, 3)
-        ]
-    )
+    rows = engine_rows([("sunset,stripes", "0.8,0.8")], [1, 2, 3])
     pixels = {}
     for fuse in (True, False):
         engine = demo_engine(assets_dir, fuse_loras=fuse)

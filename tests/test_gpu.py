@@ -6,54 +6,18 @@ Skipped without CUDA; `bench/bench_gpu.py`'s device run executes them (bench/RES
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
-from conftest import SMALL_SWEEP, sweep_images
-
-from runner.engines.local import LocalEngine
-from runner.registry import HashCache, Registry, resolve_lora, resolve_model
+from conftest import SMALL_SWEEP, demo_engine, engine_rows, sweep_images
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def cuda_engine(assets, **settings) -> LocalEngine:
-    cache = HashCache(None)
-    model, _ = resolve_model("tiny-sd", {"source": str(assets / "tiny-sd")}, cache)
-    loras = {
-        name: resolve_lora(name, str(assets / "loras" / f"{name}.safetensors"), None, cache)[0] for name in ("sunset", "stripes", "star")
-    }
-    return LocalEngine(registry=Registry(models={"tiny-sd": model}, loras=loras), device="cuda", **settings)
+def cuda_engine(assets, **settings):
+    return demo_engine(assets, device="cuda", **settings)
 
 
-def rows(blends: list[tuple[str, str]], seeds: list[int], size: int = 64, steps: int = 4) -> pd.DataFrame:
-    return pd.DataFrame(
-        [
-            {
-                "id": f"{blend}@{strength}#{seed}",
-                "model_id": "tiny-sd",
-                "prompt": "a red circle on a blue background",
-                "negative_prompt": "",
-                "width": size,
-                "height": size,
-                "num_inference_steps": steps,
-                "guidance_scale": 7.5,
-                "seed": seed,
-                "lora_model": blend,
-                "lora_strength": strength,
-                "scheduler_used": "EulerDiscreteScheduler",
-                "use_karras_sigmas": False,
-                "algorithm_type": None,
-                "clip_skip": 1,
-                "vae": None,
-                "embeddings_model": None,
-                "pipeline_used": "text2img",
-                "upscale": False,
-            }
-            for blend, strength in blends
-            for seed in seeds
-        ]
-    )
+rows = engine_rows
 
 
 def test_cuda_defaults_run_bfloat16_fused_with_a_measured_batch(workspace):
