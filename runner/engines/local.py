@@ -622,7 +622,6 @@ class LocalEngine:
             launched = Launched(batch, *to_host(pixels, finite), started=started, lora_mode=self._lora_mode)
             if probe:
                 launched.ready()
-                self._last_ready = launched.ready()
                 self._auto_sizes[self._size_key(cell)] = self._measured_batch(len(batch), before)
                 log.info(
                     "batch_size auto: %d images per call at %sx%s", self._auto_sizes[self._size_key(cell)], cell["width"], cell["height"]
