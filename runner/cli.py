@@ -6,6 +6,7 @@
     lora-sweep score  SWEEP_FOLDER     scores of finished images (no generation), logged to their MLflow runs
     lora-sweep report SWEEP_FOLDER     grids, ranking, curves and report.html from a sweep folder
     lora-sweep reproduce IMAGE_ID      regenerate one image from its record; are the pixels identical?
+    lora-sweep serve  [overrides]      the text2img HTTP API over the local engine (runner/server)
 
 Sweep files are the `sweep` config group: every `sweeps/*.yaml` (the project's and the current
 directory's) is registered under its file name, so `sweep=NAME` selects one and
@@ -42,6 +43,9 @@ commands:
             lora-sweep report outputs/demo
   reproduce  regenerate one image from its record and say whether the pixels are identical:
             lora-sweep reproduce IMAGE_ID   (or an MLflow run id; paths.outputs=DIR to look elsewhere)
+  serve   the provider's text2img HTTP API over the local engine, for engine=remote sweeps from other machines:
+            LORA_SWEEP_API_KEYS=secret lora-sweep serve serve.host=0.0.0.0 serve.port=7860 [tracking=sqlite]
+            (serve.* settings: lora-sweep serve --help; README, "Serving")
 
 overrides use Hydra's syntax:
   lora-sweep run                                     the demo sweep on the embedded tiny model
@@ -135,13 +139,19 @@ def _hydra_command(command: str, argv: list[str]) -> None:
     register_configs()
     argv, sweep = register_sweeps(argv)
     argv = request_overrides(argv, sweep)
-    precheck_composition(argv)
+    if command == "serve":
+        argv = serve_overrides(argv)
+    precheck_composition(argv, "serve.name" if command == "serve" else "sweep.name")
 
     def task(cfg: DictConfig) -> None:
         from runner.run import UserError
 
         try:
-            if command in ("run", "sync"):
+            if command == "serve":
+                from runner.server import serve
+
+                serve(cfg)
+            elif command in ("run", "sync"):
                 from runner.run import run_sweep
 
                 summary = run_sweep(cfg, generate=command == "run")
@@ -197,7 +207,13 @@ def flags_first(argv: list[str]) -> list[str]:
     return flags + overrides
 
 
-def precheck_composition(argv: list[str]) -> None:
+def serve_overrides(argv: list[str]) -> list[str]:
+    """`serve` logs to MLflow only when asked (tracking=sqlite, or any tracking.* setting), and runs in its own folder."""
+    extra = [] if any(a.lstrip("+~").startswith("tracking") for a in argv) else ["tracking=none"]
+    return [*argv, *extra, "hydra.run.dir=${paths.outputs}/${serve.name}"]
+
+
+def precheck_composition(argv: list[str], folder_key: str = "sweep.name") -> None:
     """Compose once with Hydra's compose API so a bad override or config is one line, not Hydra's report.
 
     Skipped for Hydra's own flags (--help, --cfg, -m, ...), which hydra.main handles itself.
@@ -216,7 +232,9 @@ def precheck_composition(argv: list[str]) -> None:
         raise UserError(composition_error(exc)) from None
     finally:
         GlobalHydra.instance().clear()
-    folder = Path(cfg.paths.outputs) / cfg.sweep.name  # Hydra's run dir: it must be creatable
+    from omegaconf import OmegaConf
+
+    folder = Path(cfg.paths.outputs) / str(OmegaConf.select(cfg, folder_key))  # Hydra's run dir: it must be creatable
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -373,13 +391,13 @@ def main(argv: list[str] | None = None) -> None:
     run_environment_defaults()
     os.environ["LORA_SWEEP_ARGV"] = json.dumps(argv)  # the command as typed, for the report's "reproduce" section
     try:
-        if command in ("run", "plan", "sync"):
+        if command in ("run", "plan", "sync", "serve"):
             _hydra_command(command, rest)
         elif command in FOLDER_USAGE:
             folder_command(command, rest)
         else:
-            hint = did_you_mean(command, ["run", "plan", "sync", *FOLDER_USAGE])
-            fail([f"unknown command '{command}'; {hint or 'use run, plan, sync, score, report or reproduce'}"])
+            hint = did_you_mean(command, ["run", "plan", "sync", "serve", *FOLDER_USAGE])
+            fail([f"unknown command '{command}'; {hint or 'use run, plan, sync, serve, score, report or reproduce'}"])
     except UserError as exc:
         fail(exc.lines)
     except KeyboardInterrupt:

@@ -158,6 +158,26 @@ class PathsConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`lora-sweep serve`: the text2img API over the local engine (README, "Serving")."""
+
+    host: str = "127.0.0.1"  # 0.0.0.0 to serve a network: then keys are required
+    port: int = 7860
+    name: str = "served"  # the folder under paths.outputs: images/, results, jobs.db
+    api_keys_env: str = "LORA_SWEEP_API_KEYS"  # comma-separated keys in this environment variable...
+    api_keys_file: str | None = None  # ...and/or a file of sha256 hashes of keys, one per line
+    allow_no_auth: bool = False  # loopback only: serve without keys (a local tool, never a network service)
+    allow_webhooks: bool = False  # POST results to the request's webhook URL (off: a server must not reach a private network for a caller)
+    webhook_timeout_s: float = 10.0
+    max_queued_per_key: int = 5  # queued + running requests per key; beyond that the rate-limit reply with retry_after
+    wait_s: float = 3.0  # a request finishing within this answers success at once; otherwise processing + eta
+    max_batch_images: int = 32  # images taken from the queue for one engine call (the engine batches equal cells)
+    max_body_bytes: int = 65536  # larger request bodies are refused (413) before they are read
+    max_steps: int = 150  # num_inference_steps above this are clamped, as the provider does, not refused
+    public_url: str | None = None  # the base of image URLs in replies (default: the URL the request came to)
+
+
+@dataclass
 class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -174,6 +194,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     retry_failed: bool = False  # only run the ids that failed before
     progress: bool = True
 

@@ -13,6 +13,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from runner.engines import capabilities
+from runner.engines.base import Capabilities
 from runner.plan import Identity, PlanError, build_plan, shadowed_base_fields, with_ids
 from runner.registry import (
     CROSS_ATTENTION_WIDTHS,
@@ -157,12 +158,37 @@ def prepare_sweep(cfg: DictConfig) -> PreparedSweep:
     if built.problems:
         return PreparedSweep(name, built.plan, None, None, built.problems)
 
-    plan = built.plan
-    entries = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("models", "loras", "vaes", "embeddings")}
+    entries = registry_entries(cfg)
+    rows = check_rows(built.plan, cfg, caps, entries)
+    scorers, score_problems = score_entries(cfg)
+    engine_problems = engine_setting_problems(cfg) if caps.kind == "local" else []
+    problems = rows.problems + score_problems + engine_problems
+    warnings = shadowed_base_fields(base, grid) + rows.warnings
+    return PreparedSweep(name, rows.plan, rows.registry, rows.identity, problems, warnings, rows.duplicates, scorers)
+
+
+@dataclass
+class CheckedRows:
+    """Parsed plan rows with their ids, checked against the files and the engine (what `run` and `serve` share)."""
+
+    plan: pd.DataFrame
+    registry: Registry
+    identity: Identity
+    problems: list[str]
+    warnings: list[str]
+    duplicates: int
+
+
+def registry_entries(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    return {name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("models", "loras", "vaes", "embeddings")}
+
+
+def check_rows(plan: pd.DataFrame, cfg: DictConfig, caps: Capabilities, entries: dict, hashes: HashCache | None = None) -> CheckedRows:
+    """Resolve and hash the files the rows name, give the rows their ids and validate them against the engine."""
     if caps.kind == "remote":  # model, LoRA, VAE and embeddings ids are the provider's: nothing on disk to resolve or hash
         registry = Registry()
     else:
-        hashes = HashCache(Path(cfg.paths.outputs) / ".cache" / "hashes.json")
+        hashes = hashes or HashCache(Path(cfg.paths.outputs) / ".cache" / "hashes.json")
         upscaler = OmegaConf.to_container(cfg.upscaler, resolve=True) if plan["upscale"].any() else None
         registry = resolve_all(entries, wanted_files(plan), hashes, upscaler)
     identity = registry_identity(registry, cfg)
@@ -178,11 +204,25 @@ def prepare_sweep(cfg: DictConfig) -> PreparedSweep:
         families={k: v.family for k, v in registry.models.items()},
         has_upscaler=registry.upscaler is not None,
     )
-    scorers, score_problems = score_entries(cfg)
-    engine_problems = engine_setting_problems(cfg) if caps.kind == "local" else []
-    problems = [str(p) for p in registry.problems] + problems_fit + checked.problems + score_problems + engine_problems
-    warnings = shadowed_base_fields(base, grid) + checked.warnings
-    return PreparedSweep(name, checked.plan, registry, identity, problems, warnings, duplicates, scorers)
+    problems = [str(p) for p in registry.problems] + problems_fit + checked.problems
+    return CheckedRows(checked.plan, registry, identity, problems, checked.warnings, duplicates)
+
+
+def prepare_request(raw: dict[str, Any], cfg: DictConfig, hashes: HashCache | None = None) -> CheckedRows | list[str]:
+    """One text2img request (loose types, as the API sends it) -> its checked rows, or the problems.
+
+    `serve` calls this for every request: the same parsing, limits, registry and validation as a
+    sweep's plan, so the server and the CLI refuse the same things with the same words.
+    """
+    limits = Limits(max_lora_strength=float(cfg.validation.max_lora_strength))
+    try:
+        built = build_plan(raw, {}, default_model_id=cfg.model.id, limits=limits)
+    except PlanError as exc:
+        return [str(p) for p in exc.problems]
+    if built.problems:
+        return list(built.problems)
+    rows = check_rows(built.plan, cfg, capabilities("local"), registry_entries(cfg), hashes)
+    return rows.problems or rows
 
 
 def score_entries(cfg: DictConfig) -> tuple[dict[str, Any], list[str]]:

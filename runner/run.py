@@ -62,7 +62,8 @@ class Summary:
 def redact(config: Any) -> Any:
     """The config with every secret-looking value replaced, for saving and logging."""
     if isinstance(config, dict):
-        return {k: ("***" if SECRET_KEY.search(str(k)) and v else redact(v)) for k, v in config.items()}
+        # secrets are strings: `serve.max_queued_per_key: 5` is a number, not a key
+        return {k: ("***" if SECRET_KEY.search(str(k)) and isinstance(v, str) and v else redact(v)) for k, v in config.items()}
     if isinstance(config, list):
         return [redact(v) for v in config]
     return config

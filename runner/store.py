@@ -120,8 +120,16 @@ class SweepStore:
                 continue
             with os.fdopen(fd, "w") as fh:
                 fh.write(str(os.getpid()))
+            self._remove_stale_temp_files()
             return
         raise SweepLocked(f"could not take the lock {self.lock_path}")
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files of a writer killed mid-write (kill -9, power loss); ours alone now that we hold the lock."""
+        for folder in (self.root, self.images, self.grids):
+            for stale in folder.glob(".*.tmp") if folder.is_dir() else ():
+                with contextlib.suppress(OSError):
+                    stale.unlink()
 
     def release(self) -> None:
         self.close_journal()

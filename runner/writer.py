@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from PIL import Image, PngImagePlugin
@@ -77,6 +77,7 @@ class BackgroundWriter:
         tags: Mapping[str, str],
         maxsize: int = 64,
         encode_workers: int = 2,
+        on_written: Callable[[dict[str, Any]], None] | None = None,
     ):
         from concurrent.futures import ThreadPoolExecutor
 
@@ -93,6 +94,7 @@ class BackgroundWriter:
         self.tracking_down = False  # after MAX_TRACKING_FAILURES in a row: the next run back-fills
         self._failures_in_a_row = 0
         self.busy_s = 0.0
+        self.on_written = on_written  # told each final record once it is on disk (the server finishes its jobs with it)
         self._thread = threading.Thread(target=self._loop, name="lora-sweep-writer", daemon=True)
         self._thread.start()
 
@@ -120,17 +122,24 @@ class BackgroundWriter:
             started = time.perf_counter()
             result, png = item
             try:
-                self._write(result, png.result() if png is not None else None)
-            except Exception:  # a write error must not kill the thread and stall the engine
+                record = self._write(result, png.result() if png is not None else None)
+            except Exception as exc:  # a write error must not kill the thread and stall the engine
                 log.exception("could not write image %s", result.id)
+                record = {"id": result.id, "status": "failed", "error": f"could not write the image ({exc})"}
+            if record is not None and self.on_written is not None:
+                try:
+                    self.on_written(record)
+                except Exception:
+                    log.exception("on_written failed for %s", result.id)
             self.busy_s += time.perf_counter() - started
 
-    def _write(self, result: ImageResult, png: bytes | None = None) -> None:
+    def _write(self, result: ImageResult, png: bytes | None = None) -> dict[str, Any] | None:
+        """Write one result; returns its record (None for a remote engine's `submitted` event)."""
         if result.status == "submitted":  # only the remote id, so a killed run can fetch instead of resubmitting
             self.store.append_result(
                 {"id": result.id, "status": "submitted", "seed": result.seed, "meta.remote_id": result.meta["remote_id"]}
             )
-            return
+            return None
         row = {**self.rows[result.id], "scheduler_used": result.scheduler or self.rows[result.id].get("scheduler_used")}
         path = None
         if result.status == "ok":
@@ -152,6 +161,7 @@ class BackgroundWriter:
         }
         self.store.append_result(record)
         self.written += 1
+        return record
 
     def _track(self, row: Mapping[str, Any], result: ImageResult, path: Any) -> bool:
         """Log to MLflow if it is up; a store that keeps failing is left alone until the next run."""

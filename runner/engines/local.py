@@ -264,6 +264,8 @@ class LocalEngine:
         self._pipelines: dict[str, Any] = {}  # "panorama" / "sag" -> pipeline sharing the loaded components
         self._upscaler: Any = None
         self._variant = ""  # the weight variant the loaded model came from ("fp16") or ""
+        # a server keeps every adapter it loaded: its next request likely uses it again (a sweep drops one after its last cell)
+        self.keep_adapters = False
         self._quiet_libraries()
 
     # ------------------------------------------------------------ loading
@@ -569,7 +571,8 @@ class LocalEngine:
                     pending = []
             finished = set(split_loras(records[0]["lora_model"]))
             uses.subtract(finished)
-            self._unload_adapters({lora for lora in finished if uses[lora] <= 0})
+            if not self.keep_adapters:
+                self._unload_adapters({lora for lora in finished if uses[lora] <= 0})
         yield from self._finish_all(pending)
 
     # ------------------------------------------------------------ batches

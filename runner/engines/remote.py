@@ -310,7 +310,8 @@ class RemoteEngine:
             image_bytes = self.client.download(self.client.image_sources(body)[0], started)
             image = Image.open(io.BytesIO(image_bytes))
             image.load()
-            meta = {k: v for k, v in (body.get("meta") or {}).items() if k in ("seed", "prompt", "scheduler", "W", "H", "steps")}
+            kept = ("seed", "prompt", "scheduler", "scheduler_used", "W", "H", "steps", "lora_sweep_id")  # the last two: `lora-sweep serve`
+            meta = {k: v for k, v in (body.get("meta") or {}).items() if k in kept}
             meta["remote_id"] = remote_id or ""
             if body.get("generationTime") is not None:
                 meta["remote_generation_s"] = body.get("generationTime")
@@ -321,7 +322,7 @@ class RemoteEngine:
                 status="ok",
                 image=image.convert("RGB"),
                 seed=used_seed,
-                scheduler=str(meta.get("scheduler") or row["scheduler"]),
+                scheduler=str(meta.get("scheduler_used") or meta.get("scheduler") or row["scheduler"]),
                 generation_s=time.monotonic() - started,
                 notes=[*notes, *[n for n in str(row.get("notes") or "").split("; ") if n]],
                 meta=meta,
