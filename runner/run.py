@@ -116,7 +116,8 @@ def describe_plan(prepared: PreparedSweep, out: TextIO) -> None:
         print(f"warning: {warning}", file=out)
 
 
-def open_tracker(cfg: DictConfig):
+def open_tracker(cfg: DictConfig, experiment: str | None = None):
+    """(Tracker, uri) for tracking.*, or (None, None) with tracking off; the experiment defaults to the sweep's name."""
     if not cfg.tracking.enabled:
         return None, None
     from runner.tracking import Tracker, default_uri
@@ -127,7 +128,7 @@ def open_tracker(cfg: DictConfig):
     if not artifacts and not uri.startswith(("http://", "https://", "databricks")):
         artifacts = (outputs.resolve() / "mlartifacts").as_uri()  # beside the sqlite store, not ./mlruns
     try:
-        return Tracker(uri, cfg.tracking.experiment or cfg.sweep.name, artifacts), uri
+        return Tracker(uri, cfg.tracking.experiment or experiment or cfg.sweep.name, artifacts), uri
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
@@ -387,8 +388,7 @@ def _generate(cfg, prepared, pending, rows, store, tracker, hashes, base_tags, s
         started = time.perf_counter()  # images/s counts generation + writing, not imports and loading
         bar = tqdm(total=len(pending), unit="img", desc=cfg.sweep.name, disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
         try:
-            for result in engine.generate(pending):
-                writer.put(result)
+            for result in feed_writer(engine, pending, writer):
                 if result.status == "submitted":  # accepted by a remote engine; its id is journalled
                     bar.set_postfix(**progress_state(engine, summary), refresh=True)
                     continue
@@ -410,6 +410,18 @@ def _generate(cfg, prepared, pending, rows, store, tracker, hashes, base_tags, s
             summary.generate_s = time.perf_counter() - started
         engine.close()
     return summary, status
+
+
+def feed_writer(engine, rows: pd.DataFrame, writer, stop: Any = None):
+    """The one generation loop (`run` and `serve`): each result to the background writer, then to the caller.
+
+    The writer stores, journals and logs it off the generation path; `stop` (an Event) ends the loop
+    after the image in hand, leaving the rest for the next run or server start."""
+    for result in engine.generate(rows):
+        writer.put(result)
+        yield result
+        if stop is not None and stop.is_set():
+            return
 
 
 def progress_state(engine, summary: Summary) -> dict[str, Any]:

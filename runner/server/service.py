@@ -53,6 +53,8 @@ class Service:
     def __init__(self, cfg: DictConfig):
         from runner.run import SINGULAR, copy_demo_world_if
 
+        self.tracking_uri: str | None = None
+
         self.cfg = cfg
         self.settings = cfg.serve
         try:
@@ -120,23 +122,15 @@ class Service:
     # ------------------------------------------------------------ setup
 
     def _open_tracker(self, tags: dict[str, str]):
-        if not self.cfg.tracking.enabled:
-            return None
-        from runner.tracking import Tracker, default_uri
+        from runner.run import UserError, open_tracker
 
-        outputs = Path(self.cfg.paths.outputs)
-        uri = self.cfg.tracking.uri or default_uri(outputs)
-        artifacts = self.cfg.tracking.artifact_location
-        if not artifacts and not uri.startswith(("http://", "https://", "databricks")):
-            artifacts = (outputs.resolve() / "mlartifacts").as_uri()
         try:
-            tracker = Tracker(uri, self.cfg.tracking.experiment or self.cfg.serve.name, artifacts)
-            tracker.start_parent(self.cfg.serve.name, tags, {"served": "true"})
-        except Exception as exc:
-            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            raise ServiceError(f"tracking.uri: cannot use MLflow at {uri} ({first}); fix it or serve with tracking=none") from None
-        tracker.name_axes = ["lora_model", "lora_strength", "seed"]
-        self.tracking_uri = uri
+            tracker, self.tracking_uri = open_tracker(self.cfg, experiment=self.cfg.serve.name)
+            if tracker is not None:
+                tracker.start_parent(self.cfg.serve.name, tags, {"served": "true"})
+                tracker.name_axes = ["lora_model", "lora_strength", "seed"]
+        except UserError as exc:
+            raise ServiceError(str(exc)) from None
         return tracker
 
     def describe(self) -> dict[str, Any]:
@@ -148,7 +142,7 @@ class Service:
             "loras": sorted(self.registry.loras),
             "auth": "none (loopback)" if self.keys.open_access else f"{len(self.keys.hashes)} key(s)",
             "webhooks": bool(self.settings.allow_webhooks),
-            "tracking": getattr(self, "tracking_uri", None),
+            "tracking": self.tracking_uri,
         }
 
     def health(self) -> dict[str, Any]:
@@ -391,16 +385,14 @@ class Service:
 
     def _generate(self, frame: pd.DataFrame) -> None:
         from runner.engines.base import ImageResult
+        from runner.run import feed_writer
 
         started = time.perf_counter()
         made = 0
         try:
             self.engine.prepare(frame)
-            for result in self.engine.generate(frame):
-                self.writer.put(result)
+            for _ in feed_writer(self.engine, frame, self.writer, stop=self._stop):  # a stop leaves the rest queued in jobs.db
                 made += 1
-                if self._stop.is_set():
-                    return  # the rest stays queued in the job database: the next start runs it
         except Exception as exc:  # the engine itself failed (not one image): fail what it did not make, keep serving
             log.exception("generation failed")
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
