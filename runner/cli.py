@@ -164,9 +164,17 @@ def _hydra_command(command: str, argv: list[str]) -> None:
         except UserError as exc:
             fail(exc.lines)
 
+    if command == "run":  # SLURM and Kubernetes send SIGTERM before they kill: stop as Ctrl-C does
+        import signal
+
+        signal.signal(signal.SIGTERM, interrupt_on_sigterm)
     os.environ["LORA_SWEEP_COMMAND"] = command  # named in --help's header (conf/config.yaml)
     sys.argv = [f"lora-sweep {command}", *flags_first(argv)]
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()
+
+
+def interrupt_on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 FLAGS_WITH_VALUE = {

@@ -99,6 +99,7 @@ class EngineConfig(Policy):
     channels_last: Any = "auto"  # channels-last UNet and VAE (auto: on CUDA)
     compile: bool = False  # torch.compile the UNet and VAE decoder (minutes of warm-up per image size; see README)
     compile_mode: str | None = None  # torch.compile mode: None (default), max-autotune, max-autotune-no-cudagraphs
+    workers: int = 1  # local engine on N Ray workers (one GPU each on a cluster; RAY_ADDRESS, else a local Ray)
     substitute_schedulers: bool = False  # run a documented substitute for non-generator schedulers
     cache_prompt_embeddings: bool = True
     # remote engine (engine=remote): the provider's text2img API, or `lora-sweep serve`

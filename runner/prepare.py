@@ -161,7 +161,7 @@ def prepare_sweep(cfg: DictConfig) -> PreparedSweep:
     entries = registry_entries(cfg)
     rows = check_rows(built.plan, cfg, caps, entries)
     scorers, score_problems = score_entries(cfg)
-    engine_problems = engine_setting_problems(cfg) if caps.kind == "local" else []
+    engine_problems = engine_setting_problems(cfg) if caps.kind == "local" else remote_setting_problems(cfg)
     problems = rows.problems + score_problems + engine_problems
     warnings = shadowed_base_fields(base, grid) + rows.warnings
     return PreparedSweep(name, rows.plan, rows.registry, rows.identity, problems, warnings, rows.duplicates, scorers)
@@ -238,6 +238,20 @@ def score_entries(cfg: DictConfig) -> tuple[dict[str, Any], list[str]]:
         return {}, [str(p) for p in exc.problems]
 
 
+def remote_setting_problems(cfg: DictConfig) -> list[str]:
+    if int(cfg.engine.get("workers", 1) or 1) != 1:
+        return [
+            str(
+                Problem(
+                    "engine.workers",
+                    "applies to the local engine; the remote engine's concurrency is engine.max_in_flight",
+                    "drop engine.workers, or set engine.max_in_flight=N",
+                )
+            )
+        ]
+    return []
+
+
 def engine_setting_problems(cfg: DictConfig) -> list[str]:
     """The local engine's fast-path switches, checked before anything loads (one line each)."""
     problems = []
@@ -253,6 +267,16 @@ def engine_setting_problems(cfg: DictConfig) -> list[str]:
         value = cfg.engine.get(name, "auto")
         if not isinstance(value, bool) and str(value).strip().lower() != "auto":
             problems.append(str(Problem(f"engine.{name}", f"{value!r} is not true, false or auto", f"use engine.{name}=auto")))
+    workers = int(cfg.engine.get("workers", 1) or 1)
+    if workers < 1:
+        problems.append(str(Problem("engine.workers", f"{workers} is below 1", "use 1 (this process) or the number of GPUs")))
+    elif workers > 1:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            problems.append(
+                str(Problem("engine.workers", f"{workers} workers need Ray, which is not installed", "pip install -e '.[ray]'"))
+            )
     if int(cfg.engine.get("max_batch_size", 32)) < 1:
         problems.append(str(Problem("engine.max_batch_size", f"{cfg.engine.max_batch_size} is below 1", "use for example 32")))
     if cfg.engine.get("compile") and cfg.engine.get("fuse_loras") is False:

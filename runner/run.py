@@ -376,7 +376,12 @@ def _generate(cfg, prepared, pending, rows, store, tracker, hashes, base_tags, s
     registry = prepared.registry
     settings = OmegaConf.to_container(cfg.engine, resolve=True)
     engine = create_engine(
-        settings.pop("kind"), registry=registry, upscaler=OmegaConf.to_container(cfg.upscaler), api_key=api_key, **settings
+        settings.pop("kind"),
+        registry=registry,
+        upscaler=OmegaConf.to_container(cfg.upscaler),
+        api_key=api_key,
+        hashes=hashes,  # Ray workers write the PNG text chunks with them
+        **settings,
     )
     status = "FINISHED"
     writer = None

@@ -101,6 +101,9 @@ class BackgroundWriter:
     def put(self, result: ImageResult) -> None:
         """Queue a finished image; its PNG starts encoding at once (in order of arrival, written in order)."""
         png = None
+        if result.status == "ok" and result.png is not None:  # encoded by a worker
+            self.queue.put((result, None))
+            return
         if result.status == "ok" and result.image is not None:
             row = {**self.rows[result.id], "scheduler_used": result.scheduler or self.rows[result.id].get("scheduler_used")}
             png = self._encoder.submit(png_bytes, result.image, row, self.hashes)
@@ -122,7 +125,7 @@ class BackgroundWriter:
             started = time.perf_counter()
             result, png = item
             try:
-                record = self._write(result, png.result() if png is not None else None)
+                record = self._write(result, png.result() if png is not None else result.png)
             except Exception as exc:  # a write error must not kill the thread and stall the engine
                 log.exception("could not write image %s", result.id)
                 record = {"id": result.id, "status": "failed", "error": f"could not write the image ({exc})"}

@@ -34,6 +34,10 @@ def capabilities(kind: str) -> Capabilities:
 
 def create_engine(kind: str, **kwargs: Any) -> Engine:
     """Import and build an engine; torch is imported only here."""
+    if kind == "local" and int(kwargs.get("workers") or 1) > 1:
+        from runner.engines.ray_pool import RayPoolEngine
+
+        return RayPoolEngine(**kwargs)
     if kind == "local":
         from runner.engines.local import LocalEngine
 

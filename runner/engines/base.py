@@ -26,6 +26,7 @@ class ImageResult:
     batch_size: int = 1
     notes: list[str] = field(default_factory=list)  # substitutions, fields not applied, warnings
     meta: dict[str, Any] = field(default_factory=dict)  # engine-specific (remote meta, device, ...)
+    png: bytes | None = None  # the image already encoded (Ray workers encode their own PNGs)
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,7 @@ class Service:
 
         settings = OmegaConf.to_container(cfg.engine, resolve=True)
         settings.pop("kind")
+        settings.pop("workers", None)  # one engine per server; more GPUs: one server each, behind a proxy
         self.engine = create_engine("local", registry=self.registry, upscaler=OmegaConf.to_container(cfg.upscaler), **settings)
         self.engine.keep_adapters = True
         self.engine.prepare(pd.DataFrame({"model_id": [cfg.model.id], "lora_model": [""]}))  # the pipeline, once, at start
