@@ -53,7 +53,14 @@ def start_ray(ray: Any) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or None
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
     ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False, configure_logging=True)
+    if main and previous is not None:  # Ray's core installs a SIGTERM handler that aborts: ours stops like Ctrl-C
+        signal.signal(signal.SIGTERM, previous)
 
 
 class EngineWorker:

@@ -1,0 +1,77 @@
+"""`engine.workers=2`: the sweep on two Ray workers (a local Ray on this machine), the driver the only writer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import SMALL_SWEEP, Workspace, sweep_images
+from tests.test_faults import SLOW_SWEEP, assert_complete, start_run, wait_for_results
+from tests.test_run import mlflow_runs
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("ray")
+
+
+def test_two_workers_give_the_ids_and_pixels_of_one_process(workspace):
+    path = workspace.sweep("small", SMALL_SWEEP)
+    pooled = workspace.cli("run", f"sweep={path}", "engine.workers=2", "engine.batch_size=1")
+    assert pooled.code == 0, pooled.out + pooled.err
+    single_ws = Workspace(workspace.root / "single", workspace.assets)
+    single_ws.root.mkdir()
+    # Ray gives each CPU actor one thread (OMP_NUM_THREADS=1), and CPU kernels round differently with
+    # another thread count: the single-process run uses one thread too
+    single = single_ws.cli(
+        "run", f"sweep={single_ws.sweep('small', SMALL_SWEEP)}", "engine.batch_size=1", "tracking=none", env={"OMP_NUM_THREADS": "1"}
+    )
+    assert single.code == 0, single.err
+
+    pooled_rows, pooled_pixels = sweep_images(workspace.outputs, "small")
+    single_rows, single_pixels = sweep_images(single_ws.outputs, "small")
+    assert sorted(pooled_rows["id"]) == sorted(single_rows["id"]), "the same ids"
+    for image_id in single_rows["id"]:
+        assert np.array_equal(pooled_pixels(image_id), single_pixels(image_id)), image_id
+    assert pooled_rows["meta.worker"].nunique() == 2, "both workers made images"
+    parent, children = mlflow_runs(workspace.outputs, "small")
+    assert len(parent) == 1 and len(children) == 8 and children["tags.lora_sweep.id"].is_unique
+    assert set(children["tags.lib.workers"]) == {"2"}
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The Ray actor processes (named ray::EngineWorker...) of this run's local Ray."""
+    listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in listing.splitlines() if "ray::EngineWorker" in line]
+
+
+def test_a_killed_worker_loses_nothing_and_sigterm_stops_like_ctrl_c(workspace):
+    path = workspace.sweep("long", SLOW_SWEEP)
+    proc = start_run(workspace, f"sweep={path}", "engine.workers=2", "engine.batch_size=1")
+    wait_for_results(workspace.outputs / "long", 2, proc, timeout=240)
+    pids = worker_pids(proc.pid)
+    assert len(pids) >= 2, pids
+    os.kill(pids[0], signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out + err
+    assert_complete(workspace, "long", 12)  # each id once, every PNG whole, one MLflow run per image
+    results = pd.read_parquet(workspace.outputs / "long" / "results.parquet")
+    assert results["meta.worker"].nunique() >= 1
+
+    # SIGTERM (what SLURM and Kubernetes send) stops the driver as Ctrl-C does
+    more = workspace.sweep("longer", {**SLOW_SWEEP, "name": "longer"})
+    proc = start_run(workspace, f"sweep={more}", "engine.workers=2", "engine.batch_size=1")
+    wait_for_results(workspace.outputs / "longer", 2, proc, timeout=240)
+    proc.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted:" in out, out + err
+    assert time.monotonic() - started < 30
+    parent, _ = mlflow_runs(workspace.outputs, "longer")
+    assert parent["status"].iloc[0] == "KILLED"
+    kept = pd.read_json(workspace.outputs / "longer" / "results.jsonl", lines=True)
+    assert len(kept) >= 2 and set(kept["status"]) == {"ok"}, "finished images are kept (a rerun resumes, as tests/test_faults.py checks)"
