@@ -26,7 +26,7 @@ from runner.engines.base import ImageResult
 log = logging.getLogger(__name__)
 
 GROUP_KEYS = ["model_id", "lora_model", "lora_strength"]  # one blend: what switching costs on a worker
-SHARES_PER_WORKER = 4  # a group larger than total / (workers * this) is split by seeds, for balance
+SHARES_PER_WORKER = 2  # a blend larger than total / (workers * this) is split by seeds (bench/bench_ray.py chose 2)
 
 
 def plan_groups(rows: pd.DataFrame, workers: int) -> list[pd.DataFrame]:
