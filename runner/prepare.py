@@ -239,7 +239,7 @@ def score_entries(cfg: DictConfig) -> tuple[dict[str, Any], list[str]]:
 
 
 def remote_setting_problems(cfg: DictConfig) -> list[str]:
-    if int(cfg.engine.get("workers", 1) or 1) != 1:
+    if int(cfg.engine.get("workers", 1)) != 1:
         return [
             str(
                 Problem(
@@ -267,13 +267,13 @@ def engine_setting_problems(cfg: DictConfig) -> list[str]:
         value = cfg.engine.get(name, "auto")
         if not isinstance(value, bool) and str(value).strip().lower() != "auto":
             problems.append(str(Problem(f"engine.{name}", f"{value!r} is not true, false or auto", f"use engine.{name}=auto")))
-    workers = int(cfg.engine.get("workers", 1) or 1)
+    workers = int(cfg.engine.get("workers", 1))
     if workers < 1:
         problems.append(str(Problem("engine.workers", f"{workers} is below 1", "use 1 (this process) or the number of GPUs")))
     elif workers > 1:
-        import importlib.util
-
-        if importlib.util.find_spec("ray") is None:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
             problems.append(
                 str(Problem("engine.workers", f"{workers} workers need Ray, which is not installed", "pip install -e '.[ray]'"))
             )

@@ -31,6 +31,8 @@ BAD_OVERRIDES = [
     (["engine.fuse_loras=maybe"], "engine.fuse_loras: 'maybe' is not true, false or auto"),
     (["engine.compile=true", "engine.fuse_loras=false"], "engine.compile: a compiled UNet runs blends fused"),
     (["engine.batch_size=-2"], "engine.batch_size: -2 is not a batch size"),
+    (["engine.workers=0"], "engine.workers: 0 is below 1; use 1 (this process) or the number of GPUs"),
+    (["engine=remote", "engine.workers=2"], "engine.workers: applies to the local engine; the remote engine's concurrency is"),
     (["++sweep.base.vae=mse"], "vae: unknown VAE id 'mse'; add it under `vaes:` in the config"),
     (["++sweep.base.embeddings_model=easyneg", "+embeddings.easynegative={source: /e.pt}"], "did you mean 'easynegative'"),
     (["++sweep.base.vae=mse", "+vaes.mse={source: /no/vae}"], "vaes.mse.source: path /no/vae does not exist"),
@@ -187,3 +189,15 @@ def test_model_folder_with_a_missing_component_is_refused(workspace, small_sweep
     check_refused(workspace, small_sweep, "run", overrides, "models.broken.source: ")
     result = workspace.cli("plan", f"sweep={small_sweep}", *overrides)
     assert "has no 'unet' folder" in result.err
+
+
+def test_workers_without_ray_installed_is_one_line_with_the_install_command(workspace, small_sweep):
+    shadow = workspace.root / "no-ray"
+    (shadow / "ray").mkdir(parents=True)
+    (shadow / "ray" / "__init__.py").write_text("raise ImportError('No module named ray')\n")  # as if not installed
+    import os
+
+    env = {"PYTHONPATH": os.pathsep.join([str(shadow), os.environ.get("PYTHONPATH", "")])}
+    result = workspace.cli("plan", f"sweep={small_sweep}", "engine.workers=2", env=env)
+    assert result.code == 2 and "Traceback" not in result.err
+    assert result.err_lines == ["error: engine.workers: 2 workers need Ray, which is not installed; pip install -e '.[ray]'"]
