@@ -29,7 +29,7 @@ from runner.request import did_you_mean
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = PROJECT_ROOT / "conf"
-SWEEP_KEYS = ("name", "description", "base", "grid", "report", "scores", "max_images")
+SWEEP_KEYS = ("name", "description", "base", "grid", "search", "report", "scores", "max_images")
 
 USAGE = """usage: lora-sweep COMMAND [overrides...]
 
@@ -311,8 +311,15 @@ def request_overrides(argv: list[str], sweep: dict[str, Any]) -> list[str]:
 
 
 def plan_command(cfg: Any) -> None:
-    from runner.run import describe_plan, plan_or_fail, sweep_folder
+    from runner.run import UserError, describe_plan, plan_or_fail, sweep_folder
+    from runner.search import describe_search, is_search, prepare_search
 
+    if is_search(cfg):  # the space's ends and choices, checked; the trials' rows exist only once Optuna asks
+        prepared, spec = prepare_search(cfg)
+        if prepared.problems or spec is None:
+            raise UserError(prepared.problems)
+        describe_search(prepared, spec, cfg, sys.stdout)
+        return
     prepared = plan_or_fail(cfg)
     describe_plan(prepared, sys.stdout)
     folder = sweep_folder(cfg)

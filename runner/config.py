@@ -137,11 +137,26 @@ class ReportConfig:
 
 
 @dataclass
+class SearchConfig:
+    """`search:` in a sweep file: find the best setting for a score with Optuna instead of a full grid (runner/search/)."""
+
+    space: dict[str, Any] = field(default_factory=dict)  # field -> [low, high] | {low, high, step, log} | [choices] | {choices}
+    objective: str = ""  # a score of sweep.scores, or an expression of them: clip_score - 0.5 * seed_spread
+    direction: str = "maximize"  # maximize | minimize
+    seeds: Any = field(default_factory=lambda: [0, 1])  # every trial is judged on these seeds (a list or {range: [a, b]})
+    trials: int = 20
+    batch: int = 4  # trials asked at once and generated as one workload
+    sampler: str = "tpe"  # tpe | cmaes | random | grid
+    sampler_seed: int = 0  # the same seed, space and scores ask the same trials
+
+
+@dataclass
 class SweepConfig:
     name: str = "???"
     description: str = ""
     base: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, Any] = field(default_factory=dict)
+    search: SearchConfig = field(default_factory=SearchConfig)  # empty space: a grid sweep
     report: ReportConfig = field(default_factory=ReportConfig)
     scores: list[str] = field(default_factory=list)  # clip_score, lora_effect, seed_spread, or a learned scorer's id
     max_images: int = 5000  # refuse larger plans unless raised

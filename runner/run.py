@@ -142,11 +142,26 @@ def run_sweep(cfg: DictConfig, out: TextIO = sys.stdout, generate: bool = True) 
     With generate=False (`lora-sweep sync`) only the MLflow back-fill, the grids and the parent run's
     artifacts are brought up to date.
     """
+    if cfg.sweep.get("search") and cfg.sweep.search.get("space"):
+        if not generate:
+            raise UserError("sync: a search logs its trials as it runs; continue it with `lora-sweep run` and the same overrides")
+        from runner.search import run_search
+
+        return run_search(cfg, out)
     prepared = plan_or_fail(cfg)
     if generate and ensure_builtin_assets(cfg, prepared):  # the local engine's model and LoRAs, any engine's scorers
         prepared = plan_or_fail(cfg)  # hashed again from the files just built
     api_key = require_api_key(cfg) if cfg.engine.kind == "remote" and generate else None
     plan = prepared.plan
+    store = locked_store(cfg)
+    try:
+        return _run_locked(cfg, prepared, plan, store, out, generate, api_key)
+    finally:
+        store.release()
+
+
+def locked_store(cfg: DictConfig) -> SweepStore:
+    """The sweep folder's store, locked for this process (one run per sweep folder at a time)."""
     store = SweepStore(sweep_folder(cfg))
     try:
         store.acquire()
@@ -156,10 +171,17 @@ def run_sweep(cfg: DictConfig, out: TextIO = sys.stdout, generate: bool = True) 
         raise UserError(
             f"paths.outputs: cannot write {store.root} ({exc.strerror}); choose a writable folder with paths.outputs=DIR"
         ) from None
-    try:
-        return _run_locked(cfg, prepared, plan, store, out, generate, api_key)
-    finally:
-        store.release()
+    return store
+
+
+def file_hashes_and_tags(files: dict, sweep: str, engine: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Each file's sha256 by `kind:id` (PNG text chunks), and the tags every run of the sweep carries."""
+    hashes = {f"{SINGULAR[kind]}:{k}": v.sha256 for kind, group in files.items() for k, v in group.items()}
+    tags = {"lora_sweep.sweep": sweep, "engine": engine}
+    for kind, group in files.items():
+        for k, v in group.items():
+            tags |= {f"{SINGULAR[kind]}.{k}.sha256": v.sha256, f"{SINGULAR[kind]}.{k}.short_hash": v.short_hash}
+    return hashes, tags
 
 
 SINGULAR = {"models": "model", "loras": "lora", "vaes": "vae", "embeddings": "embeddings", "upscaler": "upscaler"}
@@ -261,11 +283,7 @@ def _run_locked(
         print(f"{summary.skipped} images already done in {store.root}; generating the other {len(pending)}", file=out)
 
     tracker, summary.tracking_uri = open_tracker(cfg)
-    hashes = {f"{SINGULAR[kind]}:{k}": v.sha256 for kind, group in files.items() for k, v in group.items()}
-    base_tags = {"lora_sweep.sweep": cfg.sweep.name, "engine": cfg.engine.kind}
-    for kind, group in files.items():
-        for k, v in group.items():
-            base_tags |= {f"{SINGULAR[kind]}.{k}.sha256": v.sha256, f"{SINGULAR[kind]}.{k}.short_hash": v.short_hash}
+    hashes, base_tags = file_hashes_and_tags(files, cfg.sweep.name, cfg.engine.kind)
     rows = {r["id"]: r for r in plan.to_dict("records")}  # the writer's and the back-fill's view of each image
     if tracker:
         tracker.name_axes = varying_fields(plan)
@@ -357,7 +375,7 @@ def finish_parent(tracker, summary: Summary, status: str, store: SweepStore, out
                 "report": store.root / "report.html",
                 "report/ranking": store.root / "ranking.csv",
             },
-            folders={"grids": store.grids, "report/curves": store.root / "report"},
+            folders={"grids": store.grids, "report/curves": store.root / "report", "search": store.root / "search"},
             metrics={"images_ok": summary.ok, "images_failed": summary.failed, "images_per_s": summary.images_per_s},
         )
         if summary.ranking is not None:
@@ -367,53 +385,104 @@ def finish_parent(tracker, summary: Summary, status: str, store: SweepStore, out
         print(f"warning: could not finish the MLflow parent run ({str(exc).splitlines()[0][:160]})", file=out)
 
 
-def _generate(cfg, prepared, pending, rows, store, tracker, hashes, base_tags, summary, api_key=None):
-    from tqdm import tqdm
+class Generation:
+    """The engine and the background writer, opened once for a run: a sweep calls `run` once, a search once per batch of trials.
 
-    from runner.engines import create_engine
-    from runner.writer import BackgroundWriter
+    The pipeline and its LoRAs stay loaded between calls; `run` returns when every image it made is written.
+    """
 
-    registry = prepared.registry
-    settings = OmegaConf.to_container(cfg.engine, resolve=True)
-    engine = create_engine(
-        settings.pop("kind"),
-        registry=registry,
-        upscaler=OmegaConf.to_container(cfg.upscaler),
-        api_key=api_key,
-        hashes=hashes,  # Ray workers write the PNG text chunks with them
-        **settings,
-    )
-    status = "FINISHED"
-    writer = None
-    started = time.perf_counter()
-    try:
-        tags = {**base_tags, **{f"lib.{k}" if k not in ("engine", "device", "dtype") else k: v for k, v in engine.describe().items()}}
-        writer = BackgroundWriter(store, tracker, rows, hashes, tags, cfg.tracking.queue_size)
-        engine.prepare(pending)
-        started = time.perf_counter()  # images/s counts generation + writing, not imports and loading
-        bar = tqdm(total=len(pending), unit="img", desc=cfg.sweep.name, disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
+    def __init__(
+        self,
+        cfg: DictConfig,
+        prepared: PreparedSweep,
+        store: SweepStore,
+        tracker,
+        rows: dict,
+        hashes,
+        base_tags,
+        api_key=None,
+        keep_adapters=False,
+    ):
+        from runner.engines import create_engine
+        from runner.writer import BackgroundWriter
+
+        settings = OmegaConf.to_container(cfg.engine, resolve=True)
+        self.cfg = cfg
+        self.engine = create_engine(
+            settings.pop("kind"),
+            registry=prepared.registry,
+            upscaler=OmegaConf.to_container(cfg.upscaler),
+            api_key=api_key,
+            hashes=hashes,  # Ray workers write the PNG text chunks with them
+            **settings,
+        )
+        if keep_adapters and hasattr(self.engine, "keep_adapters"):  # a search's later trials reuse them
+            self.engine.keep_adapters = True
+        self.writer = None
         try:
-            for result in feed_writer(engine, pending, writer):
+            tags = {
+                **base_tags,
+                **{f"lib.{k}" if k not in ("engine", "device", "dtype") else k: v for k, v in self.engine.describe().items()},
+            }
+            self.writer = BackgroundWriter(store, tracker, rows, hashes, tags, cfg.tracking.queue_size)
+        except BaseException:
+            self.engine.close()
+            raise
+        self.started: float | None = None
+
+    def run(self, pending: pd.DataFrame, summary: Summary, desc: str | None = None) -> None:
+        """Generate `pending`, counting into `summary`; KeyboardInterrupt passes through (the caller marks the run KILLED)."""
+        from tqdm import tqdm
+
+        if pending.empty:
+            return
+        self.engine.prepare(pending)
+        if self.started is None:
+            self.started = time.perf_counter()  # images/s counts generation + writing, not imports and loading
+        bar = tqdm(
+            total=len(pending),
+            unit="img",
+            desc=desc or self.cfg.sweep.name,
+            disable=not self.cfg.progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        try:
+            for result in feed_writer(self.engine, pending, self.writer):
                 if result.status == "submitted":  # accepted by a remote engine; its id is journalled
-                    bar.set_postfix(**progress_state(engine, summary), refresh=True)
+                    bar.set_postfix(**progress_state(self.engine, summary), refresh=True)
                     continue
                 if result.status == "ok":
                     summary.ok += 1
                 else:
                     summary.failed += 1
                 bar.update(1)
-                bar.set_postfix(**progress_state(engine, summary), refresh=False)
+                bar.set_postfix(**progress_state(self.engine, summary), refresh=False)
         finally:
             bar.close()
+        self.writer.drain()
+
+    def close(self, summary: Summary) -> None:
+        try:
+            if self.writer is not None:
+                self.writer.close()
+                summary.tracking_errors = self.writer.tracking_errors
+                if self.started is not None:
+                    summary.generate_s = time.perf_counter() - self.started
+        finally:
+            self.engine.close()
+
+
+def _generate(cfg, prepared, pending, rows, store, tracker, hashes, base_tags, summary, api_key=None):
+    status = "FINISHED"
+    generation = Generation(cfg, prepared, store, tracker, rows, hashes, base_tags, api_key)
+    try:
+        generation.run(pending, summary)
     except KeyboardInterrupt:
         summary.interrupted = True
         status = "KILLED"
     finally:
-        if writer is not None:
-            writer.close()
-            summary.tracking_errors = writer.tracking_errors
-            summary.generate_s = time.perf_counter() - started
-        engine.close()
+        generation.close(summary)
     return summary, status
 
 

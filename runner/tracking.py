@@ -276,6 +276,44 @@ class Tracker:
                 logged += 1
         return logged
 
+    # ------------------------------------------------------------ search trials
+
+    def trial_numbers(self) -> set[int]:
+        """The search trials that already have their run under this parent (a continued search logs the others)."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}' and tags.`{ROLE_TAG}` = 'trial'",
+            max_results=50000,
+        )
+        return {int(run.data.tags["lora_sweep.trial"]) for run in runs if run.data.tags.get("lora_sweep.trial", "").isdigit()}
+
+    def log_trial(self, number: int, state: str, params: Mapping[str, Any], metrics: Mapping[str, float], image_ids: list[str]) -> None:
+        """One child run per search trial: its parameters, objective and mean scores; its images linked by id."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"trial {number}",
+            tags={PARENT_TAG: self.parent_id, ROLE_TAG: "trial", "lora_sweep.trial": str(number)},
+        )
+        self.client.log_batch(
+            run.info.run_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v == v],
+            params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+            tags=[RunTag("state", state), RunTag("lora_sweep.image_ids", " ".join(image_ids)[:8000])],
+        )
+        self.client.set_terminated(run.info.run_id, "FINISHED" if state == "COMPLETE" else "FAILED")
+
+    def tag_best(self, number: int, value: float, params: Mapping[str, Any]) -> None:
+        """The best trial on the parent run: its number, objective and parameters as tags."""
+        if self.parent_id is None:
+            return
+        self.client.set_tag(self.parent_id, "best_trial", str(number))
+        self.client.set_tag(self.parent_id, "best_value", f"{value:.6g}")
+        for key, item in params.items():
+            self.client.set_tag(self.parent_id, f"best.{key}", str(item))
+
     def log_ranking(self, ranking: Any) -> None:
         """The ranking as an MLflow table on the parent run (artifact ranking.json)."""
         if self.parent_id is not None and not ranking.empty:

@@ -121,20 +121,32 @@ class BackgroundWriter:
         while True:
             item = self.queue.get()
             if item is _STOP:
+                self.queue.task_done()
                 return
-            started = time.perf_counter()
-            result, png = item
             try:
-                record = self._write(result, png.result() if png is not None else result.png)
-            except Exception as exc:  # a write error must not kill the thread and stall the engine
-                log.exception("could not write image %s", result.id)
-                record = {"id": result.id, "status": "failed", "error": f"could not write the image ({exc})"}
-            if record is not None and self.on_written is not None:
-                try:
-                    self.on_written(record)
-                except Exception:
-                    log.exception("on_written failed for %s", result.id)
-            self.busy_s += time.perf_counter() - started
+                self._handle(item)
+            finally:
+                self.queue.task_done()
+
+    def drain(self) -> None:
+        """Wait until every image queued so far is written (a search scores each batch of trials before the next)."""
+        if self._thread.is_alive():
+            self.queue.join()
+
+    def _handle(self, item: tuple[ImageResult, Any]) -> None:
+        started = time.perf_counter()
+        result, png = item
+        try:
+            record = self._write(result, png.result() if png is not None else result.png)
+        except Exception as exc:  # a write error must not kill the thread and stall the engine
+            log.exception("could not write image %s", result.id)
+            record = {"id": result.id, "status": "failed", "error": f"could not write the image ({exc})"}
+        if record is not None and self.on_written is not None:
+            try:
+                self.on_written(record)
+            except Exception:
+                log.exception("on_written failed for %s", result.id)
+        self.busy_s += time.perf_counter() - started
 
     def _write(self, result: ImageResult, png: bytes | None = None) -> dict[str, Any] | None:
         """Write one result; returns its record (None for a remote engine's `submitted` event)."""

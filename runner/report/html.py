@@ -46,7 +46,7 @@ th { background: #f4f4f4; cursor: pointer; user-select: none; } td.num { text-al
 tr.best td { background: #eef8ee; } img.thumb { width: 40px; height: auto; margin: 0 1px; vertical-align: middle; }
 td.thumbs { white-space: nowrap; } td.cell { min-width: 220px; }
 img.grid, img.plot { max-width: 100%; border: 1px solid #eee; } pre { background: #f6f6f6; padding: 10px; overflow-x: auto; }
-.facts td:first-child { color: #666; } .error { color: #a00; }
+.facts td:first-child { color: #666; } .error { color: #a00; } img.best { width: 128px; margin: 2px; }
 """
 
 
@@ -133,7 +133,8 @@ def write_html(
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>{_e(name)}: lora-sweep report</title><style>{STYLE}</style></head><body>",
         f"<h1>{_e(name)}</h1><p class='muted'>{_e(description)}</p>",
-        "<p><a href='#ranking'>ranking</a> · <a href='#curves'>response curves</a> · <a href='#grids'>grids</a> · "
+        "<p>" + ("<a href='#search'>search</a> · " if (root / "search" / "search.json").exists() else ""),
+        "<a href='#ranking'>ranking</a> · <a href='#curves'>response curves</a> · <a href='#grids'>grids</a> · "
         "<a href='#failures'>failures</a> · <a href='#timings'>timings</a> · <a href='#reproduce'>reproduce</a> · "
         "<a href='#images'>all images</a></p>",
         "<h2 id='summary'>Plan</h2>",
@@ -148,6 +149,7 @@ def write_html(
             ]
         ),
         f"<p class='muted'>Files (sha256 prefix):</p><ul>{files}</ul>" if files else "",
+        search_section(root, table),
         ranking_section(ranking, rank_by, scores),
         "<h2 id='curves'>Response curves</h2>",
         "".join(f"<p><img class='plot' src='{_e(p.relative_to(root).as_posix())}' alt='response curves'></p>" for p in curves)
@@ -187,6 +189,61 @@ def write_html(
     tmp.write_text("".join(parts), encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def search_section(root: Path, table: pd.DataFrame) -> str:
+    """A search's answer (search/search.json from runner/search/record.py): the best setting with its images, then how it got there."""
+    import json
+
+    path = root / "search" / "search.json"
+    if not path.exists():
+        return ""
+    info = json.loads(path.read_text())
+    best = info.get("best")
+    parts = ["<h2 id='search'>Search</h2>"]
+    grid = info.get("full_grid")
+    budget = f"{info['images_generated']} images generated ({info['images_per_trial']} per trial)"
+    if grid:
+        share = info["images_generated"] / max(1, grid["images"])
+        budget += f"; the full grid of this space at its steps: {grid['settings']} settings, {grid['images']} images"
+        budget += f" ({share:.0%} of it generated)"
+    trials = f"{info['trials_complete']} complete, {info['trials_failed']} failed of {info['trials_planned']} ({_e(info['sampler'])})"
+    parts.append(
+        _facts(
+            [
+                ("objective", f"{_e(info['direction'])} <code>{_e(info['objective'])}</code> (each score's mean over the trial's images)"),
+                ("trials", trials),
+                ("budget", _e(budget)),
+                ("space", "<br>".join(_e(s) for s in info["space"])),
+                ("seeds", _e(", ".join(map(str, info["seeds"])))),
+            ]
+        )
+    )
+    if best:
+        files = table.set_index("id")["file"].dropna() if "file" in table else pd.Series(dtype=str)
+        thumbs = "".join(
+            f"<a href='{_e(files[i])}'><img class='best' src='{_e(files[i])}' alt='{_e(i)}' title='{_e(i)}'></a>"
+            for i in best["ids"]
+            if i in files
+        )
+        params = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in best["params"].items())
+        means = ", ".join(f"{_e(k)} {v:.3f}" for k, v in best["means"].items() if v == v)
+        parts.append(
+            f"<h3>Best: trial {best['trial']}, objective {best['value']:.4f}</h3>"
+            f"<table class='facts'>{params}</table><p class='muted'>Mean scores: {means}</p><p>{thumbs}</p>"
+        )
+    importances = info.get("importances") or {}
+    if importances:
+        parts.append(
+            "<h3>Parameter importance</h3><table><tr><th>parameter</th><th>importance (fANOVA)</th></tr>"
+            + "".join(f"<tr><td>{_e(k)}</td>{_num(v)}</tr>" for k, v in importances.items())
+            + "</table>"
+        )
+    parts += [f"<p><img class='plot' src='{_e(p)}' alt='{_e(Path(p).stem)}'></p>" for p in info.get("plots", [])]
+    parts.append(
+        "<p class='muted'>Every trial: <a href='search/trials.csv'>search/trials.csv</a>; the study: study.db (Optuna, sqlite).</p>"
+    )
+    return "".join(parts)
 
 
 def images_table(table: pd.DataFrame, scores: list[str]) -> str:
