@@ -8,6 +8,7 @@ their own parameters; images a trial needs that any earlier trial made are reuse
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -77,8 +78,9 @@ def _in_search_terms(lines: list[str], spec: SearchSpec) -> list[str]:
     out = []
     for line in lines:
         field = line.split(":", 1)[0]
+        line = re.sub(r" \(\d+ rows\)$", "", line)  # rows of probe requests, not of a plan the user wrote
         out.append(f"search.space.{line}" if field in fields else line)
-    return out
+    return list(dict.fromkeys(out))
 
 
 def prepare_search(cfg: DictConfig) -> tuple[PreparedSweep, SearchSpec | None]:
@@ -98,12 +100,13 @@ def prepare_search(cfg: DictConfig) -> tuple[PreparedSweep, SearchSpec | None]:
     probes = [trial_request(spec, base, trial) for trial in probe_trials(spec)]
     plans, plan_problems = build_requests(cfg, spec, probes)
     lines = list(dict.fromkeys(line for group in plan_problems for line in group))
-    if lines:
+    built = [plan for plan, found in zip(plans, plan_problems) if not found and not plan.empty]
+    if not built:
         return PreparedSweep(name, empty, None, None, _in_search_terms(lines, spec)), spec
-    rows = check_rows(pd.concat(plans, ignore_index=True), cfg, caps, registry_entries(cfg))
+    rows = check_rows(pd.concat(built, ignore_index=True), cfg, caps, registry_entries(cfg))
     scorers, score_problems = score_entries(cfg)
     engine_problems = engine_setting_problems(cfg) if caps.kind == "local" else remote_setting_problems(cfg)
-    problems = _in_search_terms(rows.problems, spec) + score_problems + engine_problems
+    problems = _in_search_terms(lines + rows.problems, spec) + score_problems + engine_problems
     return PreparedSweep(name, rows.plan, rows.registry, rows.identity, problems, rows.warnings, 0, scorers), spec
 
 

@@ -1,0 +1,210 @@
+"""Search instead of grid (sweep files' `search:`): through the CLI, the sweep folder and MLflow.
+
+The search and the grid over the same space make the same requests, so they share image ids and
+pixels: the search's best objective is one of the grid's, and the comparison is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+
+import pandas as pd
+import pytest
+
+from tests.test_faults import start_run, wait_for_results
+from tests.test_run import mlflow_runs
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "a red circle on a blue background"
+BASE = {"prompt": PROMPT, "width": 128, "height": 128, "num_inference_steps": 12, "scheduler": "EulerDiscreteScheduler"}
+STRENGTHS = [0.2, 0.4, 0.6, 0.8, 1.0]
+GUIDANCE = [3, 5, 7.5, 10]
+SEEDS = [0, 1]
+OBJECTIVE = "clip_score - 0.5 * seed_spread"
+SEARCH = {
+    "name": "found",
+    "base": BASE,
+    "search": {
+        "space": {
+            "lora_model": ["sunset", "stripes", "star"],
+            **{f"lora_strength.{lora}": {"low": 0.2, "high": 1.0, "step": 0.2} for lora in ("sunset", "stripes", "star")},
+            "guidance_scale": {"choices": GUIDANCE},
+        },
+        "objective": OBJECTIVE,
+        "seeds": SEEDS,
+        "trials": 20,
+        "batch": 4,
+    },
+    "scores": ["clip_score", "seed_spread"],
+}
+FULL_GRID = {  # the same space, every setting: 3 LoRAs x 5 strengths x 4 guidance scales = 60 settings, 120 images
+    "name": "everything",
+    "base": BASE,
+    "grid": {"lora_model": {"each": ["sunset", "stripes", "star"]}, "lora_strength": STRENGTHS, "guidance_scale": GUIDANCE, "seed": SEEDS},
+    "scores": ["clip_score", "seed_spread"],
+}
+TOLERANCE = 0.05  # of the spread between the grid's worst and best settings
+
+
+def grid_objectives(folder) -> pd.Series:
+    """The objective of every setting of the full grid, computed from its results as the search computes a trial's."""
+    plan = pd.read_parquet(folder / "plan.parquet")
+    results = pd.read_parquet(folder / "results.parquet")
+    table = plan.merge(results[["id", "status", "clip_score", "seed_spread"]], on="id")
+    assert set(table["status"]) == {"ok"}
+    means = table.groupby(["lora_model", "lora_strength", "guidance_scale"])[["clip_score", "seed_spread"]].mean()
+    return means["clip_score"] - 0.5 * means["seed_spread"]
+
+
+def test_a_search_of_20_trials_finds_the_grid_best_with_a_third_of_its_images(workspace):
+    grid = workspace.cli("run", f"sweep={workspace.sweep('everything', FULL_GRID)}", "progress=false", "tracking=none")
+    assert grid.code == 0, grid.err
+    search = workspace.cli("run", f"sweep={workspace.sweep('found', SEARCH)}", "progress=false")
+    assert search.code == 0, search.err
+    assert "Traceback" not in search.err
+
+    objectives = grid_objectives(workspace.outputs / "everything")
+    assert len(objectives) == 60
+    folder = workspace.outputs / "found"
+    trials = pd.read_csv(folder / "search" / "trials.csv")
+    assert sorted(trials["trial"]) == list(range(20)) and set(trials["state"]) == {"COMPLETE"}
+    summary = json.loads((folder / "search" / "search.json").read_text())
+    best = summary["best"]
+    assert best["value"] == trials["objective"].max()
+
+    # at most a third of the full grid's images, and every one of them an image the grid made too (same request, same id)
+    search_ids = set(pd.read_parquet(folder / "results.parquet")["id"])
+    grid_ids = set(pd.read_parquet(workspace.outputs / "everything" / "results.parquet")["id"])
+    assert len(search_ids) <= len(grid_ids) / 3 and search_ids <= grid_ids
+    assert summary["images_generated"] == len(search_ids) and summary["full_grid"] == {"settings": 60, "images": 120}
+
+    # the best trial's objective is the grid's value of that very setting, and close to the grid's best
+    params = best["params"]
+    lora = params["lora_model"]
+    setting = (lora, format(params[f"lora_strength.{lora}"], "g"), float(params["guidance_scale"]))
+    assert best["value"] == pytest.approx(objectives.loc[setting], abs=1e-3)  # CLIP in other batches: float32 noise
+    spread = objectives.max() - objectives.min()
+    assert objectives.max() - best["value"] <= TOLERANCE * spread, (best, objectives.sort_values().tail(5))
+    assert f"best trial {best['trial']}: {OBJECTIVE} = {best['value']:.4f}" in search.out
+
+    # MLflow: a run per trial with its parameters and objective, the best trial tagged on the parent
+    parent, children = mlflow_runs(workspace.outputs, "found")
+    trial_runs = children[children["tags.lora_sweep.role"] == "trial"]
+    assert len(trial_runs) == 20 and len(children) - len(trial_runs) == len(search_ids)
+    best_run = trial_runs[trial_runs["tags.lora_sweep.trial"] == str(best["trial"])].iloc[0]
+    assert best_run["metrics.objective"] == pytest.approx(best["value"]) and best_run["params.lora_model"] == lora
+    assert set(best_run["tags.lora_sweep.image_ids"].split()) == set(best["ids"])
+    assert parent["tags.best_trial"].iloc[0] == str(best["trial"]) and parent["tags.best.lora_model"].iloc[0] == lora
+
+    # the report shows the answer: the best setting's images, importances and the objective over trials
+    html = (folder / "report.html").read_text()
+    assert "<h2 id='search'>Search</h2>" in html and f"Best: trial {best['trial']}" in html
+    for image_id in best["ids"]:
+        assert f"images/{image_id}.png" in html and (folder / "images" / f"{image_id}.png").exists()
+    assert summary["importances"] and "search/history.png" in summary["plots"]
+    for plot in summary["plots"]:
+        assert (folder / plot).stat().st_size > 1000 and plot in html
+
+
+SMALL = {
+    "name": "resumed",
+    "base": {"prompt": PROMPT, "width": 64, "height": 64, "num_inference_steps": 6},
+    "search": {
+        "space": {"lora_model": ["sunset", "stripes"], "lora_strength.sunset": [0.1, 1.0], "lora_strength.stripes": [0.1, 1.0]},
+        "objective": "clip_score",
+        "seeds": [0, 1, 2],
+        "trials": 8,
+        "batch": 2,
+        "sampler": "random",
+    },
+    "scores": ["clip_score"],
+}
+
+
+def test_a_killed_search_continues_without_repeating_finished_trials(workspace):
+    path = workspace.sweep("resumed", SMALL)
+    folder = workspace.outputs / "resumed"
+    proc = start_run(workspace, f"sweep={path}", "engine.batch_size=1", "tracking=none")
+    wait_for_results(folder, 9, proc)  # the first batch (2 trials x 3 seeds) told, the second under way
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+
+    import optuna
+
+    storage = f"sqlite:///{folder / 'study.db'}"
+    before = {t.number: t.params for t in optuna.load_study(study_name="resumed", storage=storage).trials if t.state.is_finished()}
+    assert len(before) >= 2
+    again = workspace.cli("run", f"sweep={path}", "engine.batch_size=1", "tracking=none", "progress=false")
+    assert again.code == 0, again.err
+    assert f"continuing: {len(before)} trials done" in again.out
+    study = optuna.load_study(study_name="resumed", storage=storage)
+    assert [t.number for t in study.trials] == list(range(8)) and all(t.state.name == "COMPLETE" for t in study.trials)
+    for number, params in before.items():  # finished trials kept as they were, not asked again
+        assert study.trials[number].params == params
+        assert f"trial {number}:" not in again.out
+    journal = pd.read_json(folder / "results.jsonl", lines=True)
+    ok = journal[journal["status"] == "ok"]
+    assert ok["id"].is_unique, "no image was made twice"
+    trials = pd.read_csv(folder / "search" / "trials.csv")
+    assert len(trials) == 8 and trials["objective"].notna().all()
+
+
+def test_bad_search_sections_are_one_line_each_and_nothing_is_generated(workspace):
+    bad = {
+        "name": "bad",
+        "base": {"prompt": PROMPT, "width": 64, "height": 64},
+        "search": {
+            "space": {
+                "guidance_scael": [3, 9],
+                "num_inference_steps": [20, 10],
+                "lora_model": ["sunset"],
+                "lora_strength.sunset": [0.2, 1],
+            },
+            "objective": "clip_scor - 0.5 * seed_spread",
+        },
+        "scores": ["clip_score", "seed_spread"],
+    }
+    result = workspace.cli("run", f"sweep={workspace.sweep('bad', bad)}")
+    assert result.code == 2 and "Traceback" not in result.err
+    assert result.err_lines == [
+        "error: search.space.guidance_scael: unknown field 'guidance_scael'; did you mean 'guidance_scale'?",
+        "error: search.space.num_inference_steps: is an empty range (low 20 is not below high 10); give [low, high] with low < high",
+        "error: search.objective: 'clip_scor' is not a score of this sweep; "
+        "did you mean 'clip_score'? add it to sweep.scores (now: clip_score, seed_spread)",
+    ]
+    assert not (workspace.outputs / "bad" / "images").exists()
+
+    # the ends of a valid-looking space are checked as requests: a size the spec refuses, a scheduler that does not exist
+    ends = {
+        **bad,
+        "search": {"space": {"width": [64, 2048], "scheduler": ["EulerDiscreteScheduler", "EulerScheduler"]}, "objective": "clip_score"},
+    }
+    plan = workspace.cli("plan", f"sweep={workspace.sweep('bad', ends)}")
+    assert plan.code == 2 and len(plan.err_lines) == 2, plan.err
+    assert plan.err_lines[0].startswith("error: search.space.width: ") and "2048" in plan.err_lines[0]
+    assert plan.err_lines[1].startswith("error: search.space.scheduler: ") and "EulerScheduler" in plan.err_lines[1]
+
+    good = workspace.cli("plan", f"sweep={workspace.sweep('found', SEARCH)}")
+    assert good.code == 0, good.err
+    assert "search 'found': 20 trials (tpe, 4 at a time), maximize clip_score - 0.5 * seed_spread" in good.out
+    assert "the full grid of this space at its steps: 60 settings, 120 images" in good.out
+    assert not (workspace.outputs / "found" / "images").exists()
+
+
+def test_the_search_example_is_checked_by_plan():
+    """sweeps/search.yaml as shipped: the README's example must stay valid."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "runner.cli", "plan", "sweep=search", "paths.outputs=/tmp/lora-sweep-plan-check"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "the full grid of this space at its steps: 60 settings, 240 images" in proc.stdout
