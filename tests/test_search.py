@@ -208,3 +208,27 @@ def test_the_search_example_is_checked_by_plan():
     )
     assert proc.returncode == 0, proc.stderr
     assert "the full grid of this space at its steps: 60 settings, 240 images" in proc.stdout
+
+
+def test_grid_sampler_runs_every_setting_once_and_conditional_strengths_stay_out_of_other_blends(workspace):
+    space = {
+        "lora_model": ["sunset", "stripes"],
+        "lora_strength.sunset": {"low": 0.5, "high": 1.0, "step": 0.5},
+        "lora_strength.stripes": 0.8,
+    }
+    body = {
+        "name": "cells",
+        "base": {"prompt": PROMPT, "width": 64, "height": 64, "num_inference_steps": 4},
+        "search": {"space": space, "objective": "clip_score", "seeds": [0], "trials": 10, "sampler": "grid"},
+        "scores": ["clip_score"],
+    }
+    result = workspace.cli("run", f"sweep={workspace.sweep('cells', body)}", "tracking=none", "progress=false")
+    assert result.code == 0, result.err
+    trials = pd.read_csv(workspace.outputs / "cells" / "search" / "trials.csv")
+    settings = {
+        (r["param.lora_model"], r.get("param.lora_strength.sunset"), r.get("param.lora_strength.stripes")) for _, r in trials.iterrows()
+    }
+    settings = {(m, None if s != s else s, None if t != t else t) for m, s, t in settings}
+    assert len(trials) == 3 and settings == {("sunset", 0.5, None), ("sunset", 1.0, None), ("stripes", None, 0.8)}
+    plan = pd.read_parquet(workspace.outputs / "cells" / "plan.parquet")
+    assert sorted(zip(plan["lora_model"], plan["lora_strength"])) == [("stripes", "0.8"), ("sunset", "0.5"), ("sunset", "1")]
