@@ -19,12 +19,12 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from runner.engines import capabilities
+from runner.generation import Generation
 from runner.plan import PlanError, build_plan, with_ids
 from runner.prepare import PreparedSweep, check_rows, engine_setting_problems, registry_entries, remote_setting_problems, score_entries
 from runner.registry import HashCache
 from runner.request import Limits, Problem
 from runner.run import (
-    Generation,
     Summary,
     UserError,
     config_yaml,

@@ -386,7 +386,7 @@ class Service:
 
     def _generate(self, frame: pd.DataFrame) -> None:
         from runner.engines.base import ImageResult
-        from runner.run import feed_writer
+        from runner.generation import feed_writer
 
         started = time.perf_counter()
         made = 0
