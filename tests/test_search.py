@@ -37,6 +37,7 @@ SEARCH = {
         "seeds": SEEDS,
         "trials": 20,
         "batch": 4,
+        "compare_grid": True,  # and a grid of at most 20 settings over the same space, beside it in the report
     },
     "scores": ["clip_score"],
 }
@@ -75,7 +76,7 @@ def test_a_search_of_20_trials_finds_the_grid_best_with_a_third_of_its_images(wo
     assert best["value"] == trials["objective"].max()
 
     # at most a third of the full grid's images, and every one of them an image the grid made too (same request, same id)
-    search_ids = set(pd.read_parquet(folder / "results.parquet")["id"])
+    search_ids = {i for ids in trials["ids"] for i in ids.split()}
     grid_ids = set(pd.read_parquet(workspace.outputs / "everything" / "results.parquet")["id"])
     assert len(search_ids) <= len(grid_ids) / 3 and search_ids <= grid_ids
     assert summary["images_generated"] == len(search_ids) and summary["full_grid"] == {"settings": 60, "images": 60}
@@ -92,15 +93,25 @@ def test_a_search_of_20_trials_finds_the_grid_best_with_a_third_of_its_images(wo
     # MLflow: a run per trial with its parameters and objective, the best trial tagged on the parent
     parent, children = mlflow_runs(workspace.outputs, "found")
     trial_runs = children[children["tags.lora_sweep.role"] == "trial"]
-    assert len(trial_runs) == 20 and len(children) - len(trial_runs) == len(search_ids)
+    made = set(pd.read_parquet(folder / "results.parquet")["id"])  # the trials' images and the budget grid's
+    assert len(trial_runs) == 20 and len(children) - len(trial_runs) == len(made) and search_ids <= made
     best_run = trial_runs[trial_runs["tags.lora_sweep.trial"] == str(best["trial"])].iloc[0]
     assert best_run["metrics.objective"] == pytest.approx(best["value"]) and best_run["params.lora_model"] == lora
     assert set(best_run["tags.lora_sweep.image_ids"].split()) == set(best["ids"])
     assert parent["tags.best_trial"].iloc[0] == str(best["trial"]) and parent["tags.best.lora_model"].iloc[0] == lora
 
+    # the grid a person could run with the same budget: at most 20 settings of the space, judged the same way
+    versus = summary["grid_at_budget"]
+    assert 1 <= versus["settings"] <= 20 and len(versus["values"]) == versus["settings"]
+    lora = versus["best"]["params"]["lora_model"]
+    cell = (lora, format(versus["best"]["params"][f"lora_strength.{lora}"], "g"), float(versus["best"]["params"]["guidance_scale"]))
+    assert versus["best"]["value"] == pytest.approx(objectives.loc[cell], abs=1e-3) == pytest.approx(max(versus["values"]))
+    assert f"a grid at the same budget ({versus['settings']} settings) finds {versus['best']['value']:.4f}" in search.out
+
     # the report shows the answer: the best setting's images, importances and the objective over trials
     html = (folder / "report.html").read_text()
     assert "<h2 id='search'>Search</h2>" in html and f"Best: trial {best['trial']}" in html
+    assert f"best {versus['best']['value']:.4f}" in html and f"vs the search's {best['value']:.4f}" in html
     for image_id in best["ids"]:
         assert f"images/{image_id}.png" in html and (folder / "images" / f"{image_id}.png").exists()
     assert summary["importances"] and "search/history.png" in summary["plots"]

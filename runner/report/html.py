@@ -208,6 +208,21 @@ def search_section(root: Path, table: pd.DataFrame) -> str:
         budget += f"; the full grid of this space at its steps: {grid['settings']} settings, {grid['images']} images"
         budget += f" ({share:.0%} of it generated)"
     trials = f"{info['trials_complete']} complete, {info['trials_failed']} failed of {info['trials_planned']} ({_e(info['sampler'])})"
+    versus = []
+    compared = info.get("grid_at_budget")
+    if compared and best:
+        sign = 1 if info["direction"] == "maximize" else -1
+        gain = sign * (best["value"] - compared["best"]["value"])
+        verdict = "the search found better" if gain > 1e-9 else "the grid found better" if gain < -1e-9 else "the same setting's value"
+        setting = ", ".join(f"{k}={v}" for k, v in compared["best"]["params"].items())
+        levels = "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in compared["levels"].items())
+        versus.append(
+            (
+                "grid at the same budget",
+                f"{compared['settings']} settings ({_e(levels)}): best {compared['best']['value']:.4f} ({_e(setting)}) "
+                f"vs the search's {best['value']:.4f}: {verdict}",
+            )
+        )
     parts.append(
         _facts(
             [
@@ -216,6 +231,7 @@ def search_section(root: Path, table: pd.DataFrame) -> str:
                 ("budget", _e(budget)),
                 ("space", "<br>".join(_e(s) for s in info["space"])),
                 ("seeds", _e(", ".join(map(str, info["seeds"])))),
+                *versus,
             ]
         )
     )

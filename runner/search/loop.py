@@ -39,7 +39,7 @@ from runner.run import (
     write_report,
 )
 from runner.search.record import write_search_files
-from runner.search.spec import STRENGTH, Fixed, SearchSpec, grid_cells, parse_search, probe_trials, trial_params, trial_request
+from runner.search.spec import STRENGTH, Fixed, SearchSpec, budget_grid, grid_cells, parse_search, probe_trials, trial_params, trial_request
 from runner.store import SweepStore
 
 
@@ -250,6 +250,7 @@ class Search:
         print(describe, file=out)
 
         status = "FINISHED"
+        comparison = None
         generation = Generation(cfg, self.prepared, store, tracker, self.rows, hashes, base_tags, self.api_key, keep_adapters=True)
         try:
             if stale:
@@ -258,6 +259,8 @@ class Search:
                 count = min(self.spec.batch, target - len(finished) - len(self.done))
                 asked = [study.ask() for _ in range(count)]
                 self.evaluate(study, [(t.number, t) for t in asked], generation, summary, tracker, logged)
+            if self.spec.compare_grid:
+                comparison = self.compare_grid(generation, summary, tracker)
         except KeyboardInterrupt:
             summary.interrupted, status = True, "KILLED"
         finally:
@@ -269,7 +272,7 @@ class Search:
             for record in records:
                 if record.number not in logged and record.state in ("COMPLETE", "FAIL"):
                     self.log_trial(tracker, record, logged)
-        best = write_search_files(store.root, study, self.spec, records, self.per_trial_images())
+        best = write_search_files(store.root, study, self.spec, records, self.per_trial_images(), comparison)
         summary.planned = len(self.plan)
         summary.skipped = len(set(self.rows) & made_before)
         write_report(cfg, store, self.plan, results, summary)
@@ -302,9 +305,23 @@ class Search:
     # ------------------------------------------------------------ one batch of trials
 
     def evaluate(self, study, trials: list[tuple[int, Any]], generation: Generation, summary: Summary, tracker, logged: set[int]) -> None:
-        """Rows for each trial, one engine workload for the batch, scores, then tell Optuna each trial's objective."""
+        """One batch of trials made and judged, then each told to Optuna, logged and announced."""
         import optuna
 
+        for record in self.make_and_judge(trials, generation, summary, tracker):
+            if record.state == "COMPLETE":
+                study.tell(record.number, record.value)
+            else:
+                study.tell(record.number, state=optuna.trial.TrialState.FAIL)
+            self.done.append(record)
+            if tracker:
+                self.log_trial(tracker, record, logged)
+            self.announce(study, record)
+
+    def make_and_judge(
+        self, trials: list[tuple[int, Any]], generation: Generation, summary: Summary, tracker, label: str = "trial"
+    ) -> list[Evaluated]:
+        """Rows for each trial, one engine workload for all of them, their scores, and each trial's objective."""
         requests = [trial_request(self.spec, self.base, trial) for _, trial in trials]
         plans, problems = build_requests(self.cfg, self.spec, requests)
         good = [k for k, plan in enumerate(plans) if not problems[k] and not plan.empty]
@@ -330,23 +347,42 @@ class Search:
             done = self.store.ok_ids()
             pending = checked.plan[~checked.plan["id"].isin(done)]
             first, last = trials[0][0], trials[-1][0]
-            generation.run(pending, summary, desc=f"trials {first}-{last}" if last != first else f"trial {first}")
+            generation.run(pending, summary, desc=f"{label}s {first}-{last}" if last != first else f"{label} {first}")
             self.score(checked.plan, tracker)
         results = self.store.snapshot().set_index("id")
+        records = []
         for k, (number, _) in enumerate(trials):
             params = trial_params(self.spec, requests[k])
             if k not in ids:
-                record = Evaluated(number, "FAIL", float("nan"), params, {}, [], "; ".join(problems[k])[:500])
+                records.append(Evaluated(number, "FAIL", float("nan"), params, {}, [], "; ".join(problems[k])[:500]))
             else:
-                record = self.judge(number, params, ids[k], results)
-            if record.state == "COMPLETE":
-                study.tell(number, record.value)
-            else:
-                study.tell(number, state=optuna.trial.TrialState.FAIL)
-            self.done.append(record)
-            if tracker:
-                self.log_trial(tracker, record, logged)
-            self.announce(study, record)
+                records.append(self.judge(number, params, ids[k], results))
+        return records
+
+    def compare_grid(self, generation: Generation, summary: Summary, tracker) -> dict[str, Any] | None:
+        """`search.compare_grid`: what a grid of at most the search's trials, over the same space, finds (its images reused by id)."""
+        cells, levels = budget_grid(self.spec, self.spec.trials)
+        if not cells:
+            return None
+        records = self.make_and_judge(
+            [(k, Fixed(cell)) for k, cell in enumerate(cells)], generation, summary, tracker, label="grid setting"
+        )
+        complete = [r for r in records if r.state == "COMPLETE"]
+        if not complete:
+            return None
+        best = (max if self.spec.direction == "maximize" else min)(complete, key=lambda r: r.value)
+        print(
+            f"a grid at the same budget ({len(cells)} settings) finds {best.value:.4f}  "
+            + "  ".join(f"{k}={v}" for k, v in best.params.items()),
+            file=self.out,
+        )
+        return {
+            "settings": len(cells),
+            "levels": levels,
+            "images": len({i for r in records for i in r.ids}),
+            "best": {"value": best.value, "params": best.params, "ids": best.ids},
+            "values": [r.value for r in complete],
+        }
 
     def judge(self, number: int, params: dict[str, Any], ids: list[str], results: pd.DataFrame) -> Evaluated:
         """The objective over the trial's images: each score's mean over its seeds (and prompts), then the expression."""

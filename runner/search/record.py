@@ -16,7 +16,7 @@ import pandas as pd
 from runner.search.spec import SearchSpec, grid_cells
 
 
-def write_search_files(root: Path, study: Any, spec: SearchSpec, records: list, per_trial: int) -> Any:
+def write_search_files(root: Path, study: Any, spec: SearchSpec, records: list, per_trial: int, comparison: dict | None = None) -> Any:
     """Write search/ and return the best trial's record (None before any trial completed)."""
     folder = root / "search"
     folder.mkdir(parents=True, exist_ok=True)
@@ -53,6 +53,7 @@ def write_search_files(root: Path, study: Any, spec: SearchSpec, records: list, 
         "images_per_trial": per_trial,
         "images_generated": len(distinct),
         "full_grid": {"settings": len(cells), "images": len(cells) * per_trial} if cells is not None else None,
+        "grid_at_budget": comparison,  # search.compare_grid: what a grid of at most `trials` settings found
         "space": [p.describe() for p in spec.params],
         "best": {"trial": best.number, "value": best.value, "params": best.params, "means": best.means, "ids": best.ids} if best else None,
         "importances": importances(study) if len(complete) >= 3 else {},

@@ -98,6 +98,7 @@ class SearchSpec:
     batch: int
     sampler: str
     sampler_seed: int
+    compare_grid: bool = False  # also run a grid of at most `trials` settings (budget_grid) and report both
     base_blend: str = ""  # the base request's lora_model when the blend itself is not searched
     strength_names: dict[str, Param] = field(default_factory=dict)  # lora id -> its strength parameter
 
@@ -218,7 +219,17 @@ def parse_search(
     if problems or objective is None:
         return None, [str(p) for p in dict.fromkeys(problems)]
     spec = SearchSpec(
-        params, objective, direction, seeds, trials, batch, sampler, int(search.get("sampler_seed", 0)), base_blend, strengths
+        params,
+        objective,
+        direction,
+        seeds,
+        trials,
+        batch,
+        sampler,
+        int(search.get("sampler_seed", 0)),
+        bool(search.get("compare_grid", False)),
+        base_blend,
+        strengths,
     )
     return spec, []
 
@@ -422,25 +433,64 @@ def probe_trials(spec: SearchSpec) -> list[Fixed]:
     return probes
 
 
-def grid_cells(spec: SearchSpec) -> list[dict[str, Any]] | None:
-    """Every setting of the space at its steps (None if a range is continuous): `sampler: grid`, and the full grid's size."""
+def grid_cells(spec: SearchSpec, levels: Mapping[str, list[Any]] | None = None) -> list[dict[str, Any]] | None:
+    """Every setting of the space at its steps (None if a range is continuous): `sampler: grid`, and the full grid's size.
+
+    `levels` replaces a parameter's own values (`budget_grid`'s coarser grid).
+    """
+
+    def values_of(p: Param) -> list[Any] | None:
+        return list(levels[p.name]) if levels and p.name in levels else p.levels()
+
     others = [p for p in spec.params if p.name != "lora_model" and not p.name.startswith(STRENGTH)]
-    levels = [p.levels() for p in others]
-    if any(level is None for level in levels):
+    other_levels = [values_of(p) for p in others]
+    if any(level is None for level in other_levels):
         return None
     blend_param = spec.param("lora_model")
     blends = list(blend_param.choices) if blend_param else [spec.base_blend]
     lora_settings: list[dict[str, Any]] = []
     for blend in blends:
         names = [n for n in split_loras(blend) if n in spec.strength_names]
-        strength_levels = [spec.strength_names[n].levels() for n in names]
+        strength_levels = [values_of(spec.strength_names[n]) for n in names]
         if any(level is None for level in strength_levels):
             return None
         for values in itertools.product(*strength_levels):
             setting = {f"{STRENGTH}{n}": v for n, v in zip(names, values)}
             lora_settings.append({"lora_model": blend, **setting} if blend_param else setting)
     cells = []
-    for values in itertools.product(*levels):
+    for values in itertools.product(*other_levels):
         for lora_setting in lora_settings:
             cells.append({**{p.name: v for p, v in zip(others, values)}, **lora_setting})
     return cells
+
+
+def coarse_levels(param: Param, count: int) -> list[Any]:
+    """`count` values spread over a range, on its steps where it has them (the same images as the full grid's); choices stay whole."""
+    if param.kind in ("fixed", "categorical"):
+        return param.extremes()
+    own = param.levels()
+    if own is not None:
+        if count >= len(own):
+            return own
+        picks = [own[len(own) // 2]] if count == 1 else [own[round(i * (len(own) - 1) / (count - 1))] for i in range(count)]
+        return list(dict.fromkeys(picks))
+    if count == 1:
+        middle = math.sqrt(param.low * param.high) if param.log else (param.low + param.high) / 2
+        return [float(f"{middle:.4g}")]
+    if param.log:
+        ratio = (param.high / param.low) ** (1 / (count - 1))
+        return [float(f"{param.low * ratio**i:.4g}") for i in range(count)]
+    return [float(f"{param.low + i * (param.high - param.low) / (count - 1):.4g}") for i in range(count)]
+
+
+def budget_grid(spec: SearchSpec, budget: int, most_levels: int = 10) -> tuple[list[dict[str, Any]], dict[str, list[Any]]]:
+    """A grid over the same space with at most `budget` settings: as many values per range as fit (at least one, the middle).
+
+    What a person with the search's budget would run instead: the report compares the two.
+    """
+    for count in range(most_levels, 0, -1):
+        levels = {p.name: coarse_levels(p, count) for p in spec.params}
+        cells = grid_cells(spec, levels) or []
+        if len(cells) <= budget or count == 1:
+            return cells, levels
+    raise AssertionError("unreachable")
