@@ -265,7 +265,9 @@ def test_many_concurrent_clients_each_job_finishes_or_is_rate_limited(server):
                 body = {"key": key, "prompt": "a fox", "width": 32, "height": 32, "num_inference_steps": 2, "seed": (number * 10 + i) % 25}
                 reply = http.post(f"{server.url}/api/v6/images/text2img", json=body).json()
                 if reply["status"] == "processing":
+                    deadline = time.monotonic() + 120  # a stalled queue fails the test instead of hanging the suite
                     while reply["status"] == "processing":
+                        assert time.monotonic() < deadline, f"job {reply['id']} stayed processing"
                         time.sleep(0.05)
                         reply = http.post(f"{server.url}/api/v6/images/fetch", json={"key": key, "request_id": reply["id"]}).json()
                 with lock:
@@ -292,6 +294,32 @@ def test_many_concurrent_clients_each_job_finishes_or_is_rate_limited(server):
     health = httpx.get(f"{server.url}/health", timeout=10).json()
     assert health["jobs_waiting"] == 0 and health["images_queued"] == 0
     assert server.rss_mb() - before < 400, "memory stays bounded"
+
+
+def test_a_job_whose_image_another_job_made_while_it_waited_does_not_stall_the_queue(server):
+    """A job waiting in the queue for an image another job is making is finished by it while still queued; the
+    worker must go on to the next job (it used to die on that job's id, and every later job stayed processing).
+
+    The first job makes seeds 7, 8 and 9 one at a time; the second asks for seed 7 alone while the first runs, so
+    seed 7 is written (finishing the second job) while seed 9 is still on the engine."""
+    body = {"key": KEYS[0], "prompt": "a slow owl", "width": 64, "height": 64, "num_inference_steps": 80, "seed": 7}
+    url = f"{server.url}/api/v6/images/text2img"
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(lambda: httpx.post(url, json={**body, "samples": 3}, timeout=60).json())
+        deadline = time.monotonic() + 30
+        while not httpx.get(f"{server.url}/health", timeout=10).json()["jobs_running"] and time.monotonic() < deadline:
+            time.sleep(0.02)  # the first job is on the engine: the second now waits in the queue for its image
+        second = pool.submit(lambda: httpx.post(url, json={**body, "key": KEYS[1]}, timeout=60).json())
+        first, second = first.result(), second.result()
+    after = httpx.post(url, json={**body, "num_inference_steps": 2, "seed": 8}, timeout=60).json()
+    deadline = time.monotonic() + 60
+    while after["status"] == "processing" and time.monotonic() < deadline:
+        time.sleep(0.05)
+        after = httpx.post(f"{server.url}/api/v6/images/fetch", json={"key": KEYS[0], "request_id": after["id"]}, timeout=30).json()
+    replies = [first, second, after]
+    assert all(r["status"] in ("success", "processing") for r in replies[:2]), replies[:2]
+    assert after["status"] == "success", after
+    assert httpx.get(f"{server.url}/health", timeout=10).json()["jobs_waiting"] == 0
 
 
 def test_generated_junk_bodies_never_get_a_5xx_or_a_traceback(server):

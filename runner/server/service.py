@@ -10,6 +10,7 @@ a job's last image is on disk the job is finished in the job database and its we
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -150,11 +151,13 @@ class Service:
         with self._lock:
             queued = sum(len(self._remaining.get(j, ())) for j in self._queue)
             waiting = len(self._jobs)
+            running = len(self._running)
         return {
             "status": "ok",
             "model": self.cfg.model.id,
             "device": str(self.engine.device),
             "jobs_waiting": waiting,
+            "jobs_running": running,  # on the engine now
             "images_queued": queued,
             "images_made": self.images_made,
             "seconds_per_image": round(self.seconds_per_image, 4),
@@ -356,7 +359,10 @@ class Service:
             taken: list[Job] = []
             images = 0
             while self._queue:
-                job = self._jobs[self._queue[0]]
+                job = self._jobs.get(self._queue[0])
+                if job is None:  # finished while it waited (defensive: _finish_locked takes it off the queue)
+                    self._queue.popleft()
+                    continue
                 size = len(self._remaining.get(job.id, ()))
                 if taken and images + size > int(self.settings.max_batch_images):
                     break
@@ -367,22 +373,31 @@ class Service:
             return taken
 
     def _work(self) -> None:
+        """The generation worker; an unexpected error is logged and the loop goes on (a dead worker would stall every job)."""
         while not self._stop.is_set():
-            jobs = self._take()
-            if not jobs:
-                continue
-            self.jobs.mark_processing([j.id for j in jobs])
-            with self._lock:
-                rows = []
-                for job in jobs:
-                    for image_id in sorted(self._remaining.get(job.id, ())):
-                        if image_id not in self._started_ids:
-                            self._started_ids.add(image_id)
-                            rows.append(self._rows[image_id])
-            if rows:
-                self._generate(pd.DataFrame(rows))
-            with self._lock:
-                self._running = []
+            try:
+                self._work_once()
+            except Exception:
+                log.exception("the serve worker hit an unexpected error; it goes on with the next jobs")
+                with self._lock:
+                    self._running = []
+
+    def _work_once(self) -> None:
+        jobs = self._take()
+        if not jobs:
+            return
+        self.jobs.mark_processing([j.id for j in jobs])
+        with self._lock:
+            rows = []
+            for job in jobs:
+                for image_id in sorted(self._remaining.get(job.id, ())):
+                    if image_id not in self._started_ids:
+                        self._started_ids.add(image_id)
+                        rows.append(self._rows[image_id])
+        if rows:
+            self._generate(pd.DataFrame(rows))
+        with self._lock:
+            self._running = []
 
     def _generate(self, frame: pd.DataFrame) -> None:
         from runner.engines.base import ImageResult
@@ -430,6 +445,8 @@ class Service:
         error = self._errors.pop(job_id, "")
         self._remaining.pop(job_id, None)
         self._jobs.pop(job_id, None)
+        with contextlib.suppress(ValueError):  # finished while queued: its images were made for the jobs before it
+            self._queue.remove(job_id)
         started = job.started if job and job.started else None
         created = job.created if job else time.time()
         generation_s = time.time() - (started or created)
