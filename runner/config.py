@@ -148,9 +148,7 @@ class SearchConfig:
     batch: int = 4  # trials asked at once and generated as one workload
     sampler: str = "tpe"  # tpe | cmaes | random | grid
     sampler_seed: int = 0  # the same seed, space and scores ask the same trials
-    compare_grid: bool = (
-        False  # also run a grid of at most `trials` settings over the space, shown beside the search (its images cost extra)
-    )
+    compare_grid: bool = False  # also run a grid of at most `trials` settings over the space, reported beside the search
 
 
 @dataclass

@@ -109,7 +109,7 @@ class Generation:
 
 
 def feed_writer(engine, rows: pd.DataFrame, writer, stop: Any = None):
-    """The one generation loop (`run` and `serve`): each result to the background writer, then to the caller.
+    """The one generation loop (`run`, `serve`, a search): each result to the background writer, then to the caller.
 
     The writer stores, journals and logs it off the generation path; `stop` (an Event) ends the loop
     after the image in hand, leaving the rest for the next run or server start."""

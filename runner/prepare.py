@@ -123,14 +123,24 @@ def wanted_files(plan: pd.DataFrame) -> dict[str, set[str]]:
     return {"models": names("model_id"), "loras": names("lora_model"), "vaes": names("vae"), "embeddings": names("embeddings_model")}
 
 
-def prepare_sweep(cfg: DictConfig) -> PreparedSweep:
-    name = cfg.sweep.name
+def engine_and_limits(cfg: DictConfig) -> tuple[Capabilities | None, Limits, list[str]]:
+    """The engine's capabilities and the request limits a sweep or search is checked against, or why they cannot be had."""
+    limits = Limits(max_lora_strength=float(cfg.validation.max_lora_strength))
     try:
         caps = capabilities(cfg.engine.kind)
     except KeyError:
-        return PreparedSweep(
-            name, pd.DataFrame(), None, None, [str(Problem("engine.kind", f"unknown engine '{cfg.engine.kind}'", "use engine=local"))]
-        )
+        return None, limits, [str(Problem("engine.kind", f"unknown engine '{cfg.engine.kind}'", "use engine=local"))]
+    if not 0.1 <= limits.max_lora_strength <= 2:
+        fix = "use 1 (the spec) or up to 2"
+        return caps, limits, [str(Problem("validation.max_lora_strength", f"{limits.max_lora_strength} is outside 0.1..2", fix))]
+    return caps, limits, []
+
+
+def prepare_sweep(cfg: DictConfig) -> PreparedSweep:
+    name = cfg.sweep.name
+    caps, limits, problems = engine_and_limits(cfg)
+    if caps is None or problems:
+        return PreparedSweep(name, pd.DataFrame(), None, None, problems)
     if not cfg.sweep.base and not cfg.sweep.grid:
         return PreparedSweep(
             name,
@@ -138,16 +148,6 @@ def prepare_sweep(cfg: DictConfig) -> PreparedSweep:
             None,
             None,
             [str(Problem("sweep.base", "the sweep has no base request and no grid", "give at least sweep.base.prompt"))],
-        )
-
-    limits = Limits(max_lora_strength=float(cfg.validation.max_lora_strength))
-    if not 0.1 <= limits.max_lora_strength <= 2:
-        return PreparedSweep(
-            name,
-            pd.DataFrame(),
-            None,
-            None,
-            [str(Problem("validation.max_lora_strength", f"{limits.max_lora_strength} is outside 0.1..2", "use 1 (the spec) or up to 2"))],
         )
     base = OmegaConf.to_container(cfg.sweep.base, resolve=True)
     grid = OmegaConf.to_container(cfg.sweep.grid, resolve=True)

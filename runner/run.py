@@ -142,11 +142,11 @@ def run_sweep(cfg: DictConfig, out: TextIO = sys.stdout, generate: bool = True) 
     With generate=False (`lora-sweep sync`) only the MLflow back-fill, the grids and the parent run's
     artifacts are brought up to date.
     """
-    if cfg.sweep.get("search") and cfg.sweep.search.get("space"):
+    from runner.search import is_search, run_search
+
+    if is_search(cfg):
         if not generate:
             raise UserError("sync: a search logs its trials as it runs; continue it with `lora-sweep run` and the same overrides")
-        from runner.search import run_search
-
         return run_search(cfg, out)
     prepared = plan_or_fail(cfg)
     if generate and ensure_builtin_assets(cfg, prepared):  # the local engine's model and LoRAs, any engine's scorers

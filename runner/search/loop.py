@@ -21,9 +21,16 @@ from omegaconf import DictConfig, OmegaConf
 from runner.engines import capabilities
 from runner.generation import Generation
 from runner.plan import PlanError, build_plan, with_ids
-from runner.prepare import PreparedSweep, check_rows, engine_setting_problems, registry_entries, remote_setting_problems, score_entries
+from runner.prepare import (
+    PreparedSweep,
+    check_rows,
+    engine_and_limits,
+    engine_setting_problems,
+    registry_entries,
+    remote_setting_problems,
+    score_entries,
+)
 from runner.registry import HashCache
-from runner.request import Limits, Problem
 from runner.run import (
     Summary,
     UserError,
@@ -58,7 +65,7 @@ def search_grid(cfg: DictConfig, spec: SearchSpec) -> dict[str, Any]:
 
 def build_requests(cfg: DictConfig, spec: SearchSpec, requests: list[dict[str, Any]]) -> tuple[list[pd.DataFrame], list[list[str]]]:
     """Each request expanded over the grid and seeds (rows without ids yet), or its problems."""
-    limits = Limits(max_lora_strength=float(cfg.validation.max_lora_strength))
+    _, limits, _ = engine_and_limits(cfg)
     grid = search_grid(cfg, spec)
     plans, problems = [], []
     for request in requests:
@@ -91,12 +98,9 @@ def prepare_search(cfg: DictConfig) -> tuple[PreparedSweep, SearchSpec | None]:
     spec, problems = parse_search(_container(cfg.sweep.search), base, grid, list(cfg.sweep.scores))
     if spec is None:
         return PreparedSweep(name, empty, None, None, problems), None
-    try:
-        caps = capabilities(cfg.engine.kind)
-    except KeyError:
-        return PreparedSweep(
-            name, empty, None, None, [str(Problem("engine.kind", f"unknown engine '{cfg.engine.kind}'", "use engine=local"))]
-        ), None
+    caps, _, problems = engine_and_limits(cfg)
+    if caps is None or problems:
+        return PreparedSweep(name, empty, None, None, problems), spec
     probes = [trial_request(spec, base, trial) for trial in probe_trials(spec)]
     plans, plan_problems = build_requests(cfg, spec, probes)
     lines = list(dict.fromkeys(line for group in plan_problems for line in group))
@@ -110,8 +114,14 @@ def prepare_search(cfg: DictConfig) -> tuple[PreparedSweep, SearchSpec | None]:
     return PreparedSweep(name, rows.plan, rows.registry, rows.identity, problems, rows.warnings, 0, scorers), spec
 
 
+def images_per_trial(cfg: DictConfig, spec: SearchSpec) -> int:
+    """Rows one trial expands to (the grid's axes x the seeds, with baselines): every trial has as many."""
+    plans, _ = build_requests(cfg, spec, [trial_request(spec, _container(cfg.sweep.base), probe_trials(spec)[0])])
+    return len(plans[0])
+
+
 def describe_search(prepared: PreparedSweep, spec: SearchSpec, cfg: DictConfig, out: TextIO) -> None:
-    per_trial = len(build_requests(cfg, spec, [trial_request(spec, _container(cfg.sweep.base), probe_trials(spec)[0])])[0][0])
+    per_trial = images_per_trial(cfg, spec)
     cells = grid_cells(spec)
     print(
         f"search '{prepared.name}': {spec.trials} trials ({spec.sampler}, {spec.batch} at a time), {spec.direction} {spec.objective.text}; "
@@ -122,7 +132,8 @@ def describe_search(prepared: PreparedSweep, spec: SearchSpec, cfg: DictConfig, 
         print(f"  {param.describe()}", file=out)
     if cells is not None:
         print(f"  the full grid of this space at its steps: {len(cells)} settings, {len(cells) * per_trial} images", file=out)
-    print(f"checked {len(prepared.plan)} requests at the ends of every range and every choice", file=out)
+    probes = len(probe_trials(spec))
+    print(f"checked {probes} trials at the ends of every range and with every choice ({len(prepared.plan)} images' requests)", file=out)
     for warning in prepared.warnings:
         print(f"warning: {warning}", file=out)
 
@@ -272,7 +283,7 @@ class Search:
             for record in records:
                 if record.number not in logged and record.state in ("COMPLETE", "FAIL"):
                     self.log_trial(tracker, record, logged)
-        best = write_search_files(store.root, study, self.spec, records, self.per_trial_images(), comparison)
+        best = write_search_files(store.root, study, self.spec, records, images_per_trial(cfg, self.spec), comparison)
         summary.planned = len(self.plan)
         summary.skipped = len(set(self.rows) & made_before)
         write_report(cfg, store, self.plan, results, summary)
@@ -297,10 +308,6 @@ class Search:
             "seeds": ",".join(map(str, spec.seeds)),
             **{f"space.{p.name}": p.describe().split(" ", 1)[1] for p in spec.params},
         }
-
-    def per_trial_images(self) -> int:
-        plans, _ = build_requests(self.cfg, self.spec, [trial_request(self.spec, self.base, probe_trials(self.spec)[0])])
-        return len(plans[0])
 
     # ------------------------------------------------------------ one batch of trials
 
@@ -349,7 +356,7 @@ class Search:
             first, last = trials[0][0], trials[-1][0]
             generation.run(pending, summary, desc=f"{label}s {first}-{last}" if last != first else f"{label} {first}")
             self.score(checked.plan, tracker)
-        results = self.store.snapshot().set_index("id")
+        results = self.store.read_results().set_index("id")  # a snapshot per batch would rewrite results.parquet each time
         records = []
         for k, (number, _) in enumerate(trials):
             params = trial_params(self.spec, requests[k])
@@ -405,7 +412,7 @@ class Search:
         if self.cfg.sweep.scores:
             import io
 
-            score_stage(self.cfg, self.prepared.scorers, self.store, plan, self.store.snapshot(), tracker, io.StringIO())
+            score_stage(self.cfg, self.prepared.scorers, self.store, plan, self.store.read_results(), tracker, io.StringIO())
 
     def log_trial(self, tracker, record: Evaluated, logged: set[int]) -> None:
         try:
