@@ -211,6 +211,7 @@ def backfill_tracking(tracker, store: SweepStore, plan: pd.DataFrame, rows: dict
     results = store.read_results()
     results = results[results["id"].isin(plan["id"]) & results["status"].isin(["ok", "failed"])]
     missing = [r for r in results.to_dict("records") if tracker.children.get(r["id"], ("", ""))[1] not in ("FINISHED", "FAILED")]
+    items, logged = [], []
     for record in missing:
         path = store.image_path(record["id"]) if record["status"] == "ok" else None
         if path is not None and not path.exists():
@@ -225,11 +226,15 @@ def backfill_tracking(tracker, store: SweepStore, plan: pd.DataFrame, rows: dict
             batch_size=int(record.get("batch_size") or 1),
             notes=[n for n in str(record.get("notes") or "").split("; ") if n],
         )
-        tracker.log_image(rows[record["id"]], result, path, {**tags, "lora_sweep.backfilled": "true"})
-        store.append_result({**record, "tracked": True})
-    if missing:
-        print(f"logged {len(missing)} earlier images to MLflow that were not logged when they were made", file=out)
-    return len(missing)
+        items.append((rows[record["id"]], result, path))
+        logged.append(record)
+    for start in range(0, len(items), 256):
+        tracker.log_images(items[start : start + 256], {**tags, "lora_sweep.backfilled": "true"})
+        for record in logged[start : start + 256]:
+            store.append_result({**record, "tracked": True})
+    if logged:
+        print(f"logged {len(logged)} earlier images to MLflow that were not logged when they were made", file=out)
+    return len(logged)
 
 
 def require_api_key(cfg: DictConfig) -> str:

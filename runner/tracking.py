@@ -128,6 +128,63 @@ def request_params(row: Mapping[str, Any]) -> dict[str, str]:
     return params
 
 
+def image_params(row: Mapping[str, Any]) -> dict[str, str]:
+    """An image run's params: the request as the API takes it, per-LoRA strengths and the blend."""
+    return {k: str(v)[:6000] for k, v in {**request_params(row), "blend": row.get("blend", "")}.items()}
+
+
+def image_tags(result: Any) -> dict[str, str]:
+    """An image run's tags from its result: what the engine used, its status and notes, the provider's meta."""
+    tags = {
+        "scheduler_used": result.scheduler,
+        "seed_used": str(result.seed),
+        "status": result.status,
+        "notes": "; ".join(result.notes)[:5000],
+    }
+    if result.error:
+        tags["error"] = result.error[:5000]
+    tags.update({f"meta.{k}": str(v)[:5000] for k, v in result.meta.items()})  # e.g. the provider's seed, prompt
+    return tags
+
+
+def image_metrics(result: Any) -> dict[str, float]:
+    return {"generation_s": float(result.generation_s), "batch_size": float(result.batch_size)}
+
+
+def _local_folder(uri: str) -> Path | None:
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    return Path(uri) if parsed.scheme == "" and uri else None
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """The sweep's PNG as the run's artifact: a hard link (no second copy on disk), a copy across file systems."""
+    import os
+    import shutil
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        pass
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def _chart_image(image: Any, png: Path, folder: Path, timestamp: int) -> None:
+    """What `MlflowClient.log_image(key="image")` writes: the PNG and a WebP of at most 256 px under images/."""
+    import uuid
+
+    from mlflow.tracking.multimedia import compress_image_size
+
+    stem = f"image+step+0+timestamp+{timestamp}+{uuid.uuid4()}"
+    _link_or_copy(png, folder / "images" / f"{stem}.png")
+    compress_image_size(image).save(folder / "images" / f"{stem}+compressed.webp")
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str | None = None, artifact_location: str | None = None, experiment_id: str | None = None):
         from mlflow.tracking import MlflowClient
@@ -146,6 +203,11 @@ class Tracker:
                 if EXPERIMENT_KIND_TAG not in found.tags:
                     self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
         self.experiment_id = experiment_id
+        from runner.tracking_sql import BulkRunWriter
+
+        self._bulk = BulkRunWriter.for_client(self.client, experiment_id)  # None for a tracking server
+        self._artifact_location = self.client.get_experiment(experiment_id).artifact_location
+        self._artifact_root = _local_folder(self._artifact_location)  # None unless file:, the bulk path's condition
         self.name_axes: list[str] = []  # the sweep's axes, for readable child run names
         self.chart_images = True  # log_image under a key for the chart view (tracking.chart_images)
         self.parent_id: str | None = None
@@ -206,24 +268,15 @@ class Tracker:
     # ------------------------------------------------------------ children
 
     def log_image(self, row: Mapping[str, Any], result: Any, image_path: Path | None, tags: Mapping[str, str]) -> None:
-        """One child run per image id: params, tags, generation time and the PNG.
+        """One child run per image id through the client: params, tags, generation time and the PNG.
 
-        Four store calls per image (create, one batch, artifact, end): this runs for every image,
-        and on a small machine its CPU time is taken from generation.
+        Four store calls per image (create, one batch, artifact, end); `log_images` writes many new
+        runs of a database store in one transaction instead, and uses this for the rest.
         """
         from mlflow.entities import Metric, Param, RunTag
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
         now = int(time.time() * 1000)
-        run_tags = {
-            "scheduler_used": result.scheduler,
-            "seed_used": str(result.seed),
-            "status": result.status,
-            "notes": "; ".join(result.notes)[:5000],
-        }
-        if result.error:
-            run_tags["error"] = result.error[:5000]
-        run_tags.update({f"meta.{k}": str(v)[:5000] for k, v in result.meta.items()})  # e.g. the provider's seed, prompt
         known = self.children.get(row["id"])
         params: list[Param] = []
         if known:
@@ -232,19 +285,20 @@ class Tracker:
         else:
             run = self.client.create_run(
                 self.experiment_id,
+                start_time=now - int(result.generation_s * 1000),
                 run_name=run_name(row, self.name_axes),
                 tags={PARENT_TAG: self.parent_id, ID_TAG: row["id"], **tags},
             )
             run_id, artifact_uri = run.info.run_id, run.info.artifact_uri
-            params = [Param(k, str(v)[:6000]) for k, v in {**request_params(row), "blend": row.get("blend", "")}.items()]
+            params = [Param(k, v) for k, v in image_params(row).items()]
             if len(params) > 100:  # MLflow's limit per batch (blends of many LoRAs)
                 self._log_params(run_id, {p.key: p.value for p in params})
                 params = []
         self.client.log_batch(
             run_id,
-            metrics=[Metric("generation_s", result.generation_s, now, 0), Metric("batch_size", float(result.batch_size), now, 0)],
+            metrics=[Metric(k, v, now, 0) for k, v in image_metrics(result).items()],
             params=params,
-            tags=[RunTag(k, v) for k, v in run_tags.items()],
+            tags=[RunTag(k, v) for k, v in image_tags(result).items()],
         )
         if result.image is not None and self.chart_images:  # under a key, so the chart view shows the images of several runs side by side
             self.client.log_image(run_id, result.image, key="image", step=0, timestamp=now)
@@ -254,8 +308,72 @@ class Tracker:
             else:  # mlflow-artifacts:/ and friends resolve through this client's server
                 self.client.log_artifact(run_id, str(image_path))
         status = "FINISHED" if result.status == "ok" else "FAILED"
-        self.client.set_terminated(run_id, status)
+        self.client.set_terminated(run_id, status, end_time=int(time.time() * 1000))
         self.children[row["id"]] = (run_id, status, artifact_uri)
+
+    def log_images(self, items: list[tuple[Mapping[str, Any], Any, Path | None]], tags: Mapping[str, str]) -> None:
+        """Log (row, result, png path) items: new runs of a database store with local artifacts in one transaction
+        (`runner.tracking_sql`), anything else run by run through the client. Raises if MLflow cannot take them."""
+        fresh = [item for item in items if item[0]["id"] not in self.children]
+        if self._bulk is not None and fresh and self._artifact_root is not None:
+            for row, result, path in items:
+                if row["id"] in self.children:
+                    self.log_image(row, result, path, tags)
+            try:
+                self._log_new_runs(fresh, tags)
+                return
+            except Exception as exc:  # the client path below says whether MLflow is down or only the bulk path failed
+                first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                log.debug("bulk MLflow logging failed (%s); logging run by run", first)
+                for row, result, path in fresh:
+                    self.log_image(row, result, path, tags)
+                log.warning("MLflow's tables took runs one by one but not in bulk (%s); logging run by run from now on", first)
+                self._bulk = None
+                return
+        for row, result, path in items:
+            self.log_image(row, result, path, tags)
+
+    def _log_new_runs(self, items: list[tuple[Mapping[str, Any], Any, Path | None]], tags: Mapping[str, str]) -> None:
+        """Artifacts first (hard links of the sweep's PNGs), then every run's rows in one transaction."""
+        import shutil
+        import uuid
+
+        from runner.tracking_sql import RunRows
+
+        assert self._bulk is not None and self._artifact_root is not None
+        runs, folders = [], []
+        try:
+            for row, result, path in items:
+                now = int(time.time() * 1000)
+                run_id = uuid.uuid4().hex
+                folder = self._artifact_root / run_id / "artifacts"
+                folders.append(folder.parent)
+                run_tags = {PARENT_TAG: self.parent_id, ID_TAG: row["id"], **tags, **image_tags(result)}
+                if path is not None:
+                    _link_or_copy(path, folder / path.name)
+                    if self.chart_images and result.image is not None:
+                        _chart_image(result.image, path, folder, now)
+                        run_tags["mlflow.loggedImages"] = "True"
+                runs.append(
+                    RunRows(
+                        run_id=run_id,
+                        name=run_name(row, self.name_axes),
+                        start_ms=now - int(result.generation_s * 1000),
+                        end_ms=now,
+                        status="FINISHED" if result.status == "ok" else "FAILED",
+                        artifact_uri=f"{self._artifact_location.rstrip('/')}/{run_id}/artifacts",
+                        tags=run_tags,
+                        params=image_params(row),
+                        metrics=image_metrics(result),
+                    )
+                )
+            self._bulk.add_runs(runs)
+        except BaseException:
+            for folder in folders:  # no run points at them
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+        for (row, _, _), run in zip(items, runs):
+            self.children[row["id"]] = (run.run_id, run.status, run.artifact_uri)
 
     def log_scores(self, scores: Any, only_missing: bool = False) -> int:
         """Each image's scores as metrics on its child run (so the chart view can rank blends); returns runs logged.
@@ -265,16 +383,20 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        logged = 0
+        by_image: dict[str, dict[str, float]] = {}
         for record in scores.to_dict("records"):
-            known = self.children.get(record["id"])
             have = self.child_metrics.get(record["id"], set()) if only_missing else set()
-            metrics = [Metric(k, float(v), now, 0) for k, v in record.items() if k != "id" and v == v and k not in have]
-            if known and metrics:
-                self.client.log_batch(known[0], metrics=metrics)
-                self.child_metrics.setdefault(record["id"], set()).update(m.key for m in metrics)
-                logged += 1
-        return logged
+            metrics = {k: float(v) for k, v in record.items() if k != "id" and v == v and k not in have}
+            if record["id"] in self.children and metrics:
+                by_image[record["id"]] = metrics
+        if self._bulk is not None:  # one transaction for the whole sweep's scores
+            self._bulk.add_metrics({self.children[i][0]: metrics for i, metrics in by_image.items()}, now)
+        else:
+            for image_id, metrics in by_image.items():
+                self.client.log_batch(self.children[image_id][0], metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+        for image_id, metrics in by_image.items():
+            self.child_metrics.setdefault(image_id, set()).update(metrics)
+        return len(by_image)
 
     # ------------------------------------------------------------ search trials
 

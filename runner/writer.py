@@ -78,6 +78,7 @@ class BackgroundWriter:
         maxsize: int = 64,
         encode_workers: int = 2,
         on_written: Callable[[dict[str, Any]], None] | None = None,
+        max_batch: int = 32,
     ):
         from concurrent.futures import ThreadPoolExecutor
 
@@ -94,6 +95,7 @@ class BackgroundWriter:
         self.tracking_down = False  # after MAX_TRACKING_FAILURES in a row: the next run back-fills
         self._failures_in_a_row = 0
         self.busy_s = 0.0
+        self.max_batch = max(1, max_batch)  # images logged to MLflow in one transaction at most
         self.on_written = on_written  # told each final record once it is on disk (the server finishes its jobs with it)
         self._thread = threading.Thread(target=self._loop, name="lora-sweep-writer", daemon=True)
         self._thread.start()
@@ -118,49 +120,66 @@ class BackgroundWriter:
         self.store.snapshot()
 
     def _loop(self) -> None:
+        """Take whatever is queued (at least one image) and write it as one batch: MLflow logs a batch in one go."""
         while True:
-            item = self.queue.get()
-            if item is _STOP:
-                self.queue.task_done()
-                return
+            items = [self.queue.get()]
+            while items[-1] is not _STOP and len(items) < self.max_batch:
+                try:
+                    items.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = items[-1] is _STOP
             try:
-                self._handle(item)
+                self._handle([item for item in items if item is not _STOP])
             finally:
-                self.queue.task_done()
+                for _ in items:
+                    self.queue.task_done()
+            if stop:
+                return
 
     def drain(self) -> None:
         """Wait until every image queued so far is written (a search scores each batch of trials before the next)."""
         if self._thread.is_alive():
             self.queue.join()
 
-    def _handle(self, item: tuple[ImageResult, Any]) -> None:
+    def _handle(self, items: list[tuple[ImageResult, Any]]) -> None:
+        """Files first, then MLflow for the batch, then the journal: a journal line means the image is on disk."""
         started = time.perf_counter()
-        result, png = item
-        try:
-            record = self._write(result, png.result() if png is not None else result.png)
-        except Exception as exc:  # a write error must not kill the thread and stall the engine
-            log.exception("could not write image %s", result.id)
-            record = {"id": result.id, "status": "failed", "error": f"could not write the image ({exc})"}
-        if record is not None and self.on_written is not None:
+        written: list[tuple[dict[str, Any], ImageResult, Any]] = []
+        records: list[dict[str, Any]] = []
+        for result, png in items:
             try:
-                self.on_written(record)
-            except Exception:
-                log.exception("on_written failed for %s", result.id)
+                if result.status == "submitted":  # only the remote id, so a killed run can fetch instead of resubmitting
+                    self.store.append_result(
+                        {"id": result.id, "status": "submitted", "seed": result.seed, "meta.remote_id": result.meta["remote_id"]}
+                    )
+                    continue
+                row = {**self.rows[result.id], "scheduler_used": result.scheduler or self.rows[result.id].get("scheduler_used")}
+                path = None
+                if result.status == "ok":
+                    data = png.result() if png is not None else result.png
+                    path = self.store.write_image(result.id, data if data is not None else png_bytes(result.image, row, self.hashes))
+                written.append((row, result, path))
+            except Exception as exc:  # a write error must not kill the thread and stall the engine
+                log.exception("could not write image %s", result.id)
+                records.append({"id": result.id, "status": "failed", "error": f"could not write the image ({exc})"})
+        tracked = self._track(written)
+        for _, result, path in written:
+            record = self._record(result, path, tracked)
+            self.store.append_result(record)
+            self.written += 1
+            records.append(record)
+        if self.on_written is not None:
+            for record in records:
+                try:
+                    self.on_written(record)
+                except Exception:
+                    log.exception("on_written failed for %s", record["id"])
         self.busy_s += time.perf_counter() - started
 
-    def _write(self, result: ImageResult, png: bytes | None = None) -> dict[str, Any] | None:
-        """Write one result; returns its record (None for a remote engine's `submitted` event)."""
-        if result.status == "submitted":  # only the remote id, so a killed run can fetch instead of resubmitting
-            self.store.append_result(
-                {"id": result.id, "status": "submitted", "seed": result.seed, "meta.remote_id": result.meta["remote_id"]}
-            )
-            return None
-        row = {**self.rows[result.id], "scheduler_used": result.scheduler or self.rows[result.id].get("scheduler_used")}
-        path = None
-        if result.status == "ok":
-            path = self.store.write_image(result.id, png if png is not None else png_bytes(result.image, row, self.hashes))
-        tracked = self._track(row, result, path)
-        record = {
+    def _record(self, result: ImageResult, path: Any, tracked: bool) -> dict[str, Any]:
+        """The journal's line for one image."""
+        return {
             "id": result.id,
             "status": result.status,
             "error": result.error,
@@ -174,26 +193,22 @@ class BackgroundWriter:
             "tracked": tracked,
             **{f"meta.{k}": v for k, v in result.meta.items()},
         }
-        self.store.append_result(record)
-        self.written += 1
-        return record
 
-    def _track(self, row: Mapping[str, Any], result: ImageResult, path: Any) -> bool:
-        """Log to MLflow if it is up; a store that keeps failing is left alone until the next run."""
-        if self.tracker is None or self.tracking_down:
+    def _track(self, written: list[tuple[dict[str, Any], ImageResult, Any]]) -> bool:
+        """Log a batch to MLflow if it is up; a store that keeps failing is left alone until the next run."""
+        if not written or self.tracker is None or self.tracking_down:
             if self.tracker is not None:
-                self.tracking_errors += 1
+                self.tracking_errors += len(written)
             return False
         try:
-            self.tracker.log_image(row, result, path, self.tags)
+            self.tracker.log_images(written, self.tags)
             self._failures_in_a_row = 0
             return True
         except Exception as exc:
-            self.tracking_errors += 1
+            self.tracking_errors += len(written)
             self._failures_in_a_row += 1
-            log.warning(
-                "MLflow logging failed for %s (%s); the image and its result are written", result.id, str(exc).splitlines()[0][:200]
-            )
+            ids = ", ".join(result.id for _, result, _ in written[:3]) + (" ..." if len(written) > 3 else "")
+            log.warning("MLflow logging failed for %s (%s); the images and their results are written", ids, str(exc).splitlines()[0][:200])
             if self._failures_in_a_row >= MAX_TRACKING_FAILURES:
                 self.tracking_down = True
                 log.warning("MLflow is unreachable; not logging the rest of this run (the next run or `lora-sweep sync` back-fills it)")
