@@ -5,7 +5,8 @@
 1. Scaling: the same blend plan through RayPoolEngine with 1 and with 2 workers (a local Ray), timed from
    "workers loaded" to "last result back", and the single-process LocalEngine beside them.
 2. The driver: pre-encoded 512x512 PNG results fed to the run's BackgroundWriter with full MLflow
-   tracking (sqlite): the images/s one driver absorbs, against the 60-80 images/s 8 H100s would send.
+   tracking (sqlite): the images/s one driver absorbs, through MLflow's client run by run and through the
+   bulk writer (the default), against the 60-80 images/s 8 H100s would send.
 3. Simulation: per-group costs measured on one LocalEngine here (pipeline load, blend switch, one batch)
    and the H100 figures of bench/RESULTS.md; groups assigned the way RayPoolEngine does (largest first,
    to whichever worker is free), for the demo-sized sweep and a 10,000-image blend sweep on 8 workers.
@@ -72,8 +73,11 @@ def scaling(assets: Path) -> dict[str, float]:
     return out
 
 
-def driver_absorbs(count: int = 300) -> float:
-    """Images/s the driver writes and logs (PNG file, journal, MLflow child run + artifact), PNGs already encoded."""
+def driver_absorbs(count: int = 300, bulk: bool = True) -> float:
+    """Images/s the driver writes and logs (PNG file, journal, MLflow child run + artifacts), PNGs already encoded.
+
+    bulk=False forces MLflow's client path (run by run, as before issue 13's bulk writer) for the ratio.
+    """
     from PIL import Image
 
     from runner.engines.base import ImageResult
@@ -91,6 +95,8 @@ def driver_absorbs(count: int = 300) -> float:
         store.acquire()
         tracker = Tracker(f"sqlite:///{tmp}/mlflow.db", "bench", (Path(tmp) / "mlartifacts").as_uri())
         tracker.start_parent("bench", {}, {})
+        if not bulk:
+            tracker._bulk = None
         writer = BackgroundWriter(store, tracker, {r["id"]: r for r in records}, {}, {})
         started = time.perf_counter()
         for record, png in zip(records, pngs):
@@ -162,10 +168,12 @@ def main() -> None:
     for name, rate in measured.items():
         print(f"   {name:<16} {rate:6.2f} images/s   {rate / base:4.2f}x one worker")
 
-    print("\n2. the driver with full tracking (512x512 PNGs encoded by workers; file + journal + MLflow run + artifact)")
-    absorbed = driver_absorbs()
-    print(f"   {absorbed:.1f} images/s absorbed by one driver; 8 H100s on the fast path send 60-80 images/s")
-    print(f"   -> {'keeps up' if absorbed >= 80 else f'the driver limits 8 GPUs to {absorbed:.0f} images/s (tracking=none lifts it)'}")
+    print("\n2. the driver with full tracking (512x512 PNGs encoded by workers; file + journal + MLflow run + PNG + chart copy)")
+    client = driver_absorbs(bulk=False)
+    bulk = driver_absorbs(bulk=True)
+    print(f"   MLflow client, run by run      {client:6.1f} images/s")
+    print(f"   bulk, one transaction a batch  {bulk:6.1f} images/s   {bulk / client:4.1f}x the client path")
+    print(f"   -> 8 H100s on the fast path send 60-80 images/s: {'the driver keeps up' if bulk >= 80 else 'the driver limits them'}")
 
     print("\n3. simulated efficiency on 8 workers (largest group first, as RayPoolEngine assigns)")
     costs = group_costs(assets)

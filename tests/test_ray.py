@@ -41,6 +41,7 @@ def test_two_workers_give_the_ids_and_pixels_of_one_process(workspace):
     parent, children = mlflow_runs(workspace.outputs, "small")
     assert len(parent) == 1 and len(children) == 8 and children["tags.lora_sweep.id"].is_unique
     assert set(children["tags.lib.workers"]) == {"2"}
+    assert set(children["tags.mlflow.loggedImages"]) == {"True"}, "the chart view's copy, made from the workers' PNGs"
 
 
 def worker_pids(parent: int) -> list[int]:
