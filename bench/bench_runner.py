@@ -40,7 +40,7 @@ from runner.schedulers import load_scheduler  # noqa: E402
 # is spawned and re-imports this module, which should stay light.
 
 
-def compose_config(args, outputs: Path):
+def compose_config(args, outputs: Path, tracking: str | None = None):
     from hydra.core.config_store import ConfigStore
 
     register_configs()
@@ -66,7 +66,7 @@ def compose_config(args, outputs: Path):
         f"paths.assets={args.assets}",
         f"engine.batch_size={args.batch_size}",
         f"engine.device={args.device}",
-        f"tracking={args.tracking}",
+        f"tracking={tracking or args.tracking}",
         "progress=false",
     ]
     if args.model:
@@ -150,12 +150,14 @@ def main() -> None:
     parser.add_argument("--assets", default=str(Path(tempfile.gettempdir()) / "lora-sweep-bench-assets"))
     parser.add_argument("--model", default=None, help="a diffusers folder to use instead of the tiny model")
     parser.add_argument("--skip-naive", action="store_true")
-    parser.add_argument("--tracking", default="sqlite", choices=["sqlite", "none"], help="none: the runner without MLflow")
+    parser.add_argument(
+        "--tracking", default="sqlite", choices=["sqlite", "none", "both"], help="none: the runner without MLflow; both: each, interleaved"
+    )
     parser.add_argument("--repeats", type=int, default=2, help="bare and runner are interleaved this many times; best of each")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose_config(args, Path(tmp) / "outputs")
+        cfg = compose_config(args, Path(tmp) / "outputs", "none" if args.tracking == "none" else "sqlite")
         prepared = prepare_sweep(cfg)
         if ensure_builtin_assets(cfg, prepared):
             prepared = prepare_sweep(cfg)
@@ -171,26 +173,36 @@ def main() -> None:
         pipe, engine = load_pipeline(prepared, str(device), str(dtype).removeprefix("torch."))
         pipe(prompt="warm up", width=args.size, height=args.size, num_inference_steps=2)  # first-call allocations
         naive_s = None if args.skip_naive else naive_loop(pipe, prepared.registry.loras, plan)
-        bare_runs, runner_runs = [], []
+        modes = ["sqlite", "none"] if args.tracking == "both" else [args.tracking]
+        configs = {mode: compose_config(args, Path(tmp) / "outputs", mode) for mode in modes}
+        bare_runs, runner_runs = [], {mode: [] for mode in modes}
         for repeat in range(args.repeats):
             bare_runs.append(bare_loop(pipe, prepared.registry.loras, plan, args.batch_size, device))
-            cfg.paths.outputs = str(Path(tmp) / f"outputs-{repeat}")  # a fresh sweep folder and MLflow store
-            summary = run_sweep(cfg, out=open(os.devnull, "w"))
-            assert summary.ok == len(plan), f"runner made {summary.ok} of {len(plan)} images"
-            runner_runs.append(summary.generate_s)
+            for mode, config in configs.items():
+                config.paths.outputs = str(Path(tmp) / f"outputs-{mode}-{repeat}")  # a fresh sweep folder and MLflow store
+                summary = run_sweep(config, out=open(os.devnull, "w"))
+                assert summary.ok == len(plan), f"runner made {summary.ok} of {len(plan)} images"
+                runner_runs[mode].append(summary.generate_s)
         engine.close()
-        bare_s, runner_s = min(bare_runs), min(runner_runs)
+        bare_s = min(bare_runs)
         print("bare runs:   " + " ".join(f"{t:.2f}" for t in bare_runs))
-        print("runner runs: " + " ".join(f"{t:.2f}" for t in runner_runs))
+        for mode, runs in runner_runs.items():
+            print(f"runner runs ({mode}): " + " ".join(f"{t:.2f}" for t in runs))
 
     n = len(plan)
+    runner_s = min(runner_runs[modes[0]])
     print(f"{'loop':<8}{'seconds':>10}{'images/s':>10}")
-    what = "MLflow child run + artifact per image" if args.tracking == "sqlite" else "no MLflow"
-    print(f"{'runner':<8}{runner_s:>10.2f}{n / runner_s:>10.2f}   (with PNGs, results journal, {what})")
+    for mode in modes:
+        what = "MLflow child run + artifacts per image" if mode == "sqlite" else "no MLflow"
+        best = min(runner_runs[mode])
+        print(f"{'runner':<8}{best:>10.2f}{n / best:>10.2f}   (with PNGs, results journal, {what})")
     print(f"{'bare':<8}{bare_s:>10.2f}{n / bare_s:>10.2f}")
     if naive_s is not None:
         print(f"{'naive':<8}{naive_s:>10.2f}{n / naive_s:>10.2f}")
     print(f"runner / bare  = {bare_s / runner_s:.2f}x  (target >= 0.9x)")
+    if len(modes) == 2:
+        tracked, untracked = min(runner_runs["sqlite"]), min(runner_runs["none"])
+        print(f"tracking cost  = {tracked / untracked - 1:+.1%}  (tracked vs tracking=none, best of {args.repeats} each)")
     if naive_s is not None:
         print(f"runner / naive = {naive_s / runner_s:.2f}x  (target > 1x)")
 

@@ -51,6 +51,8 @@ def log_all(items, folder: Path, chart_images: bool, scores: bool, bulk: bool = 
 
     tracker = Tracker(f"sqlite:///{folder / 'mlflow.db'}", "bench", (folder / "artifacts").as_uri())
     tracker.chart_images = chart_images
+    if not bulk:
+        tracker._bulk = None  # MLflow's client, run by run (and the scores image by image)
     tracker.name_axes = ["lora_strength", "seed"]
     tracker.start_parent("bench", {}, {})
     paths = []

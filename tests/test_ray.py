@@ -50,7 +50,7 @@ def worker_pids(parent: int) -> list[int]:
     return [int(line.split()[0]) for line in listing.splitlines() if "ray::EngineWorker" in line]
 
 
-def test_a_killed_worker_loses_nothing_and_sigterm_stops_like_ctrl_c(workspace):
+def test_killed_workers_and_drivers_lose_nothing_and_sigterm_stops_like_ctrl_c(workspace):
     path = workspace.sweep("long", SLOW_SWEEP)
     proc = start_run(workspace, f"sweep={path}", "engine.workers=2", "engine.batch_size=1")
     wait_for_results(workspace.outputs / "long", 2, proc, timeout=240)
@@ -75,4 +75,18 @@ def test_a_killed_worker_loses_nothing_and_sigterm_stops_like_ctrl_c(workspace):
     parent, _ = mlflow_runs(workspace.outputs, "longer")
     assert parent["status"].iloc[0] == "KILLED"
     kept = pd.read_json(workspace.outputs / "longer" / "results.jsonl", lines=True)
-    assert len(kept) >= 2 and set(kept["status"]) == {"ok"}, "finished images are kept (a rerun resumes, as tests/test_faults.py checks)"
+    assert len(kept) >= 2 and set(kept["status"]) == {"ok"}, "finished images are kept"
+
+    # kill -9 of the continuing driver: its local Ray goes with it, and the next run completes the sweep
+    proc = start_run(workspace, f"sweep={more}", "engine.workers=2", "engine.batch_size=1")
+    wait_for_results(workspace.outputs / "longer", len(kept) + 2, proc, timeout=240)
+    assert worker_pids(proc.pid), "the workers run"
+    proc.kill()
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 60
+    while worker_pids(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not worker_pids(proc.pid), "no Ray worker outlives its killed driver"
+    rerun = workspace.cli("run", f"sweep={more}", "engine.workers=2", "engine.batch_size=1")
+    assert rerun.code == 0, rerun.out + rerun.err
+    assert_complete(workspace, "longer", 12)  # each id once, every PNG whole, one finished MLflow run per image
