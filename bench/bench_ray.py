@@ -73,7 +73,7 @@ def scaling(assets: Path) -> dict[str, float]:
     return out
 
 
-def driver_absorbs(count: int = 300, bulk: bool = True) -> float:
+def driver_absorbs(count: int = 300, bulk: bool = True, uri: str | None = None) -> float:
     """Images/s the driver writes and logs (PNG file, journal, MLflow child run + artifacts), PNGs already encoded.
 
     bulk=False forces MLflow's client path (run by run, as before issue 13's bulk writer) for the ratio.
@@ -93,7 +93,10 @@ def driver_absorbs(count: int = 300, bulk: bool = True) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         store = SweepStore(Path(tmp) / "bench")
         store.acquire()
-        tracker = Tracker(f"sqlite:///{tmp}/mlflow.db", "bench", (Path(tmp) / "mlartifacts").as_uri())
+        if uri:  # a tracking server: its own artifact store
+            tracker = Tracker(uri, f"bench-{time.time_ns()}")
+        else:
+            tracker = Tracker(f"sqlite:///{tmp}/mlflow.db", "bench", (Path(tmp) / "mlartifacts").as_uri())
         tracker.start_parent("bench", {}, {})
         if not bulk:
             tracker._bulk = None

@@ -8,9 +8,11 @@ continued reuses the run of an id instead of logging it twice.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +210,9 @@ class Tracker:
 
         self.uri = uri
         seed_sqlite_store(uri)
+        # with a tracking server MLflow's client prints two "View run" lines per finished run (and asks the server
+        # for the run to do it): one per image would bury the progress bar; the run prints the experiment's view
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.client = MlflowClient(tracking_uri=uri)
         if experiment_id is None:
             found = self.client.get_experiment_by_name(experiment)
@@ -226,6 +231,8 @@ class Tracker:
         self._artifact_location = self.client.get_experiment(experiment_id).artifact_location
         self._artifact_root = _local_folder(self._artifact_location)  # None unless file:, the bulk path's condition
         self._artifact_pool: Any = None  # threads for the bulk path's artifacts, made on first use
+        self._server = uri.startswith(("http://", "https://"))
+        self._client_pool: Any = None  # threads for a tracking server's requests, made on first use
         self.name_axes: list[str] = []  # the sweep's axes, for readable child run names
         self.chart_images = True  # log_image under a key for the chart view (tracking.chart_images)
         self.parent_id: str | None = None
@@ -360,6 +367,11 @@ class Tracker:
                 log.warning("MLflow's tables took runs one by one but not in bulk (%s); logging run by run from now on", first)
                 self._bulk = None
                 return
+        if self._server and len(items) > 1:  # requests to a server overlap: its workers take them in parallel
+            if self._client_pool is None:
+                self._client_pool = ThreadPoolExecutor(8, thread_name_prefix="lora-sweep-mlflow")
+            list(self._client_pool.map(lambda item: self.log_image(item[0], item[1], item[2], tags), items))
+            return
         for row, result, path in items:
             self.log_image(row, result, path, tags)
 
@@ -368,7 +380,6 @@ class Tracker:
         in one transaction."""
         import shutil
         import uuid
-        from concurrent.futures import ThreadPoolExecutor
 
         from runner.tracking_sql import RunRows
 

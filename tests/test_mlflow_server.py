@@ -60,6 +60,10 @@ def test_run_logs_to_a_real_mlflow_server(workspace, small_sweep, mlflow_server)
     artifacts = [a.path for a in client.list_artifacts(children[0].info.run_id)]
     assert set(artifacts) == {f"{children[0].data.tags['lora_sweep.id']}.png", "images"}  # the PNG and the chart view's copy
     assert any((server_dir / "server-artifacts").rglob("*.png")), "artifacts went through the server"
+    assert {f"{r.data.tags['lora_sweep.id']}.png" for r in children} == {
+        a.path for r in children for a in client.list_artifacts(r.info.run_id) if a.path.endswith(".png")
+    }, "each run has its own image (requests to the server overlap)"
+    assert "View run" not in result.out, "no per-image links from MLflow's client in the terminal"
 
 
 def test_unreachable_tracking_server_is_one_line_before_any_image(workspace, small_sweep):
