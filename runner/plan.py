@@ -510,7 +510,7 @@ def _take(values: list[Any], codes: np.ndarray) -> Any:
     kinds = {type(v) for v in values}
     if kinds <= {bool}:
         array = np.asarray(values, dtype=bool)
-    elif kinds <= {int}:
+    elif kinds <= {int} and all(-(2**63) <= v < 2**63 for v in values):  # larger ones stay Python ints, for the range check
         array = np.asarray(values, dtype=np.int64)
     elif kinds <= {float}:
         array = np.asarray(values, dtype=np.float64)

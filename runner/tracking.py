@@ -361,7 +361,6 @@ class Tracker:
                 return
             except Exception as exc:  # the client path below says whether MLflow is down or only the bulk path failed
                 first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-                log.debug("bulk MLflow logging failed (%s); logging run by run", first)
                 for row, result, path in fresh:
                     self.log_image(row, result, path, tags)
                 log.warning("MLflow's tables took runs one by one but not in bulk (%s); logging run by run from now on", first)

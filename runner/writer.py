@@ -166,8 +166,12 @@ class BackgroundWriter:
         tracked = self._track(written)
         for _, result, path in written:
             record = self._record(result, path, tracked)
-            self.store.append_result(record)
-            self.written += 1
+            try:
+                self.store.append_result(record)
+                self.written += 1
+            except Exception as exc:  # a full disk must not kill the thread and stall the engine
+                log.exception("could not write the result of image %s", result.id)
+                record = {"id": result.id, "status": "failed", "error": f"could not write the image ({exc})"}
             records.append(record)
         if self.on_written is not None:
             for record in records:

@@ -133,6 +133,13 @@ def test_loose_types_of_the_spec_are_accepted():
     assert single["lora_strength"] == "0.5,0.5"
 
 
+def test_numbers_beyond_64_bits_are_problems_not_crashes():
+    """Found by the server's generated bodies: a width of 9.2e18 overflowed the plan's int64 column (HTTP 500)."""
+    built = build_plan({"prompt": "x", "width": 9.223372036854776e18}, {"seed": [1, 2**70]}, default_model_id="m")
+    assert sorted(str(p).split(":")[0] for p in built.problems) == ["seed", "width"], built.problems
+    assert any("multiple of 8 in 8..1024" in str(p) for p in built.problems)
+
+
 @pytest.mark.parametrize(
     "grid, field",
     [
