@@ -18,6 +18,30 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
+# The files that take longest on 2 cores, longest first (pytest --durations=0). xdist's loadfile mode hands files to
+# its two workers in collection order (with --no-loadscope-reorder, pyproject.toml): started first, they no longer
+# leave one worker running a long file alone at the end. A stale list costs minutes, never correctness.
+LONGEST_FILES = [  # seconds on 2 cores, 2026-11-30: 291, 162, 152, 122, 121, 69, 67, 64, 61, 51, 41, 38
+    "test_faults.py",
+    "test_search.py",
+    "test_serve.py",
+    "test_ray.py",
+    "test_report.py",
+    "test_validation_cli.py",
+    "test_models.py",
+    "test_run.py",
+    "test_world.py",
+    "test_remote.py",
+    "test_sdxl.py",
+    "test_mlflow_server.py",
+]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: position for position, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
 @dataclass
 class CliResult:
     code: int
