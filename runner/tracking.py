@@ -175,7 +175,6 @@ def _local_folder(uri: str) -> Path | None:
 
 def _link_or_copy(source: Path, target: Path) -> None:
     """The sweep's PNG as the run's artifact: a hard link (no second copy on disk), a copy across file systems."""
-    import os
     import shutil
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -227,9 +226,10 @@ class Tracker:
         self.experiment_id = experiment_id
         from runner.tracking_sql import BulkRunWriter
 
-        self._bulk = BulkRunWriter.for_client(self.client, experiment_id)  # None for a tracking server
         self._artifact_location = self.client.get_experiment(experiment_id).artifact_location
-        self._artifact_root = _local_folder(self._artifact_location)  # None unless file:, the bulk path's condition
+        self._artifact_root = _local_folder(self._artifact_location)
+        # None for a tracking server, or artifacts that are not local files: run by run through the client
+        self._bulk = BulkRunWriter.for_client(self.client, experiment_id) if self._artifact_root else None
         self._artifact_pool: Any = None  # threads for the bulk path's artifacts, made on first use
         self._server = uri.startswith(("http://", "https://"))
         self._client_pool: Any = None  # threads for a tracking server's requests, made on first use
@@ -351,21 +351,19 @@ class Tracker:
     def log_images(self, items: list[tuple[Mapping[str, Any], Any, Path | None]], tags: Mapping[str, str]) -> None:
         """Log (row, result, png path) items: new runs of a database store with local artifacts in one transaction
         (`runner.tracking_sql`), anything else run by run through the client. Raises if MLflow cannot take them."""
-        fresh = [item for item in items if item[0]["id"] not in self.children]
-        if self._bulk is not None and fresh and self._artifact_root is not None:
-            for row, result, path in items:
-                if row["id"] in self.children:
-                    self.log_image(row, result, path, tags)
-            try:
-                self._log_new_runs(fresh, tags)
-                return
-            except Exception as exc:  # the client path below says whether MLflow is down or only the bulk path failed
-                first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-                for row, result, path in fresh:
-                    self.log_image(row, result, path, tags)
-                log.warning("MLflow's tables took runs one by one but not in bulk (%s); logging run by run from now on", first)
-                self._bulk = None
-                return
+        fresh = [item for item in items if item[0]["id"] not in self.children] if self._bulk is not None else []
+        self._log_by_client([item for item in items if item[0]["id"] in self.children] if fresh else items, tags)
+        if not fresh:
+            return
+        try:
+            self._log_new_runs(fresh, tags)
+        except Exception as exc:
+            self._log_by_client(fresh, tags)  # raises if MLflow itself is down, not only its bulk path
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            log.warning("MLflow's tables took runs one by one but not in bulk (%s); logging run by run from now on", first)
+            self._bulk = None
+
+    def _log_by_client(self, items: list[tuple[Mapping[str, Any], Any, Path | None]], tags: Mapping[str, str]) -> None:
         if self._server and len(items) > 1:  # requests to a server overlap: its workers take them in parallel
             if self._client_pool is None:
                 self._client_pool = ThreadPoolExecutor(8, thread_name_prefix="lora-sweep-mlflow")
@@ -382,7 +380,8 @@ class Tracker:
 
         from runner.tracking_sql import RunRows
 
-        assert self._bulk is not None and self._artifact_root is not None
+        root = self._artifact_root
+        assert self._bulk is not None and root is not None
         now = int(time.time() * 1000)
         runs = []
         for row, result, _ in items:
@@ -404,7 +403,7 @@ class Tracker:
         def artifacts(run: RunRows, result: Any, path: Path | None) -> None:
             if path is None:
                 return
-            folder = self._artifact_root / run.run_id / "artifacts"
+            folder = root / run.run_id / "artifacts"
             _link_or_copy(path, folder / path.name)
             chart = chart_source(result, path) if self.chart_images else None
             if chart is not None:  # PNG decode, resize and WebP release the GIL: a few threads keep up with several GPUs
@@ -418,7 +417,7 @@ class Tracker:
             self._bulk.add_runs(runs)
         except BaseException:
             for run in runs:  # no run points at them
-                shutil.rmtree(self._artifact_root / run.run_id, ignore_errors=True)
+                shutil.rmtree(root / run.run_id, ignore_errors=True)
             raise
         for (row, _, _), run in zip(items, runs):
             self.children[row["id"]] = (run.run_id, run.status, run.artifact_uri)
