@@ -16,24 +16,30 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if XDIST_WORKERS > 1:
+    # The cores shared out between xdist workers, for their torch and the CLIs they start (which inherit the
+    # variable): with every process taking a thread per core, OpenMP's spinning threads fought over the cores
+    # (the whole suite on 2 cores: 13:50 -> 10:28).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // XDIST_WORKERS)))
 
 
 # The files that take longest on 2 cores, longest first (pytest --durations=0). xdist's loadfile mode hands files to
 # its two workers in collection order (with --no-loadscope-reorder, pyproject.toml): started first, they no longer
 # leave one worker running a long file alone at the end. A stale list costs minutes, never correctness.
-LONGEST_FILES = [  # seconds on 2 cores, 2026-11-30: 291, 162, 152, 122, 121, 69, 67, 64, 61, 51, 41, 38
+LONGEST_FILES = [  # seconds on 2 cores, 2026-11-30: 220, 138, 130, 123, 86, 81, 74, 61, 61, 52, 44, 36
     "test_faults.py",
-    "test_search.py",
-    "test_serve.py",
     "test_ray.py",
     "test_report.py",
+    "test_serve.py",
     "test_validation_cli.py",
-    "test_models.py",
+    "test_search.py",
     "test_run.py",
-    "test_world.py",
     "test_remote.py",
+    "test_models.py",
     "test_sdxl.py",
     "test_mlflow_server.py",
+    "test_world.py",
 ]
 
 
