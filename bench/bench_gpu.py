@@ -16,6 +16,11 @@ layers; the sweep is 6 blends (a, b, a+b at strengths 0.5 and 1) x N seeds, meas
             tracking: PNG with text chunks, results journal, an MLflow child run + artifact per image
 (d) runner with tracking=none
 (e) --compile: (c) with engine.compile=true; its first batch pays the warm-up
+(f) fused vs unfused at full size: the first seed of every blend again with engine.fuse_loras=false,
+    and without LoRAs; the pixels of (c) and (f) may differ by rounding, at most 10% of what the
+    blend itself changes (the CPU test, tests/test_fast_path.py, checks the same on the tiny model)
+Then tests/test_gpu.py (the CUDA-only tests; --skip-tests to leave them out). The exit status is 1
+when (f) or a test fails.
 
 images/s counts from "pipeline loaded" to "last image done" (for the runner: written and logged).
 TFLOP/s = images/s x FLOPs per image (counted with torch's FlopCounterMode: 30 steps x UNet on the
@@ -41,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_runner import bare_loop, naive_loop  # noqa: E402
 
 H100_BF16_PEAK = 989e12
+FUSE_TOLERANCE = 0.1  # fused vs unfused pixels, as a fraction of the blend's own effect on them
 
 SD15 = {
     "size": 512,
@@ -176,7 +182,7 @@ def build_pipeline(family: str, folder: Path, device: str = "cuda") -> None:
     torch.cuda.empty_cache()
 
 
-def sweep_file(folder: Path, family: str, seeds: int, name: str, first_seed: int = 0) -> Path:
+def sweep_file(folder: Path, family: str, seeds: int, name: str, first_seed: int = 0, baseline: bool = False) -> Path:
     import yaml
 
     size = (SD15 if family == "sd15" else SDXL)["size"]
@@ -194,6 +200,8 @@ def sweep_file(folder: Path, family: str, seeds: int, name: str, first_seed: int
         "grid": {"lora_model": ["a", "b", "a,b"], "lora_strength": [0.5, 1.0], "seed": {"start": first_seed, "count": seeds}},
         "max_images": 100000,
     }
+    if baseline:  # and each cell's no-LoRA image
+        sweep["report"] = {"baseline": True}
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(sweep, sort_keys=False))
     return path
@@ -295,6 +303,65 @@ def run_runner(cfg, n: int) -> dict:
     }
 
 
+def png_pixels(folder: Path, image_id: str):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(folder / "images" / f"{image_id}.png").convert("RGB"), dtype=np.int16)
+
+
+def fused_vs_unfused(folder: Path, family: str, work: Path, fused: Path) -> dict:
+    """(f) the first seed of every blend again, unfused (peft's adapters at every step), and without LoRAs.
+
+    Fused and unfused images of a blend have the same id: their pixels differ by rounding (bf16 weights,
+    other batch sizes), which must stay small beside what the blend itself does to the image (unfused
+    blend vs no LoRA, same seed): at most TOLERANCE of it, on average over the pixels.
+    """
+    import numpy as np
+    import pandas as pd
+
+    sweep = sweep_file(folder, family, 1, f"bench-{family}", baseline=True)
+    cfg = compose(folder, family, sweep, work / "out-f", "tracking=none", "engine.fuse_loras=false")
+    run = run_runner(cfg, 0)
+    unfused = Path(cfg.paths.outputs) / cfg.sweep.name
+    results = pd.read_parquet(unfused / "results.parquet").merge(pd.read_parquet(unfused / "plan.parquet")[["id", "lora_model"]], on="id")
+    assert set(results["status"]) == {"ok"}, results[results["status"] != "ok"][["id", "error"]]
+    plain = results[results["lora_model"] == ""]["id"]
+    assert len(plain) == 1, "one prompt, one seed: one image without LoRAs"
+    reference = png_pixels(unfused, plain.item())
+    differences, effects = [], []
+    for image_id in results[results["lora_model"] != ""]["id"]:
+        own = png_pixels(unfused, image_id)
+        differences.append(np.abs(png_pixels(fused, image_id) - own))
+        effects.append(np.abs(own - reference))
+    difference, effect = np.stack(differences), np.stack(effects)
+    ratio = float(difference.mean() / max(effect.mean(), 1e-9))
+    return {
+        "blends": len(differences),
+        "mean_abs_diff": float(difference.mean()),
+        "p99_abs_diff": float(np.percentile(difference, 99)),
+        "max_abs_diff": int(difference.max()),
+        "mean_blend_effect": float(effect.mean()),
+        "diff_of_effect": ratio,
+        "within_tolerance": ratio <= FUSE_TOLERANCE,
+        "unfused_lora_mode": run["lora_mode"],
+    }
+
+
+def run_gpu_tests() -> dict:
+    """tests/test_gpu.py (the CUDA-only checks: bf16 and fused defaults, the out-of-memory retry, compile) in a child."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("pytest") is None:
+        print("\npytest is not installed here: tests/test_gpu.py was not run", flush=True)
+        return {"ran": False}
+    print("\ntests/test_gpu.py:", flush=True)
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_gpu.py"]
+    return {"ran": True, "exit_code": subprocess.run(command, cwd=root).returncode}
+
+
 def bench_family(family: str, args, work: Path, peak: float) -> dict:
     import torch
     from diffusers import AutoPipelineForText2Image
@@ -344,6 +411,8 @@ def bench_family(family: str, args, work: Path, peak: float) -> dict:
         cfg_compiled = compose(folder, family, sweep, work / "out-e", "tracking=sqlite", "engine.compile=true")
         out["runner_compiled"] = run_runner(cfg_compiled, n)
         print(f"[{family}] (e) runner, compiled: {out['runner_compiled']}", flush=True)
+    out["fused_vs_unfused"] = fused_vs_unfused(folder, family, work, Path(cfg.paths.outputs) / cfg.sweep.name)
+    print(f"[{family}] (f) fused vs unfused: {out['fused_vs_unfused']}", flush=True)
     for key in ("bare", "naive", "runner", "runner_untracked", "runner_compiled"):
         if key in out:
             tflops = out[key]["images_per_s"] * out["flops_per_image"]
@@ -379,6 +448,12 @@ def print_table(results: list[dict], peak: float) -> None:
             )
         tracked, untracked = r["runner"]["images_per_s"], r["runner_untracked"]["images_per_s"]
         print(f"tracking cost: {1 - tracked / untracked:+.1%} (tracked vs tracking=none, same run)")
+        f = r["fused_vs_unfused"]
+        print(
+            f"fused vs unfused ({f['blends']} blends, first seed): mean |diff| {f['mean_abs_diff']:.2f}, p99 {f['p99_abs_diff']:.0f}, "
+            f"max {f['max_abs_diff']} of 255; the blends change the image by {f['mean_blend_effect']:.2f} on average: "
+            f"{f['diff_of_effect']:.1%} of it, {'within' if f['within_tolerance'] else 'OUTSIDE'} the tolerance ({FUSE_TOLERANCE:.0%})"
+        )
 
 
 def main() -> None:
@@ -388,6 +463,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also run (e): engine.compile=true")
     parser.add_argument("--json", default=None, help="write every figure here")
     parser.add_argument("--skip-naive", action="store_true", help="leave out (b)")
+    parser.add_argument("--skip-tests", action="store_true", help="do not run tests/test_gpu.py after the benchmark")
     args = parser.parse_args()
     import torch
 
@@ -402,6 +478,15 @@ def main() -> None:
             if args.json:
                 Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "peak": peak, "results": results}, indent=1))
     print_table(results, peak)
+    tests = {"ran": False} if args.skip_tests else run_gpu_tests()
+    if args.json:
+        figures = json.loads(Path(args.json).read_text())
+        Path(args.json).write_text(json.dumps(figures | {"gpu_tests": tests}, indent=1))
+    failed = [f"{r['family']}: fused vs unfused outside the tolerance" for r in results if not r["fused_vs_unfused"]["within_tolerance"]]
+    if tests.get("exit_code"):
+        failed.append("tests/test_gpu.py")
+    if failed:
+        sys.exit("failed: " + "; ".join(failed))
 
 
 if __name__ == "__main__":
