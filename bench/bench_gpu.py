@@ -274,7 +274,7 @@ def measured_matmul_peak() -> float:
     return 20 * 2 * 8192**3 / (time.perf_counter() - start)
 
 
-def run_runner(cfg, n: int) -> dict:
+def run_runner(cfg) -> dict:
     """`lora-sweep run` in this process; images/s over its generation window, time to the first PNG, peak memory."""
     import pandas as pd
     import torch
@@ -322,7 +322,7 @@ def fused_vs_unfused(folder: Path, family: str, work: Path, fused: Path) -> dict
 
     sweep = sweep_file(folder, family, 1, f"bench-{family}", baseline=True)
     cfg = compose(folder, family, sweep, work / "out-f", "tracking=none", "engine.fuse_loras=false")
-    run = run_runner(cfg, 0)
+    run = run_runner(cfg)
     unfused = Path(cfg.paths.outputs) / cfg.sweep.name
     results = pd.read_parquet(unfused / "results.parquet").merge(pd.read_parquet(unfused / "plan.parquet")[["id", "lora_model"]], on="id")
     assert set(results["status"]) == {"ok"}, results[results["status"] != "ok"][["id", "error"]]
@@ -402,14 +402,14 @@ def bench_family(family: str, args, work: Path, peak: float) -> dict:
     torch.cuda.empty_cache()
 
     # (c), (d) and (e): lora-sweep run in this process, each into a fresh outputs folder and MLflow store
-    out["runner"] = run_runner(cfg, n)
+    out["runner"] = run_runner(cfg)
     print(f"[{family}] (c) runner, full tracking: {out['runner']}", flush=True)
     cfg_none = compose(folder, family, sweep, work / "out-d", "tracking=none")
-    out["runner_untracked"] = run_runner(cfg_none, n)
+    out["runner_untracked"] = run_runner(cfg_none)
     print(f"[{family}] (d) runner, tracking=none: {out['runner_untracked']}", flush=True)
     if args.compile:
         cfg_compiled = compose(folder, family, sweep, work / "out-e", "tracking=sqlite", "engine.compile=true")
-        out["runner_compiled"] = run_runner(cfg_compiled, n)
+        out["runner_compiled"] = run_runner(cfg_compiled)
         print(f"[{family}] (e) runner, compiled: {out['runner_compiled']}", flush=True)
     out["fused_vs_unfused"] = fused_vs_unfused(folder, family, work, Path(cfg.paths.outputs) / cfg.sweep.name)
     print(f"[{family}] (f) fused vs unfused: {out['fused_vs_unfused']}", flush=True)

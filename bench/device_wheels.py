@@ -43,7 +43,10 @@ def missing_on_device(root: str = "lora-sweep") -> dict[str, str]:
         name = canonicalize_name(todo.pop())
         if name in found:
             continue
-        dist = metadata.distribution(name)
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            sys.exit(f"{name} is not installed here, so its version is unknown: run `pip install -e .` first")
         found[name] = dist.version
         for line in dist.requires or []:
             requirement = Requirement(line)
@@ -65,7 +68,10 @@ def main() -> None:
         if subprocess.run([*binary, *platforms, "-d", args.dest, pin], capture_output=True).returncode != 0:
             source_only.append(pin)
     for pin in source_only:  # pure-Python packages published as source only (antlr4-python3-runtime 4.9.3)
-        subprocess.run([*pip, "wheel", "-q", "--no-deps", "-w", args.dest, pin], check=True)
+        built = subprocess.run([*pip, "wheel", "-q", "--no-deps", "-w", args.dest, pin], capture_output=True, text=True)
+        if built.returncode != 0:
+            error = (built.stderr.strip().splitlines() or ["no output"])[-1]
+            sys.exit(f"{pin}: no wheel for CPython 3.12 on x86-64 could be downloaded or built ({error}); is the package index reachable?")
     wheels = sorted(Path(args.dest).glob("*.whl"))
     size = sum(w.stat().st_size for w in wheels) / 2**20
     print(f"{len(wheels)} wheels, {size:.0f} MB in {args.dest} ({len(source_only)} built from source: {', '.join(source_only) or 'none'})")

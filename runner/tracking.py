@@ -351,8 +351,11 @@ class Tracker:
     def log_images(self, items: list[tuple[Mapping[str, Any], Any, Path | None]], tags: Mapping[str, str]) -> None:
         """Log (row, result, png path) items: new runs of a database store with local artifacts in one transaction
         (`runner.tracking_sql`), anything else run by run through the client. Raises if MLflow cannot take them."""
-        fresh = [item for item in items if item[0]["id"] not in self.children] if self._bulk is not None else []
-        self._log_by_client([item for item in items if item[0]["id"] in self.children] if fresh else items, tags)
+        if self._bulk is None:
+            self._log_by_client(items, tags)
+            return
+        fresh = [item for item in items if item[0]["id"] not in self.children]
+        self._log_by_client([item for item in items if item[0]["id"] in self.children], tags)  # re-logged after a resume
         if not fresh:
             return
         try:
