@@ -110,7 +110,7 @@ def build_pipeline(family: str, folder: Path, device: str = "cuda") -> None:
     from peft.utils import get_peft_model_state_dict
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from runner.assets import byte_tokenizer, tiny_text_config
+    from runner.world.assets import byte_tokenizer, tiny_text_config
 
     spec = SD15 if family == "sd15" else SDXL
     torch.manual_seed(0)
@@ -212,8 +212,8 @@ def compose(folder: Path, family: str, sweep: Path, outputs: Path, *overrides: s
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from runner.cli import CONF_DIR, register_sweeps
-    from runner.config import register_configs
+    from runner.cli import register_sweeps
+    from runner.config import CONF_DIR, register_configs
 
     register_configs()
     GlobalHydra.instance().clear()

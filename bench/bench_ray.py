@@ -81,9 +81,10 @@ def driver_absorbs(count: int = 300, bulk: bool = True, uri: str | None = None) 
     from PIL import Image
 
     from runner.engines.base import ImageResult
+    from runner.image_file import png_bytes
     from runner.store import SweepStore
     from runner.tracking import Tracker
-    from runner.writer import BackgroundWriter, png_bytes
+    from runner.writer import BackgroundWriter
 
     rows = blend_rows(10, count // 10)
     rng = np.random.default_rng(0)
@@ -94,12 +95,10 @@ def driver_absorbs(count: int = 300, bulk: bool = True, uri: str | None = None) 
         store = SweepStore(Path(tmp) / "bench")
         store.acquire()
         if uri:  # a tracking server: its own artifact store
-            tracker = Tracker(uri, f"bench-{time.time_ns()}")
+            tracker = Tracker(uri, f"bench-{time.time_ns()}", bulk=bulk)
         else:
-            tracker = Tracker(f"sqlite:///{tmp}/mlflow.db", "bench", (Path(tmp) / "mlartifacts").as_uri())
+            tracker = Tracker(f"sqlite:///{tmp}/mlflow.db", "bench", (Path(tmp) / "mlartifacts").as_uri(), bulk=bulk)
         tracker.start_parent("bench", {}, {})
-        if not bulk:
-            tracker._bulk = None
         writer = BackgroundWriter(store, tracker, {r["id"]: r for r in records}, {}, {})
         started = time.perf_counter()
         for record, png in zip(records, pngs):
@@ -159,7 +158,7 @@ def group_sizes(blends: int, seeds: int, workers: int) -> list[int]:
 def main() -> None:
     import torch
 
-    from runner.assets import ensure_demo_assets
+    from runner.world.assets import ensure_demo_assets
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     assets = ensure_demo_assets(Path(tempfile.gettempdir()) / "lora-sweep-bench-assets")

@@ -29,11 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from runner.cli import CONF_DIR  # noqa: E402
-from runner.config import register_configs  # noqa: E402
-from runner.prepare import prepare_sweep  # noqa: E402
+from runner.config import (
+    CONF_DIR,  # noqa: E402
+    register_configs,  # noqa: E402
+)
 from runner.request import split_loras, split_strengths  # noqa: E402
-from runner.run import ensure_builtin_assets, run_sweep  # noqa: E402
+from runner.run import prepare_with_assets, run_sweep  # noqa: E402
 from runner.schedulers import load_scheduler  # noqa: E402
 
 # torch and the engine are imported in the functions that use them: the runner's writer process
@@ -158,10 +159,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_config(args, Path(tmp) / "outputs", "none" if args.tracking == "none" else "sqlite")
-        prepared = prepare_sweep(cfg)
-        if ensure_builtin_assets(cfg, prepared):
-            prepared = prepare_sweep(cfg)
-        assert prepared.ok, prepared.problems
+        prepared = prepare_with_assets(cfg)  # the demo's files copied first if the plan uses them
         plan = prepared.plan
         device = pick_device(args.device)
         dtype = pick_dtype("auto", device)

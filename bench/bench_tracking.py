@@ -46,14 +46,18 @@ def rows_and_images(n: int, size: int):
 def log_all(items, folder: Path, chart_images: bool, scores: bool, bulk: bool = False) -> float:
     import pandas as pd
 
+    from runner.image_file import png_bytes
     from runner.tracking import Tracker
-    from runner.writer import png_bytes
 
-    tracker = Tracker(f"sqlite:///{folder / 'mlflow.db'}", "bench", (folder / "artifacts").as_uri())
-    tracker.chart_images = chart_images
-    if not bulk:
-        tracker._bulk = None  # MLflow's client, run by run (and the scores image by image)
-    tracker.name_axes = ["lora_strength", "seed"]
+    # bulk=False: MLflow's client, run by run (and the scores image by image)
+    tracker = Tracker(
+        f"sqlite:///{folder / 'mlflow.db'}",
+        "bench",
+        (folder / "artifacts").as_uri(),
+        name_axes=["lora_strength", "seed"],
+        chart_images=chart_images,
+        bulk=bulk,
+    )
     tracker.start_parent("bench", {}, {})
     paths = []
     for row, result in items:  # the PNGs exist before logging, as in the writer

@@ -19,16 +19,27 @@ import contextlib
 import json
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
+import hydra
 import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
 
-from runner.request import did_you_mean
+from runner import folder_commands
+from runner.config import CONF_DIR, PROJECT_ROOT, Config, register_configs, sweep_folder
+from runner.errors import UserError, did_you_mean
+from runner.prepare import describe_plan, plan_or_fail
+from runner.run import run_sweep
+from runner.search import describe_search, is_search, prepare_search_or_fail
+from runner.server import serve
+from runner.store import atomic_write_parquet
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = PROJECT_ROOT / "conf"
 SWEEP_KEYS = ("name", "description", "base", "grid", "search", "report", "scores", "max_images")
 
 USAGE = """usage: lora-sweep COMMAND [overrides...]
@@ -66,7 +77,6 @@ def sweep_dirs() -> list[Path]:
 
 def load_sweep_file(path: Path) -> dict[str, Any]:
     """Read one sweep file, with a one-line error for what YAML or the schema would say at length."""
-    from runner.run import UserError
 
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -93,9 +103,6 @@ def register_sweeps(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
     Returns argv with file paths made names, and the selected sweep's content ({} when a multirun
     selects several: `-m sweep=demo,blends`). Selected files must be valid; others are skipped if not.
     """
-    from hydra.core.config_store import ConfigStore
-
-    from runner.run import UserError
 
     cs = ConfigStore.instance()
     value = next((a.split("=", 1)[1] for a in argv if a.startswith("sweep=")), "demo")
@@ -131,10 +138,6 @@ def register_sweeps(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
 
 
 def _hydra_command(command: str, argv: list[str]) -> None:
-    import hydra
-    from omegaconf import DictConfig
-
-    from runner.config import register_configs
 
     register_configs()
     argv, sweep = register_sweeps(argv)
@@ -144,16 +147,11 @@ def _hydra_command(command: str, argv: list[str]) -> None:
     precheck_composition(argv, "serve.name" if command == "serve" else "sweep.name")
 
     def task(cfg: DictConfig) -> None:
-        from runner.run import UserError
 
         try:
             if command == "serve":
-                from runner.server import serve
-
                 serve(cfg)
             elif command in ("run", "sync"):
-                from runner.run import run_sweep
-
                 summary = run_sweep(cfg, generate=command == "run")
                 if summary.interrupted:
                     sys.exit(130)
@@ -165,8 +163,6 @@ def _hydra_command(command: str, argv: list[str]) -> None:
             fail(exc.lines)
 
     if command == "run":  # SLURM and Kubernetes send SIGTERM before they kill: stop as Ctrl-C does
-        import signal
-
         signal.signal(signal.SIGTERM, interrupt_on_sigterm)
     os.environ["LORA_SWEEP_COMMAND"] = command  # named in --help's header (conf/config.yaml)
     sys.argv = [f"lora-sweep {command}", *flags_first(argv)]
@@ -228,10 +224,6 @@ def precheck_composition(argv: list[str], folder_key: str = "sweep.name") -> Non
     """
     if any(a.startswith("-") for a in argv):
         return
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from runner.run import UserError
 
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -240,7 +232,6 @@ def precheck_composition(argv: list[str], folder_key: str = "sweep.name") -> Non
         raise UserError(composition_error(exc)) from None
     finally:
         GlobalHydra.instance().clear()
-    from omegaconf import OmegaConf
 
     folder = Path(cfg.paths.outputs) / str(OmegaConf.select(cfg, folder_key))  # Hydra's run dir: it must be creatable
     try:
@@ -279,10 +270,6 @@ def composition_error(exc: BaseException) -> str:
     )
     hint = ""
     if key and "not in" in reason:  # an unknown setting: suggest its closest sibling
-        from omegaconf import DictConfig, OmegaConf
-
-        from runner.config import Config
-
         parent_key, _, name = key.rpartition(".")
         schema = OmegaConf.structured(Config)
         parent = OmegaConf.select(schema, parent_key) if parent_key else schema
@@ -311,20 +298,14 @@ def request_overrides(argv: list[str], sweep: dict[str, Any]) -> list[str]:
 
 
 def plan_command(cfg: Any) -> None:
-    from runner.run import UserError, describe_plan, plan_or_fail, sweep_folder
-    from runner.search import describe_search, is_search, prepare_search
 
     if is_search(cfg):  # the space's ends and choices, checked; the trials' rows exist only once Optuna asks
-        prepared, spec = prepare_search(cfg)
-        if prepared.problems or spec is None:
-            raise UserError(prepared.problems)
+        prepared, spec = prepare_search_or_fail(cfg)
         describe_search(prepared, spec, cfg, sys.stdout)
         return
     prepared = plan_or_fail(cfg)
     describe_plan(prepared, sys.stdout)
     folder = sweep_folder(cfg)
-    from runner.run import UserError
-    from runner.store import atomic_write_parquet
 
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -358,25 +339,18 @@ def folder_command(command: str, argv: list[str]) -> None:
     if any(a in ("-h", "--help") for a in argv) or len(positional) != 1:
         print(FOLDER_USAGE[command])
         sys.exit(0 if any(a in ("-h", "--help") for a in argv) else 2)
-    from runner import offline
-
     target = positional[0]
     if command == "report":
-        offline.report_folder(target)
+        folder_commands.report_folder(target)
     elif command == "score":
-        offline.score_folder(target, overrides)
+        folder_commands.score_folder(target, overrides)
     else:
-        identical = offline.reproduce(target, overrides, compose_config(overrides))
+        identical = folder_commands.reproduce(target, overrides, compose_config(overrides))
         sys.exit(0 if identical else 1)
 
 
 def compose_config(overrides: list[str]):
     """The project's config with overrides, as `run` would compose it (for commands outside hydra.main)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from runner.config import register_configs
-    from runner.run import UserError
 
     register_configs()
     overrides, _ = register_sweeps([o for o in overrides if not o.startswith("sweep.")])
@@ -396,7 +370,6 @@ def fail(lines: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from runner.run import UserError, run_environment_defaults
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -418,6 +391,23 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("interrupted; run the same command to continue where it stopped", file=sys.stderr)
         sys.exit(130)
+
+
+def run_environment_defaults() -> None:
+    """No hub traffic at run time, ever; libraries quiet unless asked. Set before any of them is imported."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. "requires torchvision" notes at import
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # one clear policy against a tracking server: a few quick retries, then the writer moves on
+    # and the next run back-fills what was not logged
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 
 if __name__ == "__main__":

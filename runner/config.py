@@ -8,12 +8,34 @@ one-line errors with "did you mean".
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
-from runner.engines.remote_policy import Policy
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = PROJECT_ROOT / "conf"  # the config groups Hydra composes (model/, engine/, tracking/, scores/, config.yaml)
+SECRET_KEY = re.compile(r"(^|_)(key|api_key|secret|token|password)$", re.IGNORECASE)
+
+
+# the remote engine's timeouts and retries: plain data, shared by the schema (engine.*) and the client
+@dataclass
+class Policy:
+    """Timeouts and retries; seconds. Tests shrink them, users rarely need to."""
+
+    request_timeout_s: float = 60.0
+    deadline_s: float = 300.0
+    eta_min_s: float = 1.0
+    eta_max_s: float = 10.0
+    poll_initial_s: float = 3.0
+    poll_max_s: float = 10.0
+    backoff_initial_s: float = 5.0
+    backoff_max_s: float = 80.0
+    max_rate_limit_retries: int = 8
+    max_transient_retries: int = 5
 
 
 @dataclass
@@ -219,3 +241,22 @@ class Config:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="lora_sweep_schema", node=Config)
+
+
+def redact(config: Any) -> Any:
+    """The config with every secret-looking value replaced, for saving and logging."""
+    if isinstance(config, dict):
+        # secrets are strings: `serve.max_queued_per_key: 5` is a number, not a key
+        return {k: ("***" if SECRET_KEY.search(str(k)) and isinstance(v, str) and v else redact(v)) for k, v in config.items()}
+    if isinstance(config, list):
+        return [redact(v) for v in config]
+    return config
+
+
+def config_yaml(cfg: DictConfig) -> str:
+    """The composed config as saved in the sweep folder (config.yaml) and on the MLflow parent: secrets redacted."""
+    return OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(cfg, resolve=True))))
+
+
+def sweep_folder(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.outputs) / cfg.sweep.name

@@ -31,16 +31,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from runner.errors import Problem, did_you_mean
 from runner.request import (
     FIELDS,
     LIMITED_FIELDS,
     NOT_IN_ID,
     SECRET_FIELDS,
     Limits,
-    Problem,
     blend_label,
     canonical_strengths,
-    did_you_mean,
     field_limit_problems,
     format_number,
     lora_problems,
@@ -307,33 +306,89 @@ def build_plan(
     """Expand and parse every row; rows get ids from `with_ids` once the files are hashed.
 
     Vectorised: each axis value is parsed and checked once, rows are index arrays into the axes
-    (numpy), and the text hashed for derived seeds is assembled column by column, so a million rows
-    take seconds (bench/bench_plan.py). The rows, their order and the problems are what expanding
-    the grid row by row and calling `parse_request` on each gives (`expand_grid`; tests/test_plan.py).
+    (numpy), each column is built once from its distinct values, and the text hashed for derived
+    seeds is assembled column by column, so a million rows take seconds (bench/bench_plan.py). The
+    rows, their order and the problems are what expanding the grid row by row and calling
+    `parse_request` on each gives (`expand_grid`; tests/test_plan.py).
 
     `baseline` adds, for every row with LoRAs, the same row without them (`report.baseline: true`),
     the reference `lora_effect` is measured against. Raises PlanError when the grid itself cannot be
     read; row problems are returned, counted.
+
+    Phases: the axes (`_grid_axes`), crossed with the strengths of each blend (`_expand_rows`), the
+    baseline rows (`_with_baseline`), problems of the base request itself (`_base_problems`), every
+    field but the blend parsed and checked (`_parse_fields`), the blend with its strengths
+    (`_parse_blends`), then seeds and samples (`_first_seeds`, `_plan_frame`).
     """
-    axes = _grid_axes(grid)
-    strength_spec = grid.get("lora_strength", _MISSING)
+    rows = _expand_rows(base, _grid_axes(grid), grid.get("lora_strength", _MISSING))
+    if baseline:
+        rows = _with_baseline(rows)
+    fields, field_problems = _parse_fields(rows, default_model_id, limits)
+    blends, blend_problems = _parse_blends(rows, limits)
+    problems = _base_problems(base, rows.n) + field_problems + blend_problems
+    if problems:
+        return PlanResult(pd.DataFrame(), _counted(problems))
+    columns = {**fields, **blends}
+    given, first_seed = _first_seeds(columns)
+    return PlanResult(_plan_frame(columns, given, first_seed), [])
+
+
+_Found = tuple[tuple[int, int, int], str, int]  # ((first row, phase, position), problem text, rows that have it)
+
+
+@dataclass(frozen=True)
+class _Column:
+    """A plan column as its distinct values (parsed) and each row's index into them: built once, at the end."""
+
+    values: list[Any]
+    codes: np.ndarray
+
+    def take(self, rows: np.ndarray | None = None) -> Any:
+        """The column for `rows` (an index into this column's rows; None: all of them, in order)."""
+        return take_column(self.values, self.codes if rows is None else self.codes[rows])
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """The plan's rows before parsing: per row, the index of its value on every axis and of its lora_strength option."""
+
+    base: Mapping[str, Any]
+    axes: list[tuple[tuple[str, ...], list[dict[str, Any]]]]
+    provider: dict[str, int]  # field -> the axis that sets it (the last one naming it)
+    codes: list[np.ndarray]  # axis -> the value index of each row
+    options: list[Any]  # the lora_strength options of every blend, one blend after the other
+    strength: np.ndarray  # row -> its index into options
+    lora: np.ndarray  # row -> its blend names LoRAs
+    plain: np.ndarray  # row -> a no-LoRA copy added by the baseline
+
+    @property
+    def n(self) -> int:
+        return len(self.strength)
+
+    def raw_values(self, name: str) -> list[Any]:
+        """The loose values a field takes: one per value of the axis that sets it, else the base's one."""
+        if name in self.provider:
+            return [a.get(name) for a in self.axes[self.provider[name]][1]]
+        return [self.base[name] if name in self.base else FIELDS[name].default] if name in FIELDS else [self.base.get(name)]
+
+    def value_codes(self, name: str) -> np.ndarray:
+        """Each row's index into raw_values(name)."""
+        return self.codes[self.provider[name]] if name in self.provider else np.zeros(self.n, dtype=np.int64)
+
+
+def _expand_rows(base: Mapping[str, Any], axes: list[tuple[tuple[str, ...], list[dict[str, Any]]]], strength_spec: Any) -> _Rows:
+    """The axes crossed (first axis slowest), each row then repeated over its blend's lora_strength options, innermost.
+
+    The options depend on the blend (per-LoRA strengths), so they are found once per distinct
+    (blend, base strength) pair and every row indexes into them, as expand_grid nests them.
+    """
     sizes = [len(assignments) for _, assignments in axes]
     total = math.prod(sizes)
-    codes = _product_codes(sizes, total)  # axis -> the value index of each row
-    provider = {name: k for k, (names, _) in enumerate(axes) for name in names}  # the last axis naming a field sets it
-
-    def raw_values(name: str) -> list[Any]:
-        """The loose values a field takes: one per value of the axis that sets it, else the base's one."""
-        if name in provider:
-            return [a.get(name) for a in axes[provider[name]][1]]
-        return [base[name] if name in base else FIELDS[name].default] if name in FIELDS else [base.get(name)]
-
-    def row_codes(name: str) -> np.ndarray:
-        return codes[provider[name]] if name in provider else np.zeros(len(codes[0]) if codes else total, dtype=np.int64)
-
-    # lora_strength is expanded per blend, innermost: (blend value, base strength value) -> its options
-    blend_values, base_strengths = raw_values("lora_model"), raw_values("lora_strength")
-    pair = row_codes("lora_model") * len(base_strengths) + row_codes("lora_strength")
+    provider = {name: k for k, (names, _) in enumerate(axes) for name in names}
+    none = np.zeros(total, dtype=bool)
+    crossed = _Rows(base, axes, provider, _product_codes(sizes, total), [], np.zeros(total, dtype=np.int64), none, none)
+    blend_values, base_strengths = crossed.raw_values("lora_model"), crossed.raw_values("lora_strength")
+    pair = crossed.value_codes("lora_model") * len(base_strengths) + crossed.value_codes("lora_strength")
     unique_pairs, pair_of_row = np.unique(pair, return_inverse=True)
     options: list[Any] = []
     option_start, option_count, has_loras = [], [], []
@@ -347,24 +402,20 @@ def build_plan(
         option_count.append(len(found))
         has_loras.append(bool(blend))
         options += found
-    counts = np.asarray(option_count)[pair_of_row]
+    counts = np.asarray(option_count, dtype=np.int64)[pair_of_row]
+    strength = np.asarray(option_start, dtype=np.int64)[pair_of_row]
+    lora = np.asarray(has_loras, dtype=bool)[pair_of_row]
+    if (counts == 1).all():  # one option per row: the rows stay as crossed
+        return _Rows(base, axes, provider, crossed.codes, options, strength, lora, np.zeros(total, dtype=bool))
     rows = np.repeat(np.arange(total), counts)
     within = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
-    codes = [c[rows] for c in codes]
-    strength_code = np.asarray(option_start)[pair_of_row][rows] + within
-    lora_rows = np.asarray(has_loras)[pair_of_row][rows]
-    plain = np.zeros(len(rows), dtype=bool)
-    if baseline:
-        codes, strength_code, plain = _with_baseline(axes, codes, strength_code, lora_rows, blend_values, row_codes_fn=provider)
-    n = len(strength_code)
+    codes = [c[rows] for c in crossed.codes]
+    return _Rows(base, axes, provider, codes, options, strength[rows] + within, lora[rows], np.zeros(len(rows), dtype=bool))
 
-    problems: list[tuple[tuple[int, int, int], str, int]] = []  # (first row, phase, position), text, rows
 
-    def report(found: list[Problem], value_rows: np.ndarray, phase: int, position: int) -> None:
-        if found:
-            first, count = int(np.argmax(value_rows)), int(value_rows.sum())
-            problems.extend(((first, phase, position), str(problem), count) for problem in found)
-
+def _base_problems(base: Mapping[str, Any], n: int) -> list[_Found]:
+    """Secrets and unknown fields of the base request: on every row, before anything else (as parse_request lists them)."""
+    problems: list[_Found] = []
     for position, name in enumerate(base):
         if name in SECRET_FIELDS:
             why = Problem(
@@ -374,12 +425,25 @@ def build_plan(
         elif name not in FIELDS:
             why = Problem(name, "unknown request field", did_you_mean(name, FIELDS) or f"known fields: {', '.join(FIELDS)}")
             problems.append(((0, 0, position), str(why), n))
+    return problems
 
-    columns: dict[str, np.ndarray] = {}
+
+def _report(found: Sequence[Problem], value_rows: np.ndarray, phase: int, position: int) -> list[_Found]:
+    """Problems of one distinct value, placed at the first row that has it and counted over all of them."""
+    if not found:
+        return []
+    first, count = int(np.argmax(value_rows)), int(value_rows.sum())
+    return [((first, phase, position), str(problem), count) for problem in found]
+
+
+def _parse_fields(rows: _Rows, default_model_id: str, limits: Limits) -> tuple[dict[str, _Column], list[_Found]]:
+    """Every request field but the blend, parsed and limit-checked once per distinct loose value (a million rows, few values)."""
+    columns: dict[str, _Column] = {}
+    problems: list[_Found] = []
     for position, name in enumerate(FIELDS):
         if name in ("lora_model", "lora_strength"):
             continue
-        values, value_codes = raw_values(name), (codes[provider[name]] if name in provider else np.zeros(n, dtype=np.int64))
+        values, value_codes = rows.raw_values(name), rows.value_codes(name)
         if name == "model_id":
             values = [default_model_id if v in (None, "") else v for v in values]
         parsed = []
@@ -389,14 +453,19 @@ def build_plan(
             limit = field_limit_problems(name, result, limits) if problem is None and name in LIMITED_FIELDS else []
             if problem is not None or limit:
                 used = value_codes == index
-                report([problem] if problem else [], used, 1, position)
-                report(limit, used, 2, LIMITED_FIELDS.index(name) if name in LIMITED_FIELDS else 0)
-        columns[name] = _take(parsed, value_codes)
+                problems += _report([problem] if problem else [], used, 1, position)
+                problems += _report(limit, used, 2, LIMITED_FIELDS.index(name) if name in LIMITED_FIELDS else 0)
+        columns[name] = _Column(parsed, value_codes)
+    return columns, problems
 
-    # the blend and its strengths, checked together per distinct pair
-    blend_code = np.where(plain, len(blend_values), codes[provider["lora_model"]] if "lora_model" in provider else 0)
-    strength_code = np.where(plain, len(options), strength_code)
+
+def _parse_blends(rows: _Rows, limits: Limits) -> tuple[dict[str, _Column], list[_Found]]:
+    """lora_model, lora_strength and the blend label: parsed and checked together, once per distinct (blend, strength) pair."""
+    blend_values, options = rows.raw_values("lora_model"), rows.options
+    blend_code = np.where(rows.plain, len(blend_values), rows.value_codes("lora_model"))
+    strength_code = np.where(rows.plain, len(options), rows.strength)
     pairs, pair_index = np.unique(blend_code * (len(options) + 1) + strength_code, return_inverse=True)
+    problems: list[_Found] = []
     lora_texts, strength_texts, labels = [], [], []
     for index, code in enumerate(pairs.tolist()):
         blend_raw = "" if code // (len(options) + 1) == len(blend_values) else blend_values[code // (len(options) + 1)]
@@ -406,41 +475,50 @@ def build_plan(
         found = lora_problems(lora_model, strengths, limits)
         if lora_problem or strength_problem or found:
             used = pair_index == index
-            report([lora_problem] if lora_problem else [], used, 1, list(FIELDS).index("lora_model"))
-            report([strength_problem] if strength_problem else [], used, 1, list(FIELDS).index("lora_strength"))
-            report(found, used, 3, 0)
+            problems += _report([lora_problem] if lora_problem else [], used, 1, list(FIELDS).index("lora_model"))
+            problems += _report([strength_problem] if strength_problem else [], used, 1, list(FIELDS).index("lora_strength"))
+            problems += _report(found, used, 3, 0)
         strength_text = canonical_strengths(lora_model, strengths)
         lora_texts.append(lora_model)
         strength_texts.append(strength_text)
         labels.append(blend_label(lora_model, strength_text))
-    if problems:
-        return PlanResult(pd.DataFrame(), _counted(problems))
-    columns["lora_model"] = _take(lora_texts, pair_index)
-    columns["lora_strength"] = _take(strength_texts, pair_index)
-    blend = _take(labels, pair_index)
+    columns = {"lora_model": _Column(lora_texts, pair_index), "lora_strength": _Column(strength_texts, pair_index)}
+    return columns | {"blend": _Column(labels, pair_index)}, problems
 
-    # seeds: given, or derived from the row itself; `samples` spreads each over seed..seed+N-1
-    seeds = columns["seed"]
-    given = np.array([s is not None for s in seeds.tolist()], dtype=bool) if seeds.dtype == object else np.ones(n, dtype=bool)
-    first_seed = np.zeros(n, dtype=np.int64)
-    if given.any():
-        first_seed[given] = np.asarray(seeds[given], dtype=np.int64)
+
+def _first_seeds(columns: Mapping[str, _Column]) -> tuple[np.ndarray, np.ndarray]:
+    """(seed given, first seed) per row: the row's seed, or for `seed: null` one drawn from the row itself (`derived_seed`)."""
+    seed = columns["seed"]
+    given = np.asarray([v is not None for v in seed.values], dtype=bool)[seed.codes]
+    first_seed = np.asarray([0 if v is None else v for v in seed.values], dtype=np.int64)[seed.codes]
     if not given.all():
-        first_seed[~given] = derived_seeds({k: v[~given] for k, v in columns.items()})
-    samples = np.asarray(columns["samples"], dtype=np.int64)
-    repeat = np.repeat(np.arange(n), samples)
-    sample = np.arange(len(repeat)) - np.repeat(np.cumsum(samples) - samples, samples)
+        first_seed[~given] = _derived_seeds(columns, np.flatnonzero(~given))
+    return given, first_seed
+
+
+def _plan_frame(columns: Mapping[str, _Column], given: np.ndarray, first_seed: np.ndarray) -> pd.DataFrame:
+    """The plan as a DataFrame: `samples: N` spread over N rows with seeds seed..seed+N-1, each column built once."""
+    samples = columns["samples"]
+    per_row = np.asarray(samples.values, dtype=np.int64)[samples.codes]
+    if (per_row == 1).all():  # the usual case: the rows stay as they are
+        repeat, sample = None, np.zeros(len(per_row), dtype=np.int64)
+    else:
+        repeat = np.repeat(np.arange(len(per_row)), per_row)
+        sample = np.arange(len(repeat)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+    n = len(sample)
     frame = {
-        "id": np.full(len(repeat), "", dtype=object),
-        "blend": blend[repeat],
+        "id": take_column([""], np.zeros(n, dtype=np.int64)),
+        "blend": columns["blend"].take(repeat),
         "sample": sample,
-        "seed_source": np.where(given[repeat], "given", "derived").astype(object),
+        "seed_source": take_column(["derived", "given"], (given if repeat is None else given[repeat]).astype(np.int64)),
     }
     for name in FIELDS:
-        frame[name] = columns[name][repeat]
-    frame["seed"] = (first_seed[repeat] + sample) % 2**32
-    frame["samples"] = np.ones(len(repeat), dtype=np.int64)
-    return PlanResult(pd.DataFrame(frame, columns=[*PLAN_COLUMNS, *FIELDS]), [])
+        if name not in ("seed", "samples"):
+            frame[name] = columns[name].take(repeat)
+    frame["seed"] = ((first_seed if repeat is None else first_seed[repeat]) + sample) % 2**32
+    frame["samples"] = np.ones(n, dtype=np.int64)
+    # copy=False: the columns are new arrays already; pandas keeps them as they are instead of copying them into blocks
+    return pd.DataFrame(frame, columns=[*PLAN_COLUMNS, *FIELDS], copy=False)
 
 
 def _grid_axes(grid: Mapping[str, Any]) -> list[tuple[tuple[str, ...], list[dict[str, Any]]]]:
@@ -476,36 +554,43 @@ def _product_codes(sizes: list[int], total: int) -> list[np.ndarray]:
     return codes
 
 
-def _with_baseline(axes, codes, strength_code, lora_rows, blend_values, row_codes_fn):
+def _with_baseline(rows: _Rows) -> _Rows:
     """Add, after all rows, the no-LoRA copy of every row with LoRAs that the plan does not have yet."""
     lora_fields = {"lora_model", "lora_strength"}
-    n = len(strength_code)
-    key = np.zeros(n, dtype=np.int64)
-    for k, (names, assignments) in enumerate(axes):
+    n = rows.n
+    key = np.zeros(n, dtype=np.int64)  # the row without its blend: equal keys, equal no-LoRA rows
+    for k, (names, assignments) in enumerate(rows.axes):
         other = [name for name in names if name not in lora_fields]
         if not other:
             continue
-        texts = [json.dumps({name: a.get(name) for name in other}, sort_keys=True, default=str) for a in assignments]
-        first = {}
+        plain_values = [a.get(other[0]) for a in assignments] if len(other) == 1 else []
+        if plain_values and all(type(v) in (int, str, bool, type(None)) for v in plain_values):
+            texts: list[Any] = [(type(v), v) for v in plain_values]  # equal as JSON exactly when equal with their type
+        else:
+            texts = [json.dumps({name: a.get(name) for name in other}, sort_keys=True, default=str) for a in assignments]
+        first: dict[Any, int] = {}
         content = np.asarray([first.setdefault(t, i) for i, t in enumerate(texts)], dtype=np.int64)
-        key = key * len(assignments) + content[codes[k]]
-    blend_axis = row_codes_fn.get("lora_model")
-    if blend_axis is not None:
-        empty = np.asarray([v == "" for v in blend_values], dtype=bool)[codes[blend_axis]]
-    else:
-        empty = np.full(n, blend_values[0] == "", dtype=bool)
-    existing = set(np.unique(key[empty & ~lora_rows]).tolist())
-    candidates = np.flatnonzero(lora_rows)
+        key = key * len(assignments) + content[rows.codes[k]]
+    empty = np.asarray([v == "" for v in rows.raw_values("lora_model")], dtype=bool)[rows.value_codes("lora_model")]
+    existing = np.unique(key[empty & ~rows.lora])
+    candidates = np.flatnonzero(rows.lora)
     _, first = np.unique(key[candidates], return_index=True)
     new_rows = np.sort(candidates[first])
-    new_rows = np.asarray([r for r in new_rows.tolist() if int(key[r]) not in existing], dtype=np.int64)
-    codes = [np.concatenate([c, c[new_rows]]) for c in codes]
-    strength_code = np.concatenate([strength_code, np.zeros(len(new_rows), dtype=strength_code.dtype)])
-    plain = np.concatenate([np.zeros(n, dtype=bool), np.ones(len(new_rows), dtype=bool)])
-    return codes, strength_code, plain
+    new_rows = new_rows[~np.isin(key[new_rows], existing)]
+    added = len(new_rows)
+    return _Rows(
+        rows.base,
+        rows.axes,
+        rows.provider,
+        [np.concatenate([c, c[new_rows]]) for c in rows.codes],
+        rows.options,
+        np.concatenate([rows.strength, np.zeros(added, dtype=rows.strength.dtype)]),
+        np.concatenate([rows.lora, np.zeros(added, dtype=bool)]),
+        np.concatenate([np.zeros(n, dtype=bool), np.ones(added, dtype=bool)]),
+    )
 
 
-def _take(values: list[Any], codes: np.ndarray) -> Any:
+def take_column(values: list[Any], codes: np.ndarray) -> Any:
     """values[codes] as a column: numpy ints, floats or bools, pandas strings, else numpy objects."""
     kinds = {type(v) for v in values}
     if kinds <= {bool}:
@@ -519,6 +604,8 @@ def _take(values: list[Any], codes: np.ndarray) -> Any:
     else:
         array = np.empty(len(values), dtype=object)
         array[:] = values
+    if len(array) == 1 and array.dtype != object:
+        return np.full(len(codes), array[0], dtype=array.dtype)  # one value: no gather
     return array[codes]
 
 
@@ -537,7 +624,15 @@ def json_texts(fragments: list[tuple[str, list[str], np.ndarray | None]], n: int
 
     `fragments`: (key, value texts, codes into them, or None for one value in every row), in key
     order; a value text of None leaves the key out of that row. Constant keys are joined once.
+    What `_row_digests` hashes, without its chunks (for reading and for tests).
     """
+    pieces = _json_pieces(fragments, item_sep, key_sep)
+    columns = [itertools.repeat(p, n) if isinstance(p, str) else np.asarray(p[0], dtype=object)[p[1]].tolist() for p in pieces]
+    return list(map("".join, zip(*columns)))  # one join per row: no intermediate strings
+
+
+def _json_pieces(fragments: list[tuple[str, list[str | None], np.ndarray | None]], item_sep: str, key_sep: str) -> list[Any]:
+    """The JSON text of a row as pieces: constant text, or (texts, codes) where rows differ; a constant follows every part."""
     pieces: list[Any] = []
     literal = "{"
     first_key = True
@@ -549,33 +644,126 @@ def json_texts(fragments: list[tuple[str, list[str], np.ndarray | None]], n: int
                 first_key = False
             continue
         if any(t is None for t in texts):  # optional key: the separator goes with it
-            item = np.asarray([None if t is None else f"{lead}{json.dumps(key)}{key_sep}{t}" for t in texts], dtype=object)
-            item = np.where(item == None, "", item)  # noqa: E711 - elementwise
-            pieces += [literal, item[codes]]
+            pieces += [literal, (["" if t is None else f"{lead}{json.dumps(key)}{key_sep}{t}" for t in texts], codes)]
         else:
-            pieces += [literal + lead, np.asarray([f"{json.dumps(key)}{key_sep}{t}" for t in texts], dtype=object)[codes]]
+            pieces += [literal + lead, ([f"{json.dumps(key)}{key_sep}{t}" for t in texts], codes)]
             first_key = False
         literal = ""
     pieces.append(literal + "}")
-    columns = [itertools.repeat(piece, n) if isinstance(piece, str) else piece.tolist() for piece in pieces]
-    return list(map("".join, zip(*columns)))  # one join per row: no intermediate strings
+    return pieces
+
+
+_CHUNK = 1 << 16  # rows whose texts exist at once while hashing
+
+
+def _row_digests(fragments: list[tuple[str, list[str | None], np.ndarray | None]], n: int, item_sep: str, key_sep: str) -> np.ndarray:
+    """The first 8 bytes of sha256(json_texts(...)[row]) for every row, as an (n, 8) uint8 array.
+
+    A row's text is mostly what its cell shares with others: everything before the part with the
+    most distinct values (the seed, typically) is hashed once per distinct prefix, and each row only
+    hashes its own rest, on a copy of that hash state. Rows are hashed in chunks, so the million
+    texts never exist at once (they were 1 GB).
+    """
+    pieces = _json_pieces(fragments, item_sep, key_sep)
+    varying = [i for i, p in enumerate(pieces) if not isinstance(p, str)]
+    out = np.empty((n, 8), dtype=np.uint8)
+    if not varying or n == 0:
+        out[:] = np.frombuffer(hashlib.sha256("".join(pieces).encode()).digest()[:8], dtype=np.uint8)
+        return out
+    split = max(varying, key=lambda i: len(pieces[i][0]))
+    prefix, prefixes = _combined_codes([pieces[i][1] for i in varying if i < split], n)
+    if prefixes > n // 2:  # too many distinct prefixes to be worth it: hash whole texts
+        split, prefix, prefixes = varying[0], np.zeros(n, dtype=np.int64), 1
+    first_row = np.full(prefixes, n, dtype=np.int64)
+    np.minimum.at(first_row, prefix, np.arange(n, dtype=np.int64))
+    states = []
+    for row in first_row.tolist():
+        text = "".join(p if isinstance(p, str) else p[0][p[1][row]] for p in pieces[:split])
+        states.append(hashlib.sha256(text.encode()))
+    rest = _merged_pieces(pieces[split:])
+    for start in range(0, n, _CHUNK):
+        stop = min(n, start + _CHUNK)
+        parts = [texts[codes[start:stop]].tolist() for texts, codes in rest]
+        tails = parts[0] if len(parts) == 1 else list(map(b"".join, zip(*parts)))
+        if prefixes == 1:
+            state = states[0]
+            digests = [(h := state.copy()).update(t) or h.digest() for t in tails]  # update returns None
+        else:
+            digests = [(h := states[p].copy()).update(t) or h.digest() for p, t in zip(prefix[start:stop].tolist(), tails)]
+        out[start:stop] = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, 32)[:, :8]
+    return out
+
+
+def _merged_pieces(pieces: list[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Pieces that start with a varying part, as varying parts only (bytes, constant text folded into its neighbour)."""
+    merged = []
+    for piece in pieces:
+        if isinstance(piece, str):
+            texts, codes = merged[-1]
+            merged[-1] = ([t + piece for t in texts], codes)
+        else:
+            merged.append(piece)
+    return [(np.asarray([t.encode() for t in texts], dtype=object), codes) for texts, codes in merged]
+
+
+def _combined_codes(codes: list[np.ndarray], n: int) -> tuple[np.ndarray, int]:
+    """One code per row for the combination of several codes, numbered 0..k-1: (codes, k)."""
+    combined, count = np.zeros(n, dtype=np.int64), 1
+    for c in codes:
+        size = int(c.max()) + 1 if len(c) else 1
+        combined, count = _dense(combined * size + c, count * size)
+    return combined, count
+
+
+def _dense(key: np.ndarray, bound: int) -> tuple[np.ndarray, int]:
+    """key's distinct values (all below bound) renumbered 0..k-1 in increasing order: (codes, k), without a sort when bound is small."""
+    if bound <= 4 * len(key) + 1024:
+        seen = np.zeros(bound, dtype=bool)
+        seen[key] = True
+        return (np.cumsum(seen) - 1)[key], int(seen.sum())
+    unique, inverse = np.unique(key, return_inverse=True)
+    return inverse.astype(np.int64), len(unique)
 
 
 def derived_seeds(columns: Mapping[str, np.ndarray]) -> np.ndarray:
     """derived_seed for many parsed rows (seed null): the same sha256 of the same JSON text."""
-    n = len(next(iter(columns.values())))
+    return _derived_seeds({k: _Column(*_factorize(v)) for k, v in columns.items()}, None)
+
+
+def _derived_seeds(columns: Mapping[str, _Column], rows: np.ndarray | None) -> np.ndarray:
+    """derived_seed of `rows` (None: all), from each column's distinct values: the same sha256 of the same JSON text."""
     keys = sorted(k for k in FIELDS if k not in NOT_IN_ID and k != "seed")
     fragments = []
     for key in keys:
-        uniques, codes = _factorize(columns[key])
-        fragments.append((key, [json.dumps(v, default=str) for v in uniques], codes))
-    texts = json_texts(fragments, n, ", ", ": ")
-    return np.asarray([int.from_bytes(hashlib.sha256(t.encode()).digest()[:4], "big") for t in texts], dtype=np.int64)
+        column = columns[key]
+        values = [None if (v is None or (isinstance(v, float) and v != v) or v is pd.NA) else v for v in column.values]
+        fragments.append((key, _json_values(values, default=str), column.codes if rows is None else column.codes[rows]))
+    n = len(fragments[0][2])
+    digests = _row_digests(fragments, n, ", ", ": ")
+    return digests[:, :4].copy().view(">u4").ravel().astype(np.int64)
+
+
+def _json_values(values: list[Any], **options: Any) -> list[str]:
+    """json.dumps of each value; a column of ints (a million seeds) as json writes them, without a million calls."""
+    if all(type(v) is int for v in values):
+        return list(map(str, values))
+    return [json.dumps(v, **options) for v in values]
 
 
 def _factorize(column: Any) -> tuple[list[Any], np.ndarray]:
-    """(distinct values as Python objects with None for missing, codes per row)."""
-    codes, uniques = pd.factorize(pd.Series(column, copy=False), use_na_sentinel=False)
+    """(distinct values as Python objects with None for missing, codes per row); a column of one value is not hashed."""
+    series = pd.Series(column, copy=False)
+    n = len(series)
+    if n and series.dtype.kind in "biuf" and not (series.dtype.kind == "f" and series.isna().any()):
+        if (series.iloc[0] == series).all():  # numbers: one comparison instead of a hash table
+            return series.iloc[:1].tolist(), np.zeros(n, dtype=np.int64)
+    elif n and series.isna().all():
+        return [None], np.zeros(n, dtype=np.int64)
+    elif n and not series.isna().iloc[0] and series.dtype != object and (series == series.iloc[0]).all():
+        return series.iloc[:1].tolist(), np.zeros(n, dtype=np.int64)
+    codes, uniques = pd.factorize(series, use_na_sentinel=False)
+    if series.dtype.kind in "biu":  # no missing values possible
+        return uniques.tolist(), codes
     values = [None if (v is None or (isinstance(v, float) and v != v) or v is pd.NA) else v for v in uniques.tolist()]
     return values, codes
 
@@ -583,12 +771,22 @@ def _factorize(column: Any) -> tuple[list[Any], np.ndarray]:
 def with_ids(plan: pd.DataFrame, identity: Identity) -> tuple[pd.DataFrame, int]:
     """Give every row its id (`image_id`, column by column); rows that are the same image are kept once.
 
-    Returns (plan, dropped)."""
-    plan = plan.copy()
-    n = len(plan)
+    Returns (plan, dropped). The plan given is not changed.
+    """
+    digests = _row_digests(_id_fragments(plan, identity), len(plan), ",", ":")
+    key = digests.copy().view(np.uint64).ravel()  # the id is these 8 bytes in hex: equal ids, equal keys
+    duplicate = pd.Series(key, copy=False).duplicated(keep="first").to_numpy()
+    plan = plan.assign(id=_hex_ids(digests))
+    if duplicate.any():
+        plan = plan[~duplicate]
+    return plan.reset_index(drop=True), int(duplicate.sum())
+
+
+def _id_fragments(plan: pd.DataFrame, identity: Identity) -> list[tuple[str, list[str | None], np.ndarray | None]]:
+    """The pieces of image_id's JSON text, per key in sorted order: the text of each distinct value and each row's code."""
     compact = (",", ":")
     keys = sorted([k for k in FIELDS if k not in NOT_IN_ID and k not in ("lora_model", "lora_strength")] + ["loras", "engine", "files"])
-    fragments = []
+    fragments: list[tuple[str, list[str | None], np.ndarray | None]] = []
     for key in keys:
         if key == "engine":
             fragments.append((key, [json.dumps(dict(identity.engine), sort_keys=True, separators=compact, default=str)], None))
@@ -616,12 +814,22 @@ def with_ids(plan: pd.DataFrame, identity: Identity) -> tuple[pd.DataFrame, int]
             fragments.append((key, texts, codes))
         else:
             uniques, codes = _factorize(plan[key])
-            fragments.append((key, [json.dumps(v, sort_keys=True, separators=compact, default=str) for v in uniques], codes))
-    texts = json_texts(fragments, n, ",", ":")
-    sha256 = hashlib.sha256
-    plan["id"] = [sha256(t.encode()).hexdigest()[:16] for t in texts]
-    deduped = plan.drop_duplicates("id", keep="first").reset_index(drop=True)
-    return deduped, n - len(deduped)
+            fragments.append((key, _json_values(uniques, sort_keys=True, separators=compact, default=str), codes))
+    return fragments
+
+
+def _hex_ids(digests: np.ndarray) -> Any:
+    """(n, 8) bytes -> n ids of 16 hex digits (hexdigest()[:16]), as a string column built without a million str objects."""
+    nibbles = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+    text = np.empty((len(digests), 16), dtype=np.uint8)
+    text[:, 0::2], text[:, 1::2] = nibbles[digests >> 4], nibbles[digests & 15]
+    if pd.Series([""]).dtype == object:  # pandas without its arrow string default: a column of str objects
+        return text.view("S16").ravel().astype("U16").tolist()
+    import pyarrow as pa
+
+    offsets = np.arange(0, 16 * (len(text) + 1), 16, dtype=np.int64)
+    ids = pa.LargeStringArray.from_buffers(len(text), pa.py_buffer(offsets), pa.py_buffer(text))
+    return pd.array(ids, dtype=pd.Series([""]).dtype)
 
 
 def _files_fragments(plan: pd.DataFrame, identity: Identity) -> tuple[list[str | None], np.ndarray]:
@@ -661,14 +869,28 @@ def shadowed_base_fields(base: Mapping[str, Any], grid: Mapping[str, Any]) -> li
 
 def varying_fields(plan: pd.DataFrame) -> list[str]:
     """The request fields that take more than one value in the plan (the sweep's real axes)."""
-    return [c for c in FIELDS if c in plan and plan[c].nunique(dropna=False) > 1]
+    return [c for c in FIELDS if c in plan and not _one_value(plan[c])]
+
+
+def _one_value(column: pd.Series) -> bool:
+    """Whether a column holds one value at most (missing counts as a value): one comparison, not a hash table, when it does."""
+    if len(column) < 2:
+        return True
+    missing = column.isna()
+    if missing.all():
+        return True
+    if missing.iloc[0] or column.dtype == object:
+        return column.nunique(dropna=False) <= 1
+    return bool((column == column.iloc[0]).all())
 
 
 def summarize(plan: pd.DataFrame) -> dict[str, Any]:
+    """Rows, distinct blends, the varying fields with their number of values, and the models: what `plan` prints."""
     axes = {c: plan[c].nunique(dropna=False) for c in varying_fields(plan)}
+    models = plan["model_id"].iloc[:1] if len(plan) and _one_value(plan["model_id"]) else plan.get("model_id", pd.Series())
     return {
         "rows": len(plan),
         "blends": plan["lora_model"].nunique() if len(plan) else 0,
         "axes": axes,
-        "models": sorted(plan["model_id"].unique()) if len(plan) else [],
+        "models": sorted(models.unique()) if len(plan) else [],
     }

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from runner.engines import capabilities
 from runner.engines.base import Capabilities
-from runner.plan import Identity, PlanError, build_plan, shadowed_base_fields, with_ids
+from runner.engines.factory import capabilities
+from runner.errors import Problem, UserError
+from runner.plan import Identity, PlanError, build_plan, shadowed_base_fields, summarize, with_ids
 from runner.registry import (
     CROSS_ATTENTION_WIDTHS,
     HashCache,
@@ -24,12 +25,14 @@ from runner.registry import (
     model_cross_attention_width,
     resolve_all,
 )
-from runner.request import Limits, Problem, split_loras
+from runner.request import Limits, split_loras
 from runner.validate import validate_plan
 
 
 @dataclass
 class PreparedSweep:
+    """A sweep ready to run: its plan with ids, the files it names (resolved and hashed), and what is wrong with it."""
+
     name: str
     plan: pd.DataFrame
     registry: Registry | None
@@ -42,6 +45,30 @@ class PreparedSweep:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def uses_demo_world(self) -> bool:
+        """A model, LoRA or scorer of the plan is the demo's tiny world (copied into paths.assets on first use)."""
+        files = self.registry.files().values() if self.registry is not None else ()
+        return any(r.builtin for group in files for r in group.values()) or any(e.builtin for e in self.scorers.values())
+
+
+def plan_or_fail(cfg: DictConfig) -> PreparedSweep:
+    """The validated plan, or a UserError with one line per problem (nothing is generated)."""
+    prepared = prepare_sweep(cfg)
+    if prepared.problems:
+        raise UserError(prepared.problems)
+    return prepared
+
+
+def describe_plan(prepared: PreparedSweep, out: TextIO) -> None:
+    """The plan's one-line summary and its warnings, as `plan` and `run` print them."""
+    info = summarize(prepared.plan)
+    axes = ", ".join(f"{k}={v}" for k, v in info["axes"].items()) or "none"
+    dup = f" ({prepared.duplicates} duplicate rows dropped)" if prepared.duplicates else ""
+    print(f"plan '{prepared.name}': {info['rows']} images, {info['blends']} distinct blends, axes: {axes}{dup}", file=out)
+    for warning in prepared.warnings:
+        print(f"warning: {warning}", file=out)
 
 
 def engine_identity(cfg: DictConfig) -> dict[str, Any]:

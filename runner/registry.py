@@ -18,9 +18,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from runner.assets import RECIPE_VERSION
 from runner.config import EmbeddingSource, LoraSource, ModelSource, VaeSource
-from runner.request import Problem
+from runner.errors import Problem, closest, did_you_mean
+from runner.world.assets import RECIPE_VERSION
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
@@ -381,6 +381,22 @@ class Registry:
         groups = {"models": self.models, "loras": self.loras, "vaes": self.vaes, "embeddings": self.embeddings}
         return groups | ({"upscaler": {"upscaler": self.upscaler}} if self.upscaler else {})
 
+    def identity(self) -> dict[str, dict[str, str]]:
+        """Each file's sha256 by registry name and id: the sweep folder's identity.json, to see files change between runs."""
+        return {kind: {k: v.sha256 for k, v in group.items()} for kind, group in self.files().items()}
+
+    def file_hashes(self) -> dict[str, str]:
+        """Each file's sha256 by `model:id`, `lora:id`...: what the PNG text chunks name (A1111's hashes)."""
+        return {f"{SINGULAR[kind]}:{k}": v.sha256 for kind, group in self.files().items() for k, v in group.items()}
+
+    def file_tags(self) -> dict[str, str]:
+        """`model.<id>.sha256` and `.short_hash` tags: every MLflow run of the sweep carries them."""
+        tags = {}
+        for kind, group in self.files().items():
+            for k, v in group.items():
+                tags |= {f"{SINGULAR[kind]}.{k}.sha256": v.sha256, f"{SINGULAR[kind]}.{k}.short_hash": v.short_hash}
+        return tags
+
 
 # the keys each registry entry may have: the fields of its dataclass in runner/config.py
 ENTRY_KEYS = {
@@ -389,12 +405,25 @@ ENTRY_KEYS = {
 }
 FIELD_OF = {"models": "model_id", "loras": "lora_model", "vaes": "vae", "embeddings": "embeddings_model"}
 WHAT = {"models": "model", "loras": "LoRA", "vaes": "VAE", "embeddings": "embeddings"}
+SINGULAR = {"models": "model", "loras": "lora", "vaes": "vae", "embeddings": "embeddings", "upscaler": "upscaler"}
+
+
+def changed_files(before: dict[str, dict[str, str]], now: dict[str, dict[str, str]]) -> list[str]:
+    """Lines naming each model, LoRA, VAE... whose file changed since the last run of this sweep."""
+    lines = []
+    for kind, group in now.items():
+        for name, sha in group.items():
+            old = before.get(kind, {}).get(name)
+            if old and sha and old != sha:
+                lines.append(
+                    f"{WHAT.get(kind, kind)} '{name}' changed on disk since the last run (sha256 {old[:10]} -> {sha[:10]}): "
+                    "its images get new ids and are generated again"
+                )
+    return lines
 
 
 def check_entry(registry: str, name: str, entry: Any) -> Problem | None:
     """A registry entry is a mapping with a `source` and known keys only."""
-    from runner.request import did_you_mean
-
     if not isinstance(entry, Mapping) or not isinstance(entry.get("source"), str) or not entry.get("source"):
         return Problem(f"{registry}.{name}", "needs a source (a path or hub id)", f"e.g. +{registry}.{name}={{source: /path/to/file}}")
     for key in entry:
@@ -485,8 +514,6 @@ def resolve_all(
 
 
 def _unknown(field: str, name: str, known: Mapping[str, Any], registry: str) -> Problem:
-    from runner.request import closest
-
     guess = closest(name, known)
     fix = f"did you mean '{guess}'?" if guess else f"add it under `{registry}:` in the config"
     return Problem(field, f"unknown {WHAT[registry]} id '{name}'", f"{fix} (known: {', '.join(known) or 'none'})")

@@ -9,25 +9,14 @@ No torch, no I/O.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from runner.errors import Problem, did_you_mean
+
 YES = {"yes", "y", "true", "1", "on"}
 NO = {"no", "n", "false", "0", "off", ""}
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with the input: which field, what is wrong, how to fix it."""
-
-    field: str
-    message: str
-    fix: str = ""
-
-    def __str__(self) -> str:
-        return f"{self.field}: {self.message}" + (f"; {self.fix}" if self.fix else "")
 
 
 @dataclass(frozen=True)
@@ -96,19 +85,6 @@ FIELDS: dict[str, FieldSpec] = {
 NOT_IN_ID = frozenset({"samples", "webhook", "track_id", "base64", "temp"})
 # Secrets the API carries in the body; never stored.
 SECRET_FIELDS = frozenset({"key", "api_key"})
-
-
-def closest(name: str, options: Iterable[str]) -> str | None:
-    """The option most like `name`, for "did you mean" hints."""
-    options = list(options)
-    lowered = {o.lower(): o for o in options}
-    match = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.5)
-    return lowered[match[0]] if match else None
-
-
-def did_you_mean(name: str, options: Iterable[str]) -> str:
-    guess = closest(name, options)
-    return f"did you mean '{guess}'?" if guess else ""
 
 
 def missing(value: Any) -> bool:

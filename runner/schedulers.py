@@ -11,7 +11,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
-from runner.request import did_you_mean
+from runner.errors import did_you_mean
 
 SPEC_SCHEDULERS: tuple[str, ...] = (
     "DDPMScheduler",

@@ -28,6 +28,8 @@ from typing import Any
 
 import pandas as pd
 
+from runner.errors import UserError
+
 RESULT_COLUMNS = [
     "id",
     "status",
@@ -251,3 +253,17 @@ class SweepStore:
     def failed_ids(self) -> set[str]:
         results = self.read_results()
         return set(results.loc[results["status"] == "failed", "id"])
+
+
+def locked_store(folder: str | os.PathLike, setting: str = "sweep.name") -> SweepStore:
+    """The sweep folder's store, locked for this process (one run per folder at a time), or one line saying why not."""
+    store = SweepStore(folder)
+    try:
+        store.acquire()
+    except SweepLocked as exc:
+        raise UserError(f"{setting}: {exc}") from None
+    except OSError as exc:
+        raise UserError(
+            f"paths.outputs: cannot write {store.root} ({exc.strerror}); choose a writable folder with paths.outputs=DIR"
+        ) from None
+    return store

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from runner.errors import UserError
 from runner.request import FIELDS, split_loras, split_strengths
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,23 @@ def _chart_image(image: Any, png: Path, folder: Path, timestamp: int) -> None:
 
 
 class Tracker:
-    def __init__(self, uri: str, experiment: str | None = None, artifact_location: str | None = None, experiment_id: str | None = None):
+    """One sweep's MLflow experiment, its parent run and a child run per image; callers never touch the client.
+
+    `name_axes` name the child runs (`sunset 0.5 · seed 3`); `chart_images` adds the chart view's copy of
+    each image; `bulk=False` logs run by run through MLflow's client even where the bulk path could be used.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        experiment: str | None = None,
+        artifact_location: str | None = None,
+        experiment_id: str | None = None,
+        *,
+        name_axes: list[str] | tuple[str, ...] = (),
+        chart_images: bool = True,
+        bulk: bool = True,
+    ):
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
@@ -212,54 +229,59 @@ class Tracker:
         # with a tracking server MLflow's client prints two "View run" lines per finished run (and asks the server
         # for the run to do it): one per image would bury the progress bar; the run prints the experiment's view
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-        self.client = MlflowClient(tracking_uri=uri)
+        self._client = MlflowClient(tracking_uri=uri)
         if experiment_id is None:
-            found = self.client.get_experiment_by_name(experiment)
+            found = self._client.get_experiment_by_name(experiment)
             if found is None:
-                experiment_id = self.client.create_experiment(
+                experiment_id = self._client.create_experiment(
                     experiment, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: "custom_model_development"}
                 )
             else:
                 experiment_id = found.experiment_id
                 if EXPERIMENT_KIND_TAG not in found.tags:
-                    self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+                    self._client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
         self.experiment_id = experiment_id
         from runner.tracking_sql import BulkRunWriter
 
-        self._artifact_location = self.client.get_experiment(experiment_id).artifact_location
+        self._artifact_location = self._client.get_experiment(experiment_id).artifact_location
         self._artifact_root = _local_folder(self._artifact_location)
         # None for a tracking server, or artifacts that are not local files: run by run through the client
-        self._bulk = BulkRunWriter.for_client(self.client, experiment_id) if self._artifact_root else None
+        self._bulk = BulkRunWriter.for_client(self._client, experiment_id) if self._artifact_root and bulk else None
         self._artifact_pool: Any = None  # threads for the bulk path's artifacts, made on first use
         self._server = uri.startswith(("http://", "https://"))
         self._client_pool: Any = None  # threads for a tracking server's requests, made on first use
-        self.name_axes: list[str] = []  # the sweep's axes, for readable child run names
-        self.chart_images = True  # log_image under a key for the chart view (tracking.chart_images)
+        self.name_axes = list(name_axes)  # the sweep's axes, for readable child run names
+        self.chart_images = chart_images  # a copy of each image under a key for the chart view (tracking.chart_images)
         self.parent_id: str | None = None
-        self.children: dict[str, tuple[str, str, str]] = {}  # image id -> (run id, status, artifact uri)
+        self._children: dict[str, tuple[str, str, str]] = {}  # image id -> (run id, status, artifact uri)
         self.child_metrics: dict[str, set[str]] = {}  # image id -> metric keys its run had when loaded
+
+    @property
+    def in_bulk(self) -> bool:
+        """New child runs are written in one transaction per batch (a database store with local artifacts)."""
+        return self._bulk is not None
 
     # ------------------------------------------------------------ parent
 
     def start_parent(self, sweep: str, tags: Mapping[str, str], params: Mapping[str, str]) -> str:
         """The sweep's parent run: the existing one if this sweep ran before, else a new one."""
-        existing = self.client.search_runs(
+        existing = self._client.search_runs(
             [self.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'parent'", order_by=["attributes.start_time ASC"], max_results=1
         )
         if existing:
             self.parent_id = existing[0].info.run_id
-            self.client.update_run(self.parent_id, status="RUNNING")
+            self._client.update_run(self.parent_id, status="RUNNING")
         else:
-            run = self.client.create_run(self.experiment_id, run_name=sweep, tags={ROLE_TAG: "parent", **tags})
+            run = self._client.create_run(self.experiment_id, run_name=sweep, tags={ROLE_TAG: "parent", **tags})
             self.parent_id = run.info.run_id
             self._log_params(self.parent_id, params)
-        self.client.set_tag(self.parent_id, "lora_sweep.last_started", time.strftime("%Y-%m-%dT%H:%M:%S"))
+        self._client.set_tag(self.parent_id, "lora_sweep.last_started", time.strftime("%Y-%m-%dT%H:%M:%S"))
         self._load_children()
         return self.parent_id
 
     def attach_parent(self) -> str | None:
         """The sweep's existing parent run and its children, for logging after the fact (`lora-sweep score`)."""
-        existing = self.client.search_runs(
+        existing = self._client.search_runs(
             [self.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'parent'", order_by=["attributes.start_time ASC"], max_results=1
         )
         if not existing:
@@ -269,28 +291,67 @@ class Tracker:
         return self.parent_id
 
     def _load_children(self) -> None:
-        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}'", max_results=50000)
+        runs = self._client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}'", max_results=50000)
         for run in runs:
             image_id = run.data.tags.get(ID_TAG)
-            if image_id and (image_id not in self.children or run.info.status == "FINISHED"):
-                self.children[image_id] = (run.info.run_id, run.info.status, run.info.artifact_uri)
+            if image_id and (image_id not in self._children or run.info.status == "FINISHED"):
+                self._children[image_id] = (run.info.run_id, run.info.status, run.info.artifact_uri)
                 self.child_metrics[image_id] = set(run.data.metrics)
+
+    def end_parent(self, status: str) -> None:
+        """End the parent run without attaching files (a server's run: its jobs are its record)."""
+        if self.parent_id is not None:
+            self._client.set_terminated(self.parent_id, status)
+
+    def log_parent_files(self, files: Mapping[str, Path]) -> None:
+        """Files onto the parent run, by artifact folder (`lora-sweep score` refreshes the report there)."""
+        if self.parent_id is None:
+            return
+        for artifact_path, file in files.items():
+            if file and file.exists():
+                self._client.log_artifact(self.parent_id, str(file), artifact_path or None)
 
     def finish_parent(self, status: str, files: Mapping[str, Path], folders: Mapping[str, Path], metrics: Mapping[str, float]) -> None:
         """Attach the sweep's plan, results, grids and config; end the parent run with `status`."""
         if self.parent_id is None:
             return
         for name, value in metrics.items():
-            self.client.log_metric(self.parent_id, name, float(value))
+            self._client.log_metric(self.parent_id, name, float(value))
         for artifact_path, file in files.items():
             if file.exists():
-                self.client.log_artifact(self.parent_id, str(file), artifact_path or None)
+                self._client.log_artifact(self.parent_id, str(file), artifact_path or None)
         for artifact_path, folder in folders.items():
             if folder.exists() and any(folder.iterdir()):
-                self.client.log_artifacts(self.parent_id, str(folder), artifact_path)
-        self.client.set_terminated(self.parent_id, status)
+                self._client.log_artifacts(self.parent_id, str(folder), artifact_path)
+        self._client.set_terminated(self.parent_id, status)
 
     # ------------------------------------------------------------ children
+
+    def is_logged(self, image_id: str) -> bool:
+        """The image has a finished (or failed) child run; a run left RUNNING by a killed sweep is not logged."""
+        return self._children.get(image_id, ("", "", ""))[1] in ("FINISHED", "FAILED")
+
+    def image_run(self, run_id: str) -> tuple[dict[str, str], dict[str, str], str] | None:
+        """(params, tags, experiment id) of a run by id, or None if there is no such run (`lora-sweep reproduce`)."""
+        try:
+            run = self._client.get_run(run_id)
+        except Exception:
+            return None
+        return dict(run.data.params), dict(run.data.tags), run.info.experiment_id
+
+    def find_image_run(self, experiment_id: str, image_id: str) -> tuple[str, dict[str, str], dict[str, str]] | None:
+        """(run id, params, tags) of the child run of an image id in an experiment, or None."""
+        found = self._client.search_runs([experiment_id], filter_string=f"tags.`{ID_TAG}` = '{image_id}'", max_results=1)
+        if not found:
+            return None
+        return found[0].info.run_id, dict(found[0].data.params), dict(found[0].data.tags)
+
+    def download_image(self, run_id: str, image_id: str, where: Path) -> Path | None:
+        """The image's PNG from its run's artifacts, into `where`; None when it cannot be had."""
+        try:
+            return Path(self._client.download_artifacts(run_id, f"{image_id}.png", str(where)))
+        except Exception:
+            return None
 
     def log_image(self, row: Mapping[str, Any], result: Any, image_path: Path | None, tags: Mapping[str, str]) -> None:
         """One child run per image id through the client: params, tags, generation time and the PNG.
@@ -302,13 +363,13 @@ class Tracker:
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
         now = int(time.time() * 1000)
-        known = self.children.get(row["id"])
+        known = self._children.get(row["id"])
         params: list[Param] = []
         if known:
             run_id, _, artifact_uri = known
-            self.client.update_run(run_id, status="RUNNING")
+            self._client.update_run(run_id, status="RUNNING")
         else:
-            run = self.client.create_run(
+            run = self._client.create_run(
                 self.experiment_id,
                 start_time=now - int(result.generation_s * 1000),
                 run_name=run_name(row, self.name_axes),
@@ -323,7 +384,7 @@ class Tracker:
         chart = chart_source(result, image_path) if self.chart_images and image_path is not None else None
         if chart is not None:
             run_tags["mlflow.loggedImages"] = "True"
-        self.client.log_batch(
+        self._client.log_batch(
             run_id,
             metrics=[Metric(k, v, now, 0) for k, v in image_metrics(result).items()],
             params=params,
@@ -336,17 +397,17 @@ class Tracker:
             if local is not None:
                 local.log_artifact(str(image_path))
             else:
-                self.client.log_artifact(run_id, str(image_path))
+                self._client.log_artifact(run_id, str(image_path))
             if chart is not None:  # under a key, so the chart view shows the images of several runs side by side
                 with tempfile.TemporaryDirectory() as folder:
                     _chart_image(chart, image_path, Path(folder), now)
                     if local is not None:
                         local.log_artifacts(str(Path(folder) / "images"), "images")
                     else:
-                        self.client.log_artifacts(run_id, str(Path(folder) / "images"), "images")
+                        self._client.log_artifacts(run_id, str(Path(folder) / "images"), "images")
         status = "FINISHED" if result.status == "ok" else "FAILED"
-        self.client.set_terminated(run_id, status, end_time=int(time.time() * 1000))
-        self.children[row["id"]] = (run_id, status, artifact_uri)
+        self._client.set_terminated(run_id, status, end_time=int(time.time() * 1000))
+        self._children[row["id"]] = (run_id, status, artifact_uri)
 
     def log_images(self, items: list[tuple[Mapping[str, Any], Any, Path | None]], tags: Mapping[str, str]) -> None:
         """Log (row, result, png path) items: new runs of a database store with local artifacts in one transaction
@@ -354,8 +415,8 @@ class Tracker:
         if self._bulk is None:
             self._log_by_client(items, tags)
             return
-        fresh = [item for item in items if item[0]["id"] not in self.children]
-        self._log_by_client([item for item in items if item[0]["id"] in self.children], tags)  # re-logged after a resume
+        fresh = [item for item in items if item[0]["id"] not in self._children]
+        self._log_by_client([item for item in items if item[0]["id"] in self._children], tags)  # re-logged after a resume
         if not fresh:
             return
         try:
@@ -423,7 +484,7 @@ class Tracker:
                 shutil.rmtree(root / run.run_id, ignore_errors=True)
             raise
         for (row, _, _), run in zip(items, runs):
-            self.children[row["id"]] = (run.run_id, run.status, run.artifact_uri)
+            self._children[row["id"]] = (run.run_id, run.status, run.artifact_uri)
 
     def log_scores(self, scores: Any, only_missing: bool = False) -> int:
         """Each image's scores as metrics on its child run (so the chart view can rank blends); returns runs logged.
@@ -437,13 +498,13 @@ class Tracker:
         for record in scores.to_dict("records"):
             have = self.child_metrics.get(record["id"], set()) if only_missing else set()
             metrics = {k: float(v) for k, v in record.items() if k != "id" and v == v and k not in have}
-            if record["id"] in self.children and metrics:
+            if record["id"] in self._children and metrics:
                 by_image[record["id"]] = metrics
         if self._bulk is not None:  # one transaction for the whole sweep's scores
-            self._bulk.add_metrics({self.children[i][0]: metrics for i, metrics in by_image.items()}, now)
+            self._bulk.add_metrics({self._children[i][0]: metrics for i, metrics in by_image.items()}, now)
         else:
             for image_id, metrics in by_image.items():
-                self.client.log_batch(self.children[image_id][0], metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+                self._client.log_batch(self._children[image_id][0], metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
         for image_id, metrics in by_image.items():
             self.child_metrics.setdefault(image_id, set()).update(metrics)
         return len(by_image)
@@ -452,7 +513,7 @@ class Tracker:
 
     def trial_numbers(self) -> set[int]:
         """The search trials that already have their run under this parent (a continued search logs the others)."""
-        runs = self.client.search_runs(
+        runs = self._client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}' and tags.`{ROLE_TAG}` = 'trial'",
             max_results=50000,
@@ -464,36 +525,61 @@ class Tracker:
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
-        run = self.client.create_run(
+        run = self._client.create_run(
             self.experiment_id,
             run_name=f"trial {number}",
             tags={PARENT_TAG: self.parent_id, ROLE_TAG: "trial", "lora_sweep.trial": str(number)},
         )
-        self.client.log_batch(
+        self._client.log_batch(
             run.info.run_id,
             metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v == v],
             params=[Param(k, str(v)[:6000]) for k, v in params.items()],
             tags=[RunTag("state", state), RunTag("lora_sweep.image_ids", " ".join(image_ids)[:8000])],
         )
-        self.client.set_terminated(run.info.run_id, "FINISHED" if state == "COMPLETE" else "FAILED")
+        self._client.set_terminated(run.info.run_id, "FINISHED" if state == "COMPLETE" else "FAILED")
 
     def tag_best(self, number: int, value: float, params: Mapping[str, Any]) -> None:
         """The best trial on the parent run: its number, objective and parameters as tags."""
         if self.parent_id is None:
             return
-        self.client.set_tag(self.parent_id, "best_trial", str(number))
-        self.client.set_tag(self.parent_id, "best_value", f"{value:.6g}")
+        self._client.set_tag(self.parent_id, "best_trial", str(number))
+        self._client.set_tag(self.parent_id, "best_value", f"{value:.6g}")
         for key, item in params.items():
-            self.client.set_tag(self.parent_id, f"best.{key}", str(item))
+            self._client.set_tag(self.parent_id, f"best.{key}", str(item))
 
     def log_ranking(self, ranking: Any) -> None:
         """The ranking as an MLflow table on the parent run (artifact ranking.json)."""
         if self.parent_id is not None and not ranking.empty:
-            self.client.log_table(self.parent_id, data=ranking, artifact_file="ranking.json")
+            self._client.log_table(self.parent_id, data=ranking, artifact_file="ranking.json")
 
     def _log_params(self, run_id: str, params: Mapping[str, str]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[start : start + 100])
+            self._client.log_batch(run_id, params=items[start : start + 100])
+
+
+def open_tracker(cfg: Any, experiment: str | None = None, name_axes: list[str] | tuple[str, ...] = ()) -> tuple[Tracker | None, str | None]:
+    """(Tracker, uri) for the config's tracking.*, or (None, None) with tracking off; the experiment defaults to the sweep's name."""
+    if not cfg.tracking.enabled:
+        return None, None
+    outputs = Path(cfg.paths.outputs)
+    uri = cfg.tracking.uri or default_uri(outputs)
+    artifacts = cfg.tracking.artifact_location
+    if not artifacts and not uri.startswith(("http://", "https://", "databricks")):
+        artifacts = (outputs.resolve() / "mlartifacts").as_uri()  # beside the sqlite store, not ./mlruns
+    try:
+        tracker = Tracker(
+            uri,
+            cfg.tracking.experiment or experiment or cfg.sweep.name,
+            artifacts,
+            name_axes=name_axes,
+            chart_images=bool(cfg.tracking.get("chart_images", True)),
+        )
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"tracking.uri: cannot use MLflow at {uri} ({first[:200]}); start the server, fix the URI, or run with tracking=none"
+        ) from None
+    return tracker, uri

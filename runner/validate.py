@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 
 from runner.engines.base import Capabilities
-from runner.plan import count_problems
-from runner.request import Problem
+from runner.errors import Problem
+from runner.plan import count_problems, take_column
 from runner.schedulers import SchedulerChoice, choose
 
 
@@ -95,9 +95,10 @@ def validate_plan(
                 row_notes.append(note)
                 warnings[note] = None
         group_notes.append("; ".join(row_notes))
-    used = np.asarray(group_used, dtype=object)[groups] if len(plan) else []
-    notes = np.asarray(group_notes, dtype=object)[groups] if len(plan) else []
-    pipelines = np.asarray(group_pipelines, dtype=object)[groups] if len(plan) and group_pipelines else []
+    # string columns taken from the groups' values (a million objects would each be converted to arrow)
+    used = take_column(group_used, groups) if len(plan) else []
+    notes = take_column(group_notes, groups) if len(plan) else []
+    pipelines = take_column(group_pipelines, groups) if len(plan) and group_pipelines else []
     plan = plan.assign(scheduler_used=used, notes=notes)
     if len(pipelines):
         plan = plan.assign(pipeline_used=pipelines)

@@ -74,7 +74,7 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: f
 
 @pytest.fixture(scope="session")
 def assets_dir(tmp_path_factory) -> Path:
-    from runner.assets import ensure_demo_assets
+    from runner.world.assets import ensure_demo_assets
 
     return ensure_demo_assets(tmp_path_factory.mktemp("assets"))
 

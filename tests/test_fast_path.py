@@ -42,7 +42,7 @@ def test_fifty_blend_switches_leave_the_base_weights_bit_identical(assets_dir):
         for name, strength in zip(names.split(",") if names else [], strengths.split(",")):
             expected += float(strength) * layer.get_delta_weight(name)  # peft's own delta (at strength 1: never set_adapters)
         assert torch.allclose(fused, expected, atol=1e-6), f"switch {switch}: the blend {names} @ {strengths} is fused"
-        assert engine._lora_mode == ("fused" if names else "none")
+        assert engine.adapters.mode == ("fused" if names else "none")
     engine._set_adapters("", "")
     after = base_weights(engine)
     assert after.keys() == loaded.keys()

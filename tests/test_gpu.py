@@ -43,8 +43,8 @@ def test_out_of_memory_retries_at_half_the_batch_and_remembers_it(assets_dir):
     torch.cuda.reset_peak_memory_stats()
     assert [r.status for r in engine.generate(first)] == ["ok", "ok"]  # the memory probe: 2 images
     two = torch.cuda.max_memory_allocated() - base
-    key = next(iter(engine._auto_sizes))
-    assert engine._auto_sizes[key] == 8, "free memory would hold 8 (the cap)"
+    key = next(iter(engine.batches.measured))
+    assert engine.batches.measured[key] == 8, "free memory would hold 8 (the cap)"
     torch.cuda.reset_peak_memory_stats()
     assert [r.batch_size for r in engine.generate(rows([("sunset", "1")], [3, 4, 5, 6], size=512, steps=2))] == [4] * 4
     four = torch.cuda.max_memory_allocated() - base
@@ -66,7 +66,7 @@ def test_out_of_memory_retries_at_half_the_batch_and_remembers_it(assets_dir):
             break
     engine.close()
     assert retried is not None, "8 never ran out of memory: the caps were too loose"
-    assert engine._auto_sizes[key] == 4, "later batches of this size start at 4"
+    assert engine.batches.measured[key] == 4, "later batches of this size start at 4"
 
 
 def test_compiled_unet_switches_blends_without_recompiling(assets_dir):

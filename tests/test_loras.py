@@ -62,7 +62,7 @@ def test_kohya_lora_reproduces_the_expected_weight_delta(assets_dir, tmp_path):
     engine._set_adapters("kohya", "0.4")
     for module, layer in layers.items():
         assert torch.allclose(layer.get_delta_weight("kohya"), 0.4 * expected[module], atol=1e-5)
-    assert engine._text_encoder_loras == {"kohya"}, "prompt embeddings are then computed per blend"
+    assert engine.adapters.in_text_encoder == {"kohya"}, "prompt embeddings are then computed per blend"
     engine.close()
 
 
@@ -89,7 +89,7 @@ def test_text_encoder_loras_get_prompt_embeddings_per_blend(workspace):
     from diffusers import StableDiffusionPipeline
     from tiny_models import bare_diffusers_image
 
-    from runner.assets import save_tiny_lora
+    from runner.world.assets import save_tiny_lora
 
     pipe = StableDiffusionPipeline.from_pretrained(workspace.assets / "tiny-sd", safety_checker=None, requires_safety_checker=False)
     save_tiny_lora(pipe, workspace.root / "te.safetensors", seed=21, text_encoder=True)

@@ -13,9 +13,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from runner.engines.base import ImageResult
+from runner.image_file import png_bytes
 from runner.request import parse_request
 from runner.tracking import Tracker
-from runner.writer import png_bytes
 
 TAGS = {"lora_sweep.sweep": "bulk", "lora_sweep.model_sha256": "ab" * 32}
 
@@ -46,10 +46,10 @@ def images(folder: Path) -> list[tuple[dict, ImageResult, Path | None]]:
 
 
 def tracker(folder: Path, bulk: bool) -> Tracker:
-    made = Tracker(f"sqlite:///{folder / 'mlflow.db'}", "bulk", (folder / "artifacts").as_uri())
-    if not bulk:
-        made._bulk = None  # the client path, run by run
-    made.name_axes = ["lora_strength", "seed"]
+    # bulk=False: the client path, run by run
+    made = Tracker(
+        f"sqlite:///{folder / 'mlflow.db'}", "bulk", (folder / "artifacts").as_uri(), name_axes=["lora_strength", "seed"], bulk=bulk
+    )
     made.start_parent("bulk", TAGS, {"sweep": "bulk"})
     return made
 
@@ -74,7 +74,7 @@ def shape(path: str) -> str:
 def test_bulk_written_runs_equal_the_clients_runs(tmp_path):
     items = images(tmp_path / "pngs")
     by_client, in_bulk = tracker(tmp_path / "client", bulk=False), tracker(tmp_path / "bulk", bulk=True)
-    assert in_bulk._bulk is not None, "a sqlite store with local artifacts takes the bulk path"
+    assert in_bulk.in_bulk, "a sqlite store with local artifacts takes the bulk path"
     by_client.log_images(items, TAGS)
     in_bulk.log_images(items[:4], TAGS)  # two batches, as the writer sends them
     in_bulk.log_images(items[4:], TAGS)
@@ -135,7 +135,7 @@ def test_a_store_that_refuses_bulk_inserts_is_logged_run_by_run(tmp_path, monkey
     monkeypatch.setattr(runner.tracking_sql.BulkRunWriter, "add_runs", refuse)
     with caplog.at_level(logging.WARNING, logger="runner.tracking"):
         made.log_images(items, TAGS)
-    assert made._bulk is None and "logging run by run from now on" in caplog.text
+    assert not made.in_bulk and "logging run by run from now on" in caplog.text
     runs = children(MlflowClient(made.uri), made)
     assert sorted(runs) == sorted(r["id"] for r, _, _ in items) and len(runs) == len(items)
     run_folders = {p.parent.name for p in (tmp_path / "store" / "artifacts").glob("*/artifacts")}

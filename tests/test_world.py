@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from runner.assets import SHIPPED, shipped_manifest
+from runner.world.assets import SHIPPED, shipped_manifest
 
 WORLD_PROMPT = "a red circle on a blue background"
 

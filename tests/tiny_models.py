@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from runner.assets import byte_tokenizer, tiny_text_config, tiny_vae
+from runner.world.assets import byte_tokenizer, tiny_text_config, tiny_vae
 
 
 def text_config(**overrides):

@@ -39,8 +39,27 @@ class Capabilities:
     not_applied: dict[str, str] = field(default_factory=dict)
 
 
+class QueueState(Protocol):
+    """A remote engine's queue as the progress bar shows it (RemoteState in remote.py)."""
+
+    queued: int  # requests waiting here for a free slot
+    processing: int  # requests the provider is working on
+    eta_s: float  # the provider's last estimate, 0 when it gave none
+
+
 class Engine(Protocol):
-    kind: str
+    """Everything the generation loop, the server and the worker pool use of an engine; nothing else is reached into.
+
+    Engines are built by `create_engine(kind, **settings)` with keyword arguments only, and ignore the
+    settings of other engines. Each takes `keep_adapters: bool = False`: a server or a search keeps every
+    LoRA it loaded, as its next request or trial likely uses it again (engines without adapters ignore it).
+    """
+
+    kind: str  # "local" | "remote": which capabilities the plan is validated against
+
+    @property
+    def state(self) -> QueueState | None:
+        """The remote engine's queue for the progress bar; None for engines without one."""
 
     def prepare(self, plan: pd.DataFrame) -> None:
         """Load what the pending rows need (pipeline, adapters); called once before generate."""

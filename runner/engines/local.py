@@ -20,7 +20,7 @@ import time
 import warnings
 from collections import Counter, deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from runner.engines.base import ImageResult
+from runner.engines.base import ImageResult, QueueState
 from runner.engines.fuse import FusedBlends
 from runner.registry import Registry, safetensors_keys, weight_variants
 from runner.request import optional, split_loras, split_strengths
@@ -211,8 +211,74 @@ class Launched:
         return self._ready
 
 
+@dataclass(frozen=True)
+class FastPath:
+    """The speed switches of conf/engine/local.yaml, resolved for the device once; fixed for the engine's life."""
+
+    fuse_loras: bool  # each blend written into the base weights for its plan group (fuse.py) instead of peft's per-step path
+    channels_last: bool  # NHWC UNet and VAE: cuDNN's fast layout for half precision
+    compile: bool  # torch.compile of the UNet and the VAE decoder
+    compile_mode: str | None  # torch.compile's mode; None: its default
+    cache_prompt_embeddings: bool  # keep every prompt's embeddings while the model is loaded, not only the last cell's
+
+
+@dataclass
+class BatchSizes:
+    """How many images one pipeline call gets: `batch_size` as configured, or `auto`.
+
+    auto on CUDA measures a 2-image call once per image shape and fits later calls into free memory;
+    elsewhere it is AUTO_BATCH_CPU. What was measured outlives a model switch (the shape names its model).
+    """
+
+    auto: bool
+    size: int  # a fixed batch_size, or auto's size where nothing is measured
+    max_size: int  # auto's cap
+    measured: dict[tuple, int] = field(default_factory=dict)  # (model, width, height, pipeline, upscale) -> batch found to fit
+
+
+@dataclass
+class LoadedModel:
+    """One model's pipeline and the per-cell switches made on it (scheduler, VAE, embeddings); a model switch drops it whole."""
+
+    model_id: str
+    pipe: Any  # the diffusers pipeline (SD or SDXL)
+    variant: str  # the weight variant its weights came from ("fp16") or ""
+    base_scheduler_config: Any  # each cell's scheduler is built from the model's own config
+    base_vae: Any  # the model's own VAE, put back for rows without `vae`
+    scheduler_key: tuple | None = None  # (name, options) of the scheduler in the pipeline now
+    vaes: dict[str, Any] = field(default_factory=dict)  # VAE id -> AutoencoderKL, loaded once per model
+    vae_key: str | None = None  # the `vae` in the pipeline now (None: the model's own)
+    pipelines: dict[str, Any] = field(default_factory=dict)  # "panorama" / "sag" -> pipeline sharing the loaded components
+    # the tokenizers and vocabulary sizes as loaded, to take textual inversions out again: (tokenizer attr, encoder attr, copy, size)
+    pristine_text: list[tuple[str, str, Any, int]] = field(default_factory=list)
+    inversion_key: str | None = None  # the `embeddings_model` whose tokens are loaded now
+    prompt_embeddings: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # see _prompt_embeddings
+
+
+@dataclass
+class Adapters:
+    """The LoRAs loaded into the current pipeline as peft adapters (name = LoRA id), and how the current blend runs.
+
+    They live in the loaded model's modules, so a model switch replaces the whole group.
+    """
+
+    fuser: FusedBlends | None = None  # writes blends into the loaded model's base weights; None while no model is loaded
+    loaded: set[str] = field(default_factory=set)
+    in_text_encoder: set[str] = field(default_factory=set)  # those with text-encoder layers: prompt embeddings depend on the blend
+    blend: tuple[str, str] | None = None  # the (lora_model, lora_strength) set now; None: the next blend is set in full
+    mode: str = "none"  # how the current blend runs: none | fused | unfused
+
+
 class LocalEngine:
+    """diffusers + peft on this machine; the state it keeps is grouped by lifetime.
+
+    For the engine's life: `device`, `dtype`, `fast_path`, `batches` (sizes measured so far), the upscaler.
+    For one loaded model: `loaded` (the pipeline and its per-cell switches) and `adapters` (its LoRAs), both
+    dropped by close() and by every model switch.
+    """
+
     kind = "local"
+    state: QueueState | None = None  # no queue of its own to show (the remote engine has one)
 
     def __init__(
         self,
@@ -228,45 +294,41 @@ class LocalEngine:
         channels_last: bool | str = "auto",
         compile: bool = False,
         compile_mode: str | None = None,
+        keep_adapters: bool = False,
         **_: Any,
     ):
         self.registry = registry
         self.models, self.loras = registry.models, registry.loras
         self.upscaler_settings = upscaler or {}
-        self.device = pick_device(device)
-        self.dtype = pick_dtype(dtype, self.device)
-        self.auto_batch = str(batch_size).strip().lower() == "auto"
-        self.batch_size = (AUTO_BATCH_CPU if self.device.type != "cuda" else 1) if self.auto_batch else max(1, int(batch_size))
-        self.max_batch_size = max(1, int(max_batch_size))
-        self._auto_sizes: dict[tuple, int] = {}  # (model, width, height, pipeline) -> batch measured to fit
-        self.cache_prompt_embeddings = cache_prompt_embeddings
-        self.compile = bool(compile)
-        # auto: fused on every device (a CPU runs the demo 40% faster fused too); a compiled UNet always runs fused
-        self.fuse_loras = True if str(fuse_loras).strip().lower() == "auto" else bool(fuse_loras)
-        self.channels_last = on_for_cuda(channels_last, self.device)
-        self.compile_mode = compile_mode or None
-        self._fuser: FusedBlends | None = None
+        self.device: torch.device = pick_device(device)
+        self.dtype: torch.dtype = pick_dtype(dtype, self.device)
+        self.fast_path = FastPath(
+            # auto: fused on every device (a CPU runs the demo 40% faster fused too); a compiled UNet always runs fused
+            fuse_loras=True if str(fuse_loras).strip().lower() == "auto" else bool(fuse_loras),
+            channels_last=on_for_cuda(channels_last, self.device),
+            compile=bool(compile),
+            compile_mode=compile_mode or None,
+            cache_prompt_embeddings=bool(cache_prompt_embeddings),
+        )
+        auto_batch = str(batch_size).strip().lower() == "auto"
+        self.batches = BatchSizes(
+            auto=auto_batch,
+            size=(AUTO_BATCH_CPU if self.device.type != "cuda" else 1) if auto_batch else max(1, int(batch_size)),
+            max_size=max(1, int(max_batch_size)),
+        )
+        # a server or a search keeps every adapter it loaded: its next request or trial likely uses it again
+        # (a sweep drops each one after its last cell)
+        self.keep_adapters = bool(keep_adapters)
+        self.loaded: LoadedModel | None = None
+        self.adapters = Adapters()
+        self._upscaler: Any = None  # the `upscaler:` pipeline, loaded by the first row that asks for it; kept across models
         self._last_ready = 0.0  # when the last batch's pixels reached the host
-        self._lora_mode = "none"  # how the current blend runs: none | fused | unfused
-        self.pipe: Any = None
-        self._model_id: str | None = None
-        self._base_scheduler_config: Any = None
-        self._scheduler_key: tuple | None = None
-        self._adapters_key: tuple | None = None
-        self._loaded_adapters: set[str] = set()
-        self._text_encoder_loras: set[str] = set()
-        self._embeddings: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._base_vae: Any = None
-        self._vaes: dict[str, Any] = {}  # VAE id -> AutoencoderKL, loaded once per model
-        self._vae_key: str | None = None
-        self._inversion_key: str | None = None
-        self._pristine_text: list[tuple[str, str, Any, int]] = []  # (tokenizer attr, encoder attr, copy, vocab size)
-        self._pipelines: dict[str, Any] = {}  # "panorama" / "sag" -> pipeline sharing the loaded components
-        self._upscaler: Any = None
-        self._variant = ""  # the weight variant the loaded model came from ("fp16") or ""
-        # a server keeps every adapter it loaded: its next request likely uses it again (a sweep drops one after its last cell)
-        self.keep_adapters = False
         self._quiet_libraries()
+
+    @property
+    def pipe(self) -> Any:
+        """The loaded model's pipeline; None before the first model and after close()."""
+        return self.loaded.pipe if self.loaded is not None else None
 
     # ------------------------------------------------------------ loading
 
@@ -285,14 +347,14 @@ class LocalEngine:
         warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")  # peft, when a finished LoRA is unloaded
 
     def _load_model(self, model_id: str) -> None:
-        if self._model_id == model_id:
+        if self.loaded is not None and self.loaded.model_id == model_id:
             return
         self.close()
         source = self.models[model_id]
         from diffusers import AutoPipelineForText2Image, StableDiffusionPipeline, StableDiffusionXLPipeline
 
         log.info("loading model %s from %s", model_id, source.path)
-        self._variant = ""
+        variant = None
         # SD 1.x folders may list a safety checker; sweeps never load one (the spec's safety_checker is recorded as not applied)
         no_checker = {"safety_checker": None, "requires_safety_checker": False} if source.family == "sd" else {}
         if source.kind == "single_file":
@@ -307,20 +369,18 @@ class LocalEngine:
             pipe = AutoPipelineForText2Image.from_pretrained(
                 str(source.path), torch_dtype=self.dtype, variant=variant, local_files_only=True, **no_checker
             )
-            self._variant = variant or ""
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # a sweep repeats the same shapes: pick the fastest convolutions once
-        if self.channels_last:  # NHWC convolutions: cuDNN's fast layout for half precision
+        if self.fast_path.channels_last:  # NHWC convolutions: cuDNN's fast layout for half precision
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
-        self.pipe = pipe
-        self._model_id = model_id
-        self._base_scheduler_config = pipe.scheduler.config
-        self._base_vae = pipe.vae
-        self._fuser = FusedBlends([pipe.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)])
-        if self.compile:
+        self.loaded = LoadedModel(
+            model_id=model_id, pipe=pipe, variant=variant or "", base_scheduler_config=pipe.scheduler.config, base_vae=pipe.vae
+        )
+        self.adapters = Adapters(fuser=FusedBlends([pipe.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)]))
+        if self.fast_path.compile:
             self._compile(pipe)
 
     def _compile(self, pipe: Any) -> None:
@@ -332,20 +392,22 @@ class LocalEngine:
         import torch._inductor.config as inductor
 
         inductor.conv_1x1_as_mm = True  # diffusers' guide; its coordinate-descent tuning is left off (minutes more warm-up)
-        log.info("compiling the UNet and the VAE decoder (mode %s); the first batch of each size warms up", self.compile_mode)
-        pipe.unet.compile(mode=self.compile_mode, fullgraph=False)
-        pipe.vae.decoder.compile(mode=self.compile_mode, fullgraph=False)
+        mode = self.fast_path.compile_mode
+        log.info("compiling the UNet and the VAE decoder (mode %s); the first batch of each size warms up", mode)
+        pipe.unet.compile(mode=mode, fullgraph=False)
+        pipe.vae.decoder.compile(mode=mode, fullgraph=False)
 
     def _config_root(self) -> Path:
         """The diffusers folder the loaded model's configs come from."""
-        source = self.models[self._model_id]
+        source = self.models[self.loaded.model_id]
         return source.config if source.kind == "single_file" else source.path
 
     def _set_vae(self, vae_id: str | None) -> None:
         """The request's `vae`: a separate AutoencoderKL, loaded once, swapped in for the model's own."""
-        if vae_id == self._vae_key:
+        model = self.loaded
+        if vae_id == model.vae_key:
             return
-        if vae_id and vae_id not in self._vaes:
+        if vae_id and vae_id not in model.vaes:
             from diffusers import AutoencoderKL
 
             source = self.registry.vaes[vae_id]
@@ -355,9 +417,9 @@ class LocalEngine:
                 vae = AutoencoderKL.from_single_file(str(source.path), local_files_only=True, torch_dtype=self.dtype, **config)
             else:
                 vae = AutoencoderKL.from_pretrained(str(source.path), local_files_only=True, torch_dtype=self.dtype)
-            self._vaes[vae_id] = vae.to(self.device)
-        self.pipe.vae = self._vaes[vae_id] if vae_id else self._base_vae
-        self._vae_key = vae_id
+            model.vaes[vae_id] = vae.to(self.device)
+        model.pipe.vae = model.vaes[vae_id] if vae_id else model.base_vae
+        model.vae_key = vae_id
 
     def _text_stacks(self) -> list[tuple[str, str]]:
         """(tokenizer, text encoder) attribute pairs of the loaded pipeline: one for SD, two for SDXL."""
@@ -371,17 +433,18 @@ class LocalEngine:
         what it says), so the tokenizers are restored from a copy and the added rows of the
         embedding matrix are cut off, instead of trusting unload_textual_inversion's id bookkeeping.
         """
+        model = self.loaded
         key = names or None
-        if key == self._inversion_key:
+        if key == model.inversion_key:
             return
         import copy
 
-        for tokenizer_attr, encoder_attr, pristine, size in self._pristine_text:
-            setattr(self.pipe, tokenizer_attr, copy.deepcopy(pristine))
-            getattr(self.pipe, encoder_attr).resize_token_embeddings(size)
-        if not self._pristine_text:
-            self._pristine_text = [
-                (t, e, copy.deepcopy(getattr(self.pipe, t)), getattr(self.pipe, e).get_input_embeddings().num_embeddings)
+        for tokenizer_attr, encoder_attr, pristine, size in model.pristine_text:
+            setattr(model.pipe, tokenizer_attr, copy.deepcopy(pristine))
+            getattr(model.pipe, encoder_attr).resize_token_embeddings(size)
+        if not model.pristine_text:
+            model.pristine_text = [
+                (t, e, copy.deepcopy(getattr(model.pipe, t)), getattr(model.pipe, e).get_input_embeddings().num_embeddings)
                 for t, e in self._text_stacks()
             ]
         for name in split_loras(key):
@@ -392,27 +455,28 @@ class LocalEngine:
 
                 tensors = load_file(str(source.path))
                 for (tokenizer_attr, encoder_attr), key_name in zip(self._text_stacks(), ("clip_l", "clip_g")):
-                    self.pipe.load_textual_inversion(
+                    model.pipe.load_textual_inversion(
                         tensors[key_name],
                         token=[source.token] + [f"{source.token}_{i}" for i in range(1, len(tensors[key_name]))],
-                        tokenizer=getattr(self.pipe, tokenizer_attr),
-                        text_encoder=getattr(self.pipe, encoder_attr),
+                        tokenizer=getattr(model.pipe, tokenizer_attr),
+                        text_encoder=getattr(model.pipe, encoder_attr),
                     )
             else:
-                self.pipe.load_textual_inversion(str(source.path), token=source.token)
-        self._inversion_key = key
+                model.pipe.load_textual_inversion(str(source.path), token=source.token)
+        model.inversion_key = key
 
     def _pipeline(self, mode: str) -> Any:
         """The pipeline that runs a row: the loaded one, or diffusers' panorama / SAG pipeline over its components."""
         if mode == "text2img":
             return self.pipe
-        if mode not in self._pipelines:
+        pipelines = self.loaded.pipelines
+        if mode not in pipelines:
             from diffusers import StableDiffusionPanoramaPipeline, StableDiffusionSAGPipeline
 
             pipeline_class = {"panorama": StableDiffusionPanoramaPipeline, "sag": StableDiffusionSAGPipeline}[mode]
-            self._pipelines[mode] = pipeline_class.from_pipe(self.pipe)
-            self._pipelines[mode].set_progress_bar_config(disable=True)
-        pipe = self._pipelines[mode]
+            pipelines[mode] = pipeline_class.from_pipe(self.pipe)
+            pipelines[mode].set_progress_bar_config(disable=True)
+        pipe = pipelines[mode]
         # follow the switches made on the main pipeline
         pipe.scheduler, pipe.vae, pipe.tokenizer = self.pipe.scheduler, self.pipe.vae, self.pipe.tokenizer
         return pipe
@@ -439,14 +503,15 @@ class LocalEngine:
             ).images
 
     def _load_adapters(self, lora_ids: set[str]) -> None:
-        for lora_id in sorted(lora_ids - self._loaded_adapters):
+        adapters = self.adapters
+        for lora_id in sorted(lora_ids - adapters.loaded):
             lora = self.loras[lora_id]
             log.info("loading LoRA %s from %s", lora_id, lora.path)
             self.pipe.load_lora_weights(lora_weights(lora.path), adapter_name=lora_id)
-            self._loaded_adapters.add(lora_id)
-            self._fuser.adapters_changed()
+            adapters.loaded.add(lora_id)
+            adapters.fuser.adapters_changed()
             if lora_id in getattr(getattr(self.pipe, "text_encoder", None), "peft_config", {}):
-                self._text_encoder_loras.add(lora_id)
+                adapters.in_text_encoder.add(lora_id)
 
     def prepare(self, plan: pd.DataFrame) -> None:
         """Load the first model; adapters are loaded by the groups that need them (see generate).
@@ -458,76 +523,80 @@ class LocalEngine:
             return
         first = plan.sort_values("model_id").iloc[0]["model_id"]
         self._load_model(first)
-        if self.compile:
+        if self.fast_path.compile:
             blends = plan.loc[plan["model_id"] == first, "lora_model"].unique()
             self._load_adapters({lora for blend in blends for lora in split_loras(blend)})
 
     def _unload_adapters(self, lora_ids: set[str]) -> None:
-        names = sorted(lora_ids & self._loaded_adapters)
-        if names and self.pipe is not None and not self.compile:
+        adapters = self.adapters
+        names = sorted(lora_ids & adapters.loaded)
+        if names and self.pipe is not None and not self.fast_path.compile:
             log.info("unloading LoRAs no later group needs: %s", ", ".join(names))
-            self._fuser.restore()
+            adapters.fuser.restore()
             self.pipe.delete_adapters(names)
-            self._fuser.adapters_changed()
-            self._loaded_adapters.difference_update(names)
-            self._text_encoder_loras.difference_update(names)
-            self._adapters_key = None
+            adapters.fuser.adapters_changed()
+            adapters.loaded.difference_update(names)
+            adapters.in_text_encoder.difference_update(names)
+            adapters.blend = None
 
     # ------------------------------------------------------------ per cell settings
 
     def _set_adapters(self, lora_model: str, lora_strength: str) -> None:
         """The cell's blend: fused into the base weights (fast path), or as peft adapters at their weights."""
+        adapters = self.adapters
         key = (lora_model, lora_strength)
-        if key == self._adapters_key:
+        if key == adapters.blend:
             return
         names = split_loras(lora_model)
         strengths = split_strengths(lora_strength)
         if names:
             self._load_adapters(set(names))
-        if names and self.fuse_loras and self._fuser.can_fuse(names):
+        if names and self.fast_path.fuse_loras and adapters.fuser.can_fuse(names):
             self.pipe.disable_lora()  # peft's adapter path off: the fused base weights carry the blend
-            self._fuser.apply(names, strengths)
-            self._lora_mode = "fused"
+            adapters.fuser.apply(names, strengths)
+            adapters.mode = "fused"
         elif names:
-            self._fuser.restore()
+            adapters.fuser.restore()
             self.pipe.enable_lora()
             self.pipe.set_adapters(names, adapter_weights=strengths)
-            self._lora_mode = "unfused"
+            adapters.mode = "unfused"
         else:
-            self._fuser.restore()
-            if self._loaded_adapters:
+            adapters.fuser.restore()
+            if adapters.loaded:
                 self.pipe.disable_lora()
-            self._lora_mode = "none"
-        self._adapters_key = key
+            adapters.mode = "none"
+        adapters.blend = key
 
     def _set_scheduler(self, name: str, options: dict[str, Any]) -> None:
+        model = self.loaded
         key = (name, tuple(sorted(options.items())))
-        if key == self._scheduler_key:
+        if key == model.scheduler_key:
             return
-        self.pipe.scheduler = load_scheduler(name, self._base_scheduler_config, options)
-        self._scheduler_key = key
+        model.pipe.scheduler = load_scheduler(name, model.base_scheduler_config, options)
+        model.scheduler_key = key
 
     def _prompt_embeddings(self, cell: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(positive, negative) embeddings of one image, cached while the text encoder is unchanged."""
         if not hasattr(self.pipe, "encode_prompt") or type(self.pipe).__name__ != "StableDiffusionPipeline":
             return None  # other families encode inside __call__
         clip_skip = int(cell["clip_skip"]) - 1 or None  # the web UIs' 1 = diffusers' None
-        touches_te = bool(self._text_encoder_loras & set(split_loras(cell["lora_model"])))
+        touches_te = bool(self.adapters.in_text_encoder & set(split_loras(cell["lora_model"])))
         lora_key = (cell["lora_model"], cell["lora_strength"]) if touches_te else None
         key = (cell["prompt"], cell["negative_prompt"], clip_skip, lora_key, optional(cell.get("embeddings_model")))
-        if key not in self._embeddings:
-            if not self.cache_prompt_embeddings:
-                self._embeddings.clear()
+        cache = self.loaded.prompt_embeddings
+        if key not in cache:
+            if not self.fast_path.cache_prompt_embeddings:
+                cache.clear()
             if clip_skip and not hasattr(self.pipe.text_encoder, "text_model"):
-                self._embeddings[key] = (
+                cache[key] = (
                     self._encode_text(cell["prompt"], clip_skip),
                     self._encode_text(cell["negative_prompt"] or "", clip_skip),
                 )
             else:
-                self._embeddings[key] = self.pipe.encode_prompt(
+                cache[key] = self.pipe.encode_prompt(
                     cell["prompt"], self.device, 1, True, cell["negative_prompt"] or None, clip_skip=clip_skip
                 )
-        return self._embeddings[key]
+        return cache[key]
 
     def _encode_text(self, text: str, clip_skip: int) -> torch.Tensor:
         """CLIP embeddings `clip_skip` layers before the last, then the final layer norm, as encode_prompt does.
@@ -560,7 +629,7 @@ class LocalEngine:
                 size, probe = self._batch_size_for(records[0], len(records) - start)
                 batch = records[start : start + size]
                 launched = self._launch(batch, probe=probe)
-                if probe and self.compile:
+                if probe and self.fast_path.compile:
                     continue  # an eager measurement only: its images are made again at the batch size found
                 start += size
                 # the previous batch finished while this one was being queued: hand it over now
@@ -586,19 +655,20 @@ class LocalEngine:
         # several images (two equal seeds in one call give different images), so it gets one at a time
         if cell.get("pipeline_used") == "panorama":
             return 1, False
-        if not (self.auto_batch and self.device.type == "cuda"):
-            return min(self.batch_size, remaining), False
+        batches = self.batches
+        if not (batches.auto and self.device.type == "cuda"):
+            return min(batches.size, remaining), False
         key = self._size_key(cell)
-        if key not in self._auto_sizes:
+        if key not in batches.measured:
             return min(2, remaining), True  # a small batch measures the memory one image needs
-        return min(self._auto_sizes[key], remaining), False
+        return min(batches.measured[key], remaining), False
 
     def _measured_batch(self, n: int, before: int) -> int:
         """batch_size: auto: how many images fit in free memory, from a batch of n that needed peak - before bytes."""
         per_image = max(1, (torch.cuda.max_memory_allocated(self.device) - before) / max(1, n))
         free, _ = torch.cuda.mem_get_info(self.device)
         usable = free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        return int(min(self.max_batch_size, max(1, usable * AUTO_BATCH_HEADROOM // per_image)))
+        return int(min(self.batches.max_size, max(1, usable * AUTO_BATCH_HEADROOM // per_image)))
 
     def _launch(self, batch: list[dict[str, Any]], probe: bool = False, retried: bool = False) -> list[Launched | ImageResult]:
         """Queue one batch on the device; on CUDA this returns before the GPU is done (see _finish)."""
@@ -619,22 +689,20 @@ class LocalEngine:
                 before = torch.cuda.memory_allocated(self.device)
             started = time.perf_counter()
             # a compiled UNet measures eagerly: compiling for the probe's batch would add a graph no later batch uses
-            stance = torch.compiler.set_stance("force_eager") if probe and self.compile else contextlib.nullcontext()
+            stance = torch.compiler.set_stance("force_eager") if probe and self.fast_path.compile else contextlib.nullcontext()
             with stance:
                 pixels, finite = self._denoise(cell, seeds)
-            launched = Launched(batch, *to_host(pixels, finite), started=started, lora_mode=self._lora_mode)
+            launched = Launched(batch, *to_host(pixels, finite), started=started, lora_mode=self.adapters.mode)
             if probe:
                 launched.ready()
-                self._auto_sizes[self._size_key(cell)] = self._measured_batch(len(batch), before)
-                log.info(
-                    "batch_size auto: %d images per call at %sx%s", self._auto_sizes[self._size_key(cell)], cell["width"], cell["height"]
-                )
+                fits = self.batches.measured[self._size_key(cell)] = self._measured_batch(len(batch), before)
+                log.info("batch_size auto: %d images per call at %sx%s", fits, cell["width"], cell["height"])
             return [launched]
         except torch.cuda.OutOfMemoryError as exc:
             out_of_memory = one_line(exc)
-            if self.auto_batch:  # remember: later batches of this size start at what fits
-                key = self._size_key(cell)
-                self._auto_sizes[key] = max(1, min(self._auto_sizes.get(key, len(batch)), len(batch)) // 2)
+            if self.batches.auto:  # remember: later batches of this size start at what fits
+                measured, key = self.batches.measured, self._size_key(cell)
+                measured[key] = max(1, min(measured.get(key, len(batch)), len(batch)) // 2)
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # one bad batch must not end the sweep; its rows say why in one line
@@ -684,12 +752,13 @@ class LocalEngine:
                 meta={
                     "device": str(self.device),
                     "dtype": str(self.dtype).removeprefix("torch."),
-                    "adapters_loaded": len(self._loaded_adapters),
-                    "variant": self._variant,
+                    # read as the batch finishes: the next batch may already have switched blends or models
+                    "adapters_loaded": len(self.adapters.loaded),
+                    "variant": self.loaded.variant if self.loaded is not None else "",
                     "pipeline": type(self._pipeline(cell.get("pipeline_used", "text2img"))).__name__,
                     "upscaled": bool(cell.get("upscale") and self.registry.upscaler is not None),
                     "lora_mode": launched.lora_mode,  # fused | unfused | none
-                    "compiled": self.compile,
+                    "compiled": self.fast_path.compile,
                     # the images computed together: float results differ by a few 1e-7 between batch sizes, so
                     # `lora-sweep reproduce` runs this same batch again to get identical pixels
                     "batch": " ".join(r["id"] for r in batch),
@@ -752,28 +821,16 @@ class LocalEngine:
             "diffusers": diffusers.__version__,
             "transformers": transformers.__version__,
             "peft": peft.__version__,
-            "fuse_loras": str(self.fuse_loras).lower(),
-            "channels_last": str(self.channels_last).lower(),
-            "compile": str(self.compile).lower(),
-            "batch_size": "auto" if self.auto_batch else str(self.batch_size),
+            "fuse_loras": str(self.fast_path.fuse_loras).lower(),
+            "channels_last": str(self.fast_path.channels_last).lower(),
+            "compile": str(self.fast_path.compile).lower(),
+            "batch_size": "auto" if self.batches.auto else str(self.batches.size),
         }
 
     def close(self) -> None:
-        self.pipe = None
-        self._model_id = None
-        self._scheduler_key = None
-        self._adapters_key = None
-        self._loaded_adapters.clear()
-        self._text_encoder_loras.clear()
-        self._embeddings.clear()
-        self._base_vae = None
-        self._vaes.clear()
-        self._vae_key = None
-        self._inversion_key = None
-        self._pristine_text = []
-        self._pipelines.clear()
-        self._fuser = None
-        self._lora_mode = "none"
+        """Drop the loaded model with its adapters (a model switch does this first); settings and measured batch sizes stay."""
+        self.loaded = None
+        self.adapters = Adapters()
         if torch.cuda.is_available():
             with contextlib.suppress(Exception):
                 torch.cuda.empty_cache()

@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from runner.engines.base import ImageResult
+from runner.engines.base import ImageResult, QueueState
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class EngineWorker:
         return os.getpid()
 
     def run(self, records: list[dict[str, Any]]) -> list[ImageResult]:
-        from runner.writer import png_bytes
+        from runner.image_file import png_bytes
 
         rows = pd.DataFrame(records)
         by_id = {r["id"]: r for r in records}
@@ -98,14 +98,15 @@ class EngineWorker:
 
 class RayPoolEngine:
     kind = "local"
+    state: QueueState | None = None  # no queue of its own to show (the remote engine has one)
 
-    def __init__(self, *, workers: int, registry: Any, hashes: dict[str, str] | None = None, **settings: Any):
+    def __init__(self, *, workers: int, registry: Any, hashes: dict[str, str] | None = None, keep_adapters: bool = False, **settings: Any):
         ray = ray_module()
         if ray is None:
             raise RuntimeError("engine.workers needs Ray: pip install -e '.[ray]'")
         self.ray = ray
         start_ray(ray)
-        settings = {k: v for k, v in settings.items() if k not in ("workers", "kind")}
+        settings = {k: v for k, v in settings.items() if k not in ("workers", "kind")} | {"keep_adapters": keep_adapters}
         gpus = 1 if (ray.cluster_resources().get("GPU", 0) >= 1 and str(settings.get("device", "auto")) != "cpu") else 0
         actor = ray.remote(num_gpus=gpus, num_cpus=0 if gpus else 1, max_restarts=0)(EngineWorker)
         self.workers = [actor.remote(registry, settings, dict(hashes or {})) for _ in range(max(1, int(workers)))]

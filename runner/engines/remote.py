@@ -16,19 +16,23 @@ import base64
 import binascii
 import io
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pandas as pd
+from omegaconf import DictConfig
 from PIL import Image
 
+from runner.config import Policy
 from runner.engines.base import ImageResult
-from runner.engines.remote_policy import Policy
+from runner.errors import UserError
 from runner.request import to_api_fields
 
 log = logging.getLogger(__name__)
@@ -234,6 +238,7 @@ class RemoteEngine:
         max_in_flight: int = 5,
         max_steps: int = 50,
         policy: Policy = Policy(),
+        keep_adapters: bool = False,  # the provider holds the models and LoRAs: nothing to keep here
         **_: Any,
     ):
         self._stop = threading.Event()  # set when generation ends or is interrupted: waits end at once
@@ -348,3 +353,29 @@ class RemoteEngine:
     def close(self) -> None:
         self._stop.set()
         self.client.close()
+
+
+def require_api_key(cfg: DictConfig) -> str:
+    """The provider's key, from the environment variable (or file) the config names; never from YAML."""
+    if cfg.engine.get("api_key_file"):
+        try:
+            key = Path(cfg.engine.api_key_file).expanduser().read_text().strip()
+        except OSError as exc:
+            raise UserError(f"engine.api_key_file: cannot read {cfg.engine.api_key_file} ({exc.strerror})") from None
+    else:
+        key = os.environ.get(cfg.engine.api_key_env, "").strip()
+    if not key:
+        raise UserError(
+            f"engine.api_key_env: the remote engine needs an API key; set it with: export {cfg.engine.api_key_env}=YOUR_KEY "
+            "(or set engine.api_key_file=PATH)"
+        )
+    return key
+
+
+def with_remote_ids(pending: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
+    """Rows an earlier run submitted but did not finish carry their remote id: fetch, do not pay twice."""
+    if "meta.remote_id" not in results:
+        return pending
+    known = results.dropna(subset=["meta.remote_id"])
+    known = known[known["meta.remote_id"].astype(str) != ""].set_index("id")["meta.remote_id"]
+    return pending.assign(remote_id=pending["id"].map(known).fillna(""))

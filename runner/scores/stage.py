@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from runner.request import FIELDS, NOT_IN_ID, Problem
+from runner.errors import Problem
+from runner.request import FIELDS, NOT_IN_ID
 
 BUILTIN_SCORES = ("clip_score", "lora_effect", "seed_spread")
 # what a cell is: every field that decides the pixels but the seed (and `samples`, which the plan expands into seeds)
@@ -73,14 +74,14 @@ def requested_scorers(names: list[str], clip_id: str, scorers: Mapping[str, Mapp
     def entry(scorer_id: str, where: str) -> ScorerEntry | None:
         spec = scorers.get(scorer_id)
         if not isinstance(spec, Mapping) or not spec.get("source"):
-            from runner.request import did_you_mean
+            from runner.errors import did_you_mean
 
             hint = did_you_mean(scorer_id, list(scorers)) or f"register it under scorers: (known: {', '.join(scorers) or 'none'})"
             problems.append(Problem(where, f"unknown scorer '{scorer_id}'", hint))
             return None
         unknown = sorted(set(spec) - SCORER_KEYS)
         if unknown:
-            from runner.request import did_you_mean
+            from runner.errors import did_you_mean
 
             problems.append(Problem(f"scorers.{scorer_id}.{unknown[0]}", "unknown key", did_you_mean(unknown[0], SCORER_KEYS)))
             return None

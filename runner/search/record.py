@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from runner.search.spec import SearchSpec, grid_cells
+from runner.search.spec import SearchSpec, grid_settings
 
 
 def write_search_files(root: Path, study: Any, spec: SearchSpec, records: list, per_trial: int, comparison: dict | None = None) -> Any:
@@ -41,7 +41,7 @@ def write_search_files(root: Path, study: Any, spec: SearchSpec, records: list, 
         pick = max if spec.direction == "maximize" else min
         best = pick(complete, key=lambda r: r.value)
     distinct = {i for r in records for i in r.ids}
-    cells = grid_cells(spec)
+    settings = grid_settings(spec)
     summary = {
         "objective": spec.objective.text,
         "direction": spec.direction,
@@ -52,7 +52,7 @@ def write_search_files(root: Path, study: Any, spec: SearchSpec, records: list, 
         "trials_failed": sum(r.state == "FAIL" for r in records),
         "images_per_trial": per_trial,
         "images_generated": len(distinct),
-        "full_grid": {"settings": len(cells), "images": len(cells) * per_trial} if cells is not None else None,
+        "full_grid": {"settings": len(settings), "images": len(settings) * per_trial} if settings is not None else None,
         "grid_at_budget": comparison,  # search.compare_grid: what a grid of at most `trials` settings found
         "space": [p.describe() for p in spec.params],
         "best": {"trial": best.number, "value": best.value, "params": best.params, "means": best.means, "ids": best.ids} if best else None,

@@ -1,7 +1,7 @@
 """The `search:` section of a sweep file -> a search space, an objective, and each trial's request.
 
 Pure: no Optuna, no torch, no I/O. A trial is anything with Optuna's `suggest_float`,
-`suggest_int` and `suggest_categorical` (an Optuna trial, or `Fixed` for the probe requests that
+`suggest_int` and `suggest_categorical` (an Optuna trial, or `GivenTrial` for the probe requests that
 validation checks before the first image).
 """
 
@@ -14,8 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from runner.errors import Problem, did_you_mean
 from runner.plan import PlanError, expand_values
-from runner.request import FIELDS, NOT_IN_ID, Problem, did_you_mean, join_strengths, split_loras
+from runner.request import FIELDS, NOT_IN_ID, join_strengths, split_loras
 
 SAMPLERS = ("tpe", "cmaes", "random", "grid")
 DIRECTIONS = ("maximize", "minimize")
@@ -115,8 +116,8 @@ class SearchSpec:
         return repr((space, self.objective.text.replace(" ", ""), self.direction, self.seeds, self.sampler))
 
 
-class Fixed:
-    """A trial with given values (validation's probe requests, and the cells of `sampler: grid`)."""
+class GivenTrial:
+    """A trial whose values are given instead of asked of Optuna: validation's probes, a killed run's trials, grid settings."""
 
     def __init__(self, values: Mapping[str, Any]):
         self.params = dict(values)
@@ -417,7 +418,7 @@ def trial_params(spec: SearchSpec, request: Mapping[str, Any]) -> dict[str, Any]
     return shown
 
 
-def probe_trials(spec: SearchSpec) -> list[Fixed]:
+def probe_trials(spec: SearchSpec) -> list[GivenTrial]:
     """Trials that reach every end of every range and every choice, for validation before the first image.
 
     Each range at its low and then its high end, with every choice of each categorical field tried
@@ -426,14 +427,14 @@ def probe_trials(spec: SearchSpec) -> list[Fixed]:
     probes = []
     for end in (0, -1):
         start = {p.name: p.extremes()[end if p.kind != "categorical" else 0] for p in spec.params}
-        probes.append(Fixed(start))
+        probes.append(GivenTrial(start))
         for p in spec.params:
             if p.kind == "categorical":
-                probes += [Fixed({**start, p.name: choice}) for choice in p.choices[1:]]
+                probes += [GivenTrial({**start, p.name: choice}) for choice in p.choices[1:]]
     return probes
 
 
-def grid_cells(spec: SearchSpec, levels: Mapping[str, list[Any]] | None = None) -> list[dict[str, Any]] | None:
+def grid_settings(spec: SearchSpec, levels: Mapping[str, list[Any]] | None = None) -> list[dict[str, Any]] | None:
     """Every setting of the space at its steps (None if a range is continuous): `sampler: grid`, and the full grid's size.
 
     `levels` replaces a parameter's own values (`budget_grid`'s coarser grid).
@@ -457,11 +458,11 @@ def grid_cells(spec: SearchSpec, levels: Mapping[str, list[Any]] | None = None) 
         for values in itertools.product(*strength_levels):
             setting = {f"{STRENGTH}{n}": v for n, v in zip(names, values)}
             lora_settings.append({"lora_model": blend, **setting} if blend_param else setting)
-    cells = []
+    settings = []
     for values in itertools.product(*other_levels):
         for lora_setting in lora_settings:
-            cells.append({**{p.name: v for p, v in zip(others, values)}, **lora_setting})
-    return cells
+            settings.append({**{p.name: v for p, v in zip(others, values)}, **lora_setting})
+    return settings
 
 
 def coarse_levels(param: Param, count: int) -> list[Any]:
@@ -490,7 +491,7 @@ def budget_grid(spec: SearchSpec, budget: int, most_levels: int = 10) -> tuple[l
     """
     for count in range(most_levels, 0, -1):
         levels = {p.name: coarse_levels(p, count) for p in spec.params}
-        cells = grid_cells(spec, levels) or []
-        if len(cells) <= budget or count == 1:
-            return cells, levels
+        settings = grid_settings(spec, levels) or []
+        if len(settings) <= budget or count == 1:
+            return settings, levels
     raise AssertionError("unreachable")

@@ -14,6 +14,9 @@ import sys
 
 from omegaconf import DictConfig
 
+from runner.errors import UserError
+from runner.server.service import Service
+
 
 def port_problem(host: str, port: int) -> str | None:
     """A one-line error if the address cannot be bound (uvicorn would log a traceback-like report)."""
@@ -33,21 +36,17 @@ def stop_on_sigterm(signum: int, frame: object) -> None:
 
 def serve(cfg: DictConfig) -> None:
     """Load the engine once, then answer requests until Ctrl-C / SIGTERM; unfinished jobs stay queued for the next start."""
+    # FastAPI and uvicorn here, not at the top: every command imports this package, only `serve` needs them (0.5 s)
     import uvicorn
 
-    from runner.run import UserError
     from runner.server.app import create_app
-    from runner.server.service import Service, ServiceError
 
     host, port = str(cfg.serve.host), int(cfg.serve.port)
     problem = port_problem(host, port)
     if problem:
         raise UserError(problem)
     print(f"lora-sweep serve: loading model '{cfg.model.id}' ...", flush=True)
-    try:
-        service = Service(cfg)
-    except ServiceError as exc:
-        raise UserError(str(exc)) from None
+    service = Service(cfg)
     try:
         info = service.describe()
         shown = "localhost" if host in ("127.0.0.1", "::1") else host

@@ -21,15 +21,20 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from runner.prepare import CheckedRows, engine_setting_problems, prepare_request, registry_entries
+from runner.engines.base import ImageResult
+from runner.errors import UserError
+from runner.prepare import CheckedRows, PreparedSweep, engine_setting_problems, prepare_request, registry_entries
 from runner.registry import HashCache, resolve_all
 from runner.request import FIELDS, parse_field
 from runner.server.auth import KeyCheck
 from runner.server.jobs import Job, JobStore
-from runner.store import SweepLocked, SweepStore
+from runner.sweep import SweepSession
+from runner.sweep.generation import feed_writer
+from runner.world.assets import copy_demo_world_if
 
 log = logging.getLogger("lora_sweep.serve")
 
@@ -46,16 +51,10 @@ def yes_no(value: Any) -> str:
     return "yes" if value else "no"
 
 
-class ServiceError(Exception):
-    """The server cannot start: one line naming the setting and the fix."""
-
-
 class Service:
+    """The server's life is a sweep session's (its folder, MLflow parent, engine and writer) with a job queue in front."""
+
     def __init__(self, cfg: DictConfig):
-        from runner.run import SINGULAR, copy_demo_world_if
-
-        self.tracking_uri: str | None = None
-
         self.cfg = cfg
         self.settings = cfg.serve
         try:
@@ -63,41 +62,19 @@ class Service:
                 cfg.serve.api_keys_env, cfg.serve.api_keys_file, bool(cfg.serve.allow_no_auth), str(cfg.serve.host)
             )
         except ValueError as exc:
-            raise ServiceError(str(exc)) from None
+            raise UserError(str(exc)) from None
         problems = engine_setting_problems(cfg)
         if problems:
-            raise ServiceError(problems[0])
-        self.store = SweepStore(Path(cfg.paths.outputs) / cfg.serve.name)
-        try:
-            self.store.acquire()
-        except SweepLocked as exc:
-            raise ServiceError(f"serve.name: {exc}") from None
-        self.jobs = JobStore(self.store.root / "jobs.db")
+            raise UserError(problems[0])
         self.hashes = HashCache(Path(cfg.paths.outputs) / ".cache" / "hashes.json")
         entries = registry_entries(cfg)
-        copy_demo_world_if(any((e or {}).get("builtin") for group in entries.values() for e in group.values()), cfg)
+        copy_demo_world_if(any((e or {}).get("builtin") for group in entries.values() for e in group.values()), cfg.paths.assets)
         # every configured file, resolved and hashed once: requests name them by id
         self.registry = resolve_all(entries, {k: set(v) for k, v in entries.items()}, self.hashes)
         for problem in self.registry.problems:
             log.warning("not served: %s", problem)
         if cfg.model.id not in self.registry.models:
-            raise ServiceError(f"model.id: the default model '{cfg.model.id}' cannot be loaded; fix its models: entry or choose another")
-
-        from runner.engines import create_engine
-
-        settings = OmegaConf.to_container(cfg.engine, resolve=True)
-        settings.pop("kind")
-        settings.pop("workers", None)  # one engine per server; more GPUs: one server each, behind a proxy
-        self.engine = create_engine("local", registry=self.registry, upscaler=OmegaConf.to_container(cfg.upscaler), **settings)
-        self.engine.keep_adapters = True
-        self.engine.prepare(pd.DataFrame({"model_id": [cfg.model.id], "lora_model": [""]}))  # the pipeline, once, at start
-
-        file_hashes = {f"{SINGULAR[kind]}:{k}": v.sha256 for kind, group in self.registry.files().items() for k, v in group.items()}
-        tags = {"lora_sweep.sweep": cfg.serve.name, "engine": "local", "served": "true"}
-        tags |= {f"lib.{k}" if k not in ("engine", "device", "dtype") else k: v for k, v in self.engine.describe().items()}
-        self.tracker = self._open_tracker(tags)
-
-        from runner.writer import BackgroundWriter
+            raise UserError(f"model.id: the default model '{cfg.model.id}' cannot be loaded; fix its models: entry or choose another")
 
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -111,29 +88,38 @@ class Service:
         self._waiting_on: dict[str, set[int]] = {}  # image id -> the jobs waiting for it
         self._started_ids: set[str] = set()  # image ids handed to the engine
         self._done_events: dict[int, threading.Event] = {}
-        self._rows: dict[str, dict[str, Any]] = {}  # the writer's view of images in flight (dropped once written)
-        self._done_ids = self.store.ok_ids()
         self.seconds_per_image = 1.0  # measured from every engine call (eta)
         self.images_made = 0
-        self.writer = BackgroundWriter(self.store, self.tracker, self._rows, file_hashes, tags, on_written=self._written)
+
+        self.session = SweepSession(
+            cfg,
+            PreparedSweep(cfg.serve.name, pd.DataFrame(), self.registry, None),
+            folder=Path(cfg.paths.outputs) / cfg.serve.name,
+            experiment=cfg.serve.name,
+            lock_setting="serve.name",
+            run_tags={"served": "true"},
+            parent_params={"served": "true"},
+            name_axes=["lora_model", "lora_strength", "seed"],
+            keep_adapters=True,  # the next request likely uses a LoRA again
+            one_process=True,  # one engine per server; more GPUs: one server each, behind a proxy
+            on_written=self._written,
+        ).open()
+        try:
+            self.store, self.tracker = self.session.store, self.session.tracker
+            self.tracking_uri = self.session.summary.tracking_uri
+            self.jobs = JobStore(self.store.root / "jobs.db")
+            self._rows = self.session.rows  # the writer's view of images in flight (dropped once written)
+            self._done_ids = self.store.ok_ids()
+            generation = self.session.generation()
+            self.engine, self.writer = generation.engine, generation.writer
+            self.engine.prepare(pd.DataFrame({"model_id": [cfg.model.id], "lora_model": [""]}))  # the pipeline, once, at start
+        except BaseException:
+            self.session.close("FAILED")
+            raise
         for job in self.jobs.unfinished():  # a restart: run again what was queued or running
             self._enqueue(job)
         self._worker = threading.Thread(target=self._work, name="lora-sweep-serve", daemon=True)
         self._worker.start()
-
-    # ------------------------------------------------------------ setup
-
-    def _open_tracker(self, tags: dict[str, str]):
-        from runner.run import UserError, open_tracker
-
-        try:
-            tracker, self.tracking_uri = open_tracker(self.cfg, experiment=self.cfg.serve.name)
-            if tracker is not None:
-                tracker.start_parent(self.cfg.serve.name, tags, {"served": "true"})
-                tracker.name_axes = ["lora_model", "lora_strength", "seed"]
-        except UserError as exc:
-            raise ServiceError(str(exc)) from None
-        return tracker
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -400,9 +386,6 @@ class Service:
             self._running = []
 
     def _generate(self, frame: pd.DataFrame) -> None:
-        from runner.engines.base import ImageResult
-        from runner.generation import feed_writer
-
         started = time.perf_counter()
         made = 0
         try:
@@ -461,8 +444,6 @@ class Service:
 
     def _call_webhook(self, job_id: int) -> None:
         """POST the final reply once (best effort, one timeout, no retries), with track_id echoed."""
-        import httpx
-
         job = self.jobs.get(job_id)
         if job is None or not job.options.get("webhook"):
             return
@@ -486,14 +467,8 @@ class Service:
         with self._lock:
             self._wake.notify_all()
         self._worker.join(timeout=60)
-        self.writer.close()
+        self.session.close_generation()  # the writer finishes what was made (and its jobs), then the engine goes
         for thread in list(self._webhooks):
             thread.join(timeout=float(self.settings.webhook_timeout_s) + 1)
-        self.engine.close()
-        if self.tracker is not None:
-            try:
-                self.tracker.client.set_terminated(self.tracker.parent_id, "FINISHED")
-            except Exception as exc:
-                log.warning("could not end the MLflow parent run (%s)", str(exc).splitlines()[0][:160])
         self.jobs.close()
-        self.store.release()
+        self.session.close("FINISHED")

@@ -101,7 +101,7 @@ def train_clip(steps: int, batch: int, seed: int):
     import torch
     from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
 
-    from runner.assets import byte_tokenizer, tiny_text_config
+    from runner.world.assets import byte_tokenizer, tiny_text_config
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -137,7 +137,7 @@ def train_vae(steps: int, batch: int, seed: int):
     """Mostly on 64 px crops (4x cheaper; the autoencoder is convolutional), the last fifth on whole pictures."""
     import torch
 
-    from runner.assets import tiny_vae
+    from runner.world.assets import tiny_vae
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 1)

@@ -13,17 +13,28 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 
-from runner.run import UserError
-from runner.store import SweepLocked, SweepStore
+from runner.config import CONF_DIR, Config, config_yaml
+from runner.engines.factory import create_engine
+from runner.errors import UserError
+from runner.plan import image_id
+from runner.prepare import PreparedSweep, registry_identity, score_entries, wanted_files
+from runner.registry import SINGULAR, HashCache, resolve_all
+from runner.request import FIELDS, parse_request
+from runner.store import SweepStore
+from runner.sweep import SweepSession
+from runner.sweep.session import write_report
+from runner.tracking import open_tracker
+from runner.validate import local_pipeline
+from runner.world.assets import copy_demo_world_if
 
 
 def folder_config(store: SweepStore, overrides: list[str] = ()) -> DictConfig:
     """The sweep's saved config (checked against the schema) with `key=value` overrides applied."""
-    from runner.config import Config
-
     if not store.plan_path.exists() or not store.config_path.exists():
         raise UserError(
             f"{store.root} has no plan.parquet and config.yaml; give a sweep folder written by lora-sweep run (e.g. outputs/demo)"
@@ -45,8 +56,6 @@ CONFIG_GROUPS = ("model", "engine", "tracking", "scores")
 
 def group_choice(override: str) -> DictConfig:
     """`tracking=none` and friends: the group's file from conf/, placed where Hydra would put it."""
-    from runner.cli import CONF_DIR
-
     group, _, option = override.partition("=")
     path = CONF_DIR / group / f"{option}.yaml"
     if not path.exists():
@@ -59,16 +68,11 @@ def group_choice(override: str) -> DictConfig:
 
 def report_folder(folder: str, out: TextIO = sys.stdout) -> Path:
     """`lora-sweep report`: the whole report from what the folder holds now (no lock: the sweep may be running)."""
-    from runner.report import make_report
-    from runner.run import user_command
-
     store = SweepStore(folder)
     cfg = folder_config(store)
     plan = store.read_plan()
     results = store.read_results()
-    files = make_report(
-        store, plan, results, cfg.sweep.report, list(cfg.sweep.scores), cfg.sweep.name, cfg.sweep.description, user_command()
-    )
+    files = write_report(cfg, store, plan, results)
     done = int((results["status"].isin(["ok", "failed"]) & results["id"].isin(plan["id"])).sum()) if len(results) else 0
     print(f"report of {done} of {len(plan)} images: {files.html}", file=out)
     print(f"grids:  {len(files.grids)} in {store.grids}" + (f"; ranking: {files.ranking_csv}" if files.ranking_csv else ""), file=out)
@@ -77,9 +81,6 @@ def report_folder(folder: str, out: TextIO = sys.stdout) -> Path:
 
 def score_folder(folder: str, overrides: list[str], out: TextIO = sys.stdout) -> int:
     """`lora-sweep score`: scores the finished images lack, onto their MLflow runs; then the report again."""
-    from runner.prepare import score_entries
-    from runner.run import Summary, config_yaml, copy_demo_world_if, open_tracker, score_stage, write_report
-
     store = SweepStore(folder)
     cfg = folder_config(store, overrides)
     if not cfg.sweep.scores:
@@ -89,39 +90,21 @@ def score_folder(folder: str, overrides: list[str], out: TextIO = sys.stdout) ->
     scorers, problems = score_entries(cfg)
     if problems:
         raise UserError(problems)
-    copy_demo_world_if(any(entry.builtin for entry in scorers.values()), cfg)
-    try:
-        store.acquire()
-    except SweepLocked as exc:
-        raise UserError(f"sweep.name: {exc}") from None
-    try:
-        plan = store.read_plan()
-        results = store.read_results()
-        tracker, uri = open_tracker(cfg)
-        if tracker is not None and tracker.attach_parent() is None:
-            print(f"note: no MLflow runs of '{cfg.sweep.name}' at {uri}; scores go to the sweep folder only", file=out)
-            tracker = None
-        scored = score_stage(cfg, scorers, store, plan, results, tracker, out)
+    copy_demo_world_if(any(entry.builtin for entry in scorers.values()), cfg.paths.assets)
+    plan = store.read_plan()
+    prepared = PreparedSweep(cfg.sweep.name, plan, registry=None, identity=None, scorers=scorers)
+    with SweepSession(cfg, prepared, out=out, folder=store.root, attach=True) as session:
+        scored = session.score(plan)
         if not scored:
             print(f"nothing to score: every finished image already has {', '.join(cfg.sweep.scores)}", file=out)
-        if tracker is not None:  # scores computed while MLflow was down reach their runs now
-            backfilled = tracker.log_scores(store.read_scores(), only_missing=True)
+        if session.tracker is not None:  # scores computed while MLflow was down reach their runs now
+            backfilled = session.tracker.log_scores(store.read_scores(), only_missing=True)
             if backfilled:
                 print(f"logged the scores of {backfilled} images to MLflow that their runs did not have", file=out)
-        results = store.snapshot()
         store.write_config(config_yaml(cfg))  # the report (and a later `score`) show the scores asked for
-        summary = Summary(cfg.sweep.name, store.root, len(plan))
-        write_report(cfg, store, plan, results, summary)
-        if tracker is not None:
-            for path, where in ((summary.report, "report"), (store.root / "ranking.csv", "report/ranking")):
-                if path and path.exists():
-                    tracker.client.log_artifact(tracker.parent_id, str(path), where)
-            if summary.ranking is not None:
-                tracker.log_ranking(summary.ranking.drop(columns=["ids"], errors="ignore"))
-        print(f"report: {summary.report}", file=out)
+        files = session.publish_report(plan)
+        print(f"report: {files.html}", file=out)
         return scored
-    finally:
-        store.release()
 
 
 # ---------------------------------------------------------------- reproduce
@@ -141,46 +124,33 @@ def find_record(outputs: Path, key: str) -> tuple[SweepStore, dict[str, Any]] | 
 def records_from_mlflow(cfg: DictConfig, run_id: str) -> tuple[list[dict[str, Any]], dict[str, str], str]:
     """An image's request from its MLflow run's params (first), the other images of its batch from theirs,
     the file hashes from its tags, and its sweep name."""
-    from runner.run import open_tracker
-
     tracker, uri = open_tracker(cfg)
     if tracker is None:
         raise UserError("tracking.enabled: MLflow is off, so a run id cannot be looked up; give the image id instead")
-    try:
-        run = tracker.client.get_run(run_id)
-    except Exception:
-        raise UserError(f"reproduce: '{run_id}' is neither an image id under {cfg.paths.outputs} nor a run in MLflow at {uri}") from None
-    tags = run.data.tags
+    found = tracker.image_run(run_id)
+    if found is None:
+        raise UserError(f"reproduce: '{run_id}' is neither an image id under {cfg.paths.outputs} nor a run in MLflow at {uri}")
+    params, tags, experiment_id = found
     if "lora_sweep.id" not in tags:
         raise UserError(f"reproduce: MLflow run {run_id} is not an image of a lora-sweep sweep (no lora_sweep.id tag)")
     hashes = {k: v for k, v in tags.items() if k.endswith(".sha256")}
 
-    def record(run) -> dict[str, Any]:
-        tags, params = run.data.tags, run.data.params
+    def record(params: dict[str, str], tags: dict[str, str]) -> dict[str, Any]:
         return {**params, "id": tags["lora_sweep.id"], "scheduler_used": tags.get("scheduler_used") or params.get("scheduler")}
 
-    records = [record(run)]
+    records = [record(params, tags)]
     for other in str(tags.get("meta.batch") or "").split():
         if other == tags["lora_sweep.id"]:
             continue
-        found = tracker.client.search_runs([run.info.experiment_id], filter_string=f"tags.`lora_sweep.id` = '{other}'", max_results=1)
-        if not found:
+        member = tracker.find_image_run(experiment_id, other)
+        if member is None:
             return records[:1], hashes, tags.get("lora_sweep.sweep", "")  # its batch is not all there: the image alone
-        records.append(record(found[0]))
+        records.append(record(member[1], member[2]))
     return records, hashes, tags.get("lora_sweep.sweep", "")
 
 
 def reproduce(key: str, overrides: list[str], cfg: DictConfig, out: TextIO = sys.stdout) -> bool:
     """Regenerate one image from its record alone; True when the pixels are identical to the stored image."""
-    import numpy as np
-    from PIL import Image
-
-    from runner.plan import image_id
-    from runner.prepare import registry_identity, wanted_files
-    from runner.registry import HashCache, resolve_all
-    from runner.request import FIELDS, parse_request
-    from runner.run import SINGULAR, ensure_builtin_assets_for
-
     outputs = Path(cfg.paths.outputs)
     found = find_record(outputs, key)
     stored_png: Path | None = None
@@ -212,7 +182,9 @@ def reproduce(key: str, overrides: list[str], cfg: DictConfig, out: TextIO = sys
 
     wanted = wanted_files(pd.DataFrame([row]))
     entries = {name: OmegaConf.to_container(sweep_cfg[name], resolve=True) for name in ("models", "loras", "vaes", "embeddings")}
-    ensure_builtin_assets_for(sweep_cfg, entries, wanted)
+    copy_demo_world_if(
+        any((entries.get(kind) or {}).get(i, {}).get("builtin") for kind, ids in wanted.items() for i in ids), sweep_cfg.paths.assets
+    )
     hashes = HashCache(outputs / ".cache" / "hashes.json")
     registry = resolve_all(
         entries, wanted, hashes, OmegaConf.to_container(sweep_cfg.upscaler, resolve=True) if row.get("upscale") else None
@@ -258,9 +230,6 @@ def clean(row: dict[str, Any]) -> dict[str, Any]:
 
 def generate_batch(cfg: DictConfig, registry, rows: list[dict[str, Any]], target: str):
     """The image `target`, generated in the batch it was first made in (same members, one engine call)."""
-    from runner.engines import create_engine
-    from runner.validate import local_pipeline
-
     family = next(iter(registry.models.values())).family if registry.models else "sd"
     prepared = []
     for row in rows:
@@ -284,10 +253,5 @@ def generate_batch(cfg: DictConfig, registry, rows: list[dict[str, Any]], target
 
 
 def download_run_image(cfg: DictConfig, run_id: str, image_id: str, where: Path) -> Path | None:
-    from runner.run import open_tracker
-
     tracker, _ = open_tracker(cfg)
-    try:
-        return Path(tracker.client.download_artifacts(run_id, f"{image_id}.png", str(where / ".mlflow")))
-    except Exception:
-        return None
+    return tracker.download_image(run_id, image_id, where / ".mlflow") if tracker is not None else None

@@ -23,7 +23,7 @@ RECIPE_VERSION = 3  # bump when what ensure_demo_assets writes changes (3: the t
 DEMO_MODEL_DIR = "tiny-sd"
 DEMO_LORAS = ("sunset", "stripes", "star")
 DEMO_FILES = ("tiny-sd", "loras", "tiny-clip", "aesthetic.safetensors", "manifest.json", "world.json")
-SHIPPED = Path(__file__).resolve().parent / "world" / "files"
+SHIPPED = Path(__file__).resolve().parent / "files"
 TEXT_ENCODER_LAYERS = 8  # enough for clip_skip up to 8
 
 
@@ -181,3 +181,12 @@ def ensure_demo_assets(assets_dir: str | os.PathLike) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return assets_dir
+
+
+def copy_demo_world_if(needed: bool, assets_dir: str | os.PathLike) -> bool:
+    """Copy the demo's world into `assets_dir` when something uses it and it is not there (or older); True if copied."""
+    if not needed or demo_assets_ready(Path(assets_dir)):
+        return False
+    print(f"copying the demo's tiny world (model, LoRAs, scorers) into {assets_dir} (once) ...", flush=True)
+    ensure_demo_assets(assets_dir)
+    return True

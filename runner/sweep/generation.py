@@ -1,65 +1,70 @@
 """The one generation loop: rows -> engine -> background writer (store, journal, MLflow), for `run`, `serve` and a search.
 
-`Generation` opens the engine and the writer once; `run` feeds it a sweep's pending rows, a search
-each batch of trials' rows; `serve` drives `feed_writer` with its own queue. The writer stores and
-logs off the generation path; results come back in the order the engine finishes them.
+`Generation` opens the engine and the writer once; the sweep session feeds it a sweep's pending rows,
+a search each batch of trials' rows; `serve` drives `feed_writer` with its own queue. The writer
+stores and logs off the generation path; results come back in the order the engine finishes them.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-if TYPE_CHECKING:
-    from runner.prepare import PreparedSweep
-    from runner.run import Summary
-    from runner.store import SweepStore
+from runner.engines.base import Engine
+from runner.engines.factory import create_engine
+from runner.registry import Registry
+from runner.store import SweepStore
+from runner.sweep.summary import Summary
+from runner.writer import BackgroundWriter
 
 
 class Generation:
     """The engine and the background writer, opened once for a run: a sweep calls `run` once, a search once per batch of trials.
 
     The pipeline and its LoRAs stay loaded between calls; `run` returns when every image it made is written.
+    `keep_adapters` keeps every loaded LoRA (a search's later trials and a server's next requests reuse them);
+    `one_process` ignores engine.workers (a server runs one engine; more GPUs: one server each).
     """
 
     def __init__(
         self,
         cfg: DictConfig,
-        prepared: PreparedSweep,
+        *,
+        registry: Registry,
         store: SweepStore,
-        tracker,
-        rows: dict,
-        hashes,
-        base_tags,
-        api_key=None,
-        keep_adapters=False,
+        tracker: Any,
+        rows: Mapping[str, Mapping[str, Any]],
+        hashes: Mapping[str, str],
+        tags: Mapping[str, str],
+        api_key: str | None = None,
+        keep_adapters: bool = False,
+        one_process: bool = False,
+        on_written: Callable[[dict[str, Any]], None] | None = None,
     ):
-        from runner.engines import create_engine
-        from runner.writer import BackgroundWriter
-
         settings = OmegaConf.to_container(cfg.engine, resolve=True)
+        kind = settings.pop("kind")
+        if one_process:
+            settings.pop("workers", None)
         self.cfg = cfg
-        self.engine = create_engine(
-            settings.pop("kind"),
-            registry=prepared.registry,
+        self.engine: Engine = create_engine(
+            kind,
+            registry=registry,
             upscaler=OmegaConf.to_container(cfg.upscaler),
             api_key=api_key,
             hashes=hashes,  # Ray workers write the PNG text chunks with them
+            keep_adapters=keep_adapters,
             **settings,
         )
-        if keep_adapters and hasattr(self.engine, "keep_adapters"):  # a search's later trials reuse them
-            self.engine.keep_adapters = True
-        self.writer = None
+        self.writer: BackgroundWriter | None = None
         try:
-            tags = {
-                **base_tags,
-                **{f"lib.{k}" if k not in ("engine", "device", "dtype") else k: v for k, v in self.engine.describe().items()},
-            }
-            self.writer = BackgroundWriter(store, tracker, rows, hashes, tags, cfg.tracking.queue_size)
+            described = {f"lib.{k}" if k not in ("engine", "device", "dtype") else k: v for k, v in self.engine.describe().items()}
+            self.tags = {**tags, **described}
+            self.writer = BackgroundWriter(store, tracker, rows, hashes, self.tags, cfg.tracking.queue_size, on_written=on_written)
         except BaseException:
             self.engine.close()
             raise
@@ -122,7 +127,7 @@ def feed_writer(engine, rows: pd.DataFrame, writer, stop: Any = None):
 
 def progress_state(engine, summary: Summary) -> dict[str, Any]:
     """What the progress bar shows beside rate and ETA: failures, and a remote engine's queue."""
-    state = getattr(engine, "state", None)
+    state = engine.state
     if state is None:
         return {"failed": summary.failed}
     shown = {"queued": state.queued, "processing": state.processing, "failed": summary.failed}
