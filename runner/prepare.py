@@ -26,6 +26,7 @@ from runner.registry import (
     resolve_all,
 )
 from runner.request import Limits, split_loras
+from runner.scores import ScoreProblem, requested_scorers
 from runner.validate import validate_plan
 
 
@@ -254,8 +255,6 @@ def prepare_request(raw: dict[str, Any], cfg: DictConfig, hashes: HashCache | No
 
 def score_entries(cfg: DictConfig) -> tuple[dict[str, Any], list[str]]:
     """The scorers `sweep.scores` needs, checked before the first image (as models and LoRAs are)."""
-    from runner.scores import ScoreProblem, requested_scorers
-
     names = list(cfg.sweep.get("scores") or [])
     if not names:
         return {}, []

@@ -242,7 +242,7 @@ def check_model_folder(entry: str, folder: Path) -> Problem | None:
     return None
 
 
-def _hub_cache_path(repo_id: str) -> Path | None:
+def hub_cache_path(repo_id: str) -> Path | None:
     """The local snapshot of a hub repo, or None. Never downloads."""
     try:
         from huggingface_hub import snapshot_download
@@ -267,7 +267,7 @@ def resolve_model(
         return _resolve_checkpoint(model_id, path, entry.get("config"), hashes, at)
     folder = path if path.is_dir() else None
     if folder is None and HUB_ID.match(source) and not source.endswith(WEIGHT_SUFFIXES):
-        folder = _hub_cache_path(source)
+        folder = hub_cache_path(source)
         if folder is None:
             return None, Problem(
                 where,
@@ -325,7 +325,7 @@ def _resolve_checkpoint(
         )
     folder = Path(repo).expanduser()
     if not folder.is_dir():
-        folder = _hub_cache_path(repo) if HUB_ID.match(repo) else None
+        folder = hub_cache_path(repo) if HUB_ID.match(repo) else None
     if folder is None or not (folder / "model_index.json").exists():
         hint = f"pre-download its configs: huggingface-cli download {repo} --include '*.json' '*.txt'" if HUB_ID.match(repo) else ""
         return None, Problem(
@@ -344,7 +344,7 @@ def resolve_lora(lora_id: str, source: str, weight_name: str | None, hashes: Has
     where = f"loras.{lora_id}.source"
     path = Path(source).expanduser()
     if path.is_dir() or (not path.exists() and HUB_ID.match(source) and not source.endswith(WEIGHT_SUFFIXES)):
-        folder = path if path.is_dir() else _hub_cache_path(source)
+        folder = path if path.is_dir() else hub_cache_path(source)
         if folder is None:
             return None, Problem(
                 where, f"hub LoRA '{source}' is not in the local cache", f"pre-download it with: huggingface-cli download {source}"

@@ -3,6 +3,9 @@
 Uses `MlflowClient` with explicit run ids (no global active run), so the background writer can log
 from its own thread. Child runs are keyed by the image id (tag `lora_sweep.id`): a sweep that is
 continued reuses the run of an id instead of logging it twice.
+
+MLflow itself is imported inside the methods that use it: `lora-sweep plan` and runs with
+tracking=none never pay its import (about 2 s).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 from runner.errors import UserError
 from runner.request import FIELDS, split_loras, split_strengths
+from runner.tracking_sql import BulkRunWriter, RunRows
 
 log = logging.getLogger(__name__)
 
@@ -241,8 +245,6 @@ class Tracker:
                 if EXPERIMENT_KIND_TAG not in found.tags:
                     self._client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
         self.experiment_id = experiment_id
-        from runner.tracking_sql import BulkRunWriter
-
         self._artifact_location = self._client.get_experiment(experiment_id).artifact_location
         self._artifact_root = _local_folder(self._artifact_location)
         # None for a tracking server, or artifacts that are not local files: run by run through the client
@@ -441,8 +443,6 @@ class Tracker:
         in one transaction."""
         import shutil
         import uuid
-
-        from runner.tracking_sql import RunRows
 
         root = self._artifact_root
         assert self._bulk is not None and root is not None

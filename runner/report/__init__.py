@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 
 from runner.report.grid import make_grids
+from runner.report.html import write_html
 from runner.report.ranking import default_rank_by, plot_curves, rank_cells, response_curves
 
 
@@ -37,8 +38,6 @@ def make_report(
     command: str = "",
 ) -> ReportFiles:
     """Grids, ranking.csv, response curves and report.html into the sweep folder."""
-    from runner.report.html import write_html
-
     root = Path(store.root)
     grid = report.grid
     grids = make_grids(
@@ -65,7 +64,19 @@ def make_report(
         curves = [path] if path else []
     config_text = store.config_path.read_text() if store.config_path.exists() else ""
     html = write_html(
-        root, name, description, plan, results, ranking, rank_by, scores, curves, grids, config_text, command, store.read_identity()
+        root,
+        name=name,
+        description=description,
+        plan=plan,
+        results=results,
+        ranking=ranking,
+        rank_by=rank_by,
+        scores=scores,
+        curves=curves,
+        grids=grids,
+        config_text=config_text,
+        command=command,
+        identity=store.read_identity(),
     )
     return ReportFiles(html, grids, ranking, ranking_csv, curves, rank_by)
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from runner.plan import summarize
+
 SORT_SCRIPT = """
 document.querySelectorAll('table.sortable th').forEach(function (th, col) {
   th.addEventListener('click', function () {
@@ -96,6 +98,7 @@ def ranking_section(ranking: pd.DataFrame, rank_by: str | None, scores: list[str
 
 def write_html(
     root: Path,
+    *,
     name: str,
     description: str,
     plan: pd.DataFrame,
@@ -109,8 +112,7 @@ def write_html(
     command: str,
     identity: dict,
 ) -> Path:
-    from runner.plan import summarize
-
+    """report.html: what the sweep is, how far it got, the ranking, curves and grids, the files and how to reproduce it."""
     info = summarize(plan)
     table = plan.merge(results, on="id", how="left", suffixes=("", "_result"))
     ok = table[table["status"] == "ok"]

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
-from runner.errors import Problem
+from runner.config import ScorerSource
+from runner.errors import Problem, did_you_mean
+from runner.registry import HUB_ID, hub_cache_path
 from runner.request import FIELDS, NOT_IN_ID
 
 BUILTIN_SCORES = ("clip_score", "lora_effect", "seed_spread")
@@ -25,10 +28,6 @@ BASELINE_IGNORES = CELL_IGNORES - {"seed"} | {"lora_model", "lora_strength"}
 
 
 def _scorer_keys() -> set[str]:
-    from dataclasses import fields
-
-    from runner.config import ScorerSource
-
     return {f.name for f in fields(ScorerSource)}
 
 
@@ -53,13 +52,11 @@ class ScorerEntry:
 
 
 def _resolve_path(source: str) -> Path | None:
-    from runner.registry import HUB_ID, _hub_cache_path
-
     path = Path(source).expanduser()
     if path.exists():
         return path
     if HUB_ID.match(source):
-        return _hub_cache_path(source)
+        return hub_cache_path(source)
     return None
 
 
@@ -74,15 +71,11 @@ def requested_scorers(names: list[str], clip_id: str, scorers: Mapping[str, Mapp
     def entry(scorer_id: str, where: str) -> ScorerEntry | None:
         spec = scorers.get(scorer_id)
         if not isinstance(spec, Mapping) or not spec.get("source"):
-            from runner.errors import did_you_mean
-
             hint = did_you_mean(scorer_id, list(scorers)) or f"register it under scorers: (known: {', '.join(scorers) or 'none'})"
             problems.append(Problem(where, f"unknown scorer '{scorer_id}'", hint))
             return None
         unknown = sorted(set(spec) - SCORER_KEYS)
         if unknown:
-            from runner.errors import did_you_mean
-
             problems.append(Problem(f"scorers.{scorer_id}.{unknown[0]}", "unknown key", did_you_mean(unknown[0], SCORER_KEYS)))
             return None
         path = _resolve_path(str(spec["source"]))
@@ -159,9 +152,7 @@ def compute_scores(
     progress: bool = False,
 ) -> pd.DataFrame:
     """Scores of the ok images that lack them: a frame with `id` and one column per metric (NaN where not computed)."""
-    from PIL import Image
-
-    from runner.scores.clip import Clip
+    from runner.scores.clip import Clip  # torch and transformers: only when there is something to score
     from runner.scores.learned import scorer_class
 
     ok = results[results["status"] == "ok"][["id", "file"]]

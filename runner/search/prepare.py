@@ -113,8 +113,6 @@ def describe_search(prepared: PreparedSweep, spec: SearchSpec, cfg: DictConfig, 
         print(f"warning: {warning}", file=out)
 
 
-
-
 def prepare_search_or_fail(cfg: DictConfig) -> tuple[PreparedSweep, SearchSpec]:
     """The checked search, or a UserError with one line per problem (nothing is generated)."""
     prepared, spec = prepare_search(cfg)

@@ -140,13 +140,45 @@ def parse_search(
 ) -> tuple[SearchSpec | None, list[str]]:
     """The search section -> a spec, or the problems (one line each, naming the key and the fix)."""
     problems: list[Problem] = []
-    space = dict(search.get("space") or {})
-    params: list[Param] = []
-    for name, spec in space.items():
-        param = _parse_param(str(name), spec, problems)
-        if param is not None:
-            params.append(param)
+    params = _parse_space(search.get("space") or {}, problems)
+    _check_grid_against_space(grid, params, problems)
+    base_blend = ",".join(split_loras(base.get("lora_model")))
+    strengths = _check_strengths(params, base_blend, problems)
+    objective = _parse_objective(str(search.get("objective") or "").strip(), scores, problems)
+    direction = str(search.get("direction", "maximize")).strip().lower()
+    if direction not in DIRECTIONS:
+        problems.append(Problem("search.direction", f"'{direction}' is not maximize or minimize", "use maximize (the default) or minimize"))
+    sampler = _parse_sampler(search.get("sampler", "tpe"), params, problems)
+    seeds = _parse_seeds(search.get("seeds", [0, 1]), problems)
+    trials = _positive("search.trials", search.get("trials", 20), problems)
+    batch = _positive("search.batch", search.get("batch", 4), problems)
+    if not params:
+        problems.append(Problem("search.space", "is empty", "give at least one field to search, e.g. guidance_scale: [3, 12]"))
+    if problems or objective is None:
+        return None, [str(p) for p in dict.fromkeys(problems)]
+    spec = SearchSpec(
+        params,
+        objective,
+        direction,
+        seeds,
+        trials,
+        batch,
+        sampler,
+        int(search.get("sampler_seed", 0)),
+        bool(search.get("compare_grid", False)),
+        base_blend,
+        strengths,
+    )
+    return spec, []
 
+
+def _parse_space(space: Mapping[str, Any], problems: list[Problem]) -> list[Param]:
+    """Each `search.space` entry as a parameter (a range, choices or a fixed value)."""
+    return [param for name, value in dict(space).items() if (param := _parse_param(str(name), value, problems)) is not None]
+
+
+def _check_grid_against_space(grid: Mapping[str, Any], params: list[Param], problems: list[Problem]) -> None:
+    """The sweep's grid axes may not vary what the search varies, nor the seeds (every trial is judged on search.seeds)."""
     searched = {p.name for p in params}
     for name in grid:
         key = "lora_model" if name == "lora_strength" else name
@@ -155,9 +187,11 @@ def parse_search(
         elif key in searched or (name in ("lora_model", "lora_strength") and any(n.startswith(STRENGTH) for n in searched)):
             problems.append(Problem(f"sweep.grid.{name}", "is also searched in search.space", "keep it in one of them"))
 
+
+def _check_strengths(params: list[Param], base_blend: str, problems: list[Problem]) -> dict[str, Param]:
+    """Each `lora_strength.<id>` belongs to a LoRA some blend has, and each LoRA a blend can have has a strength."""
     strengths = {p.name[len(STRENGTH) :]: p for p in params if p.name.startswith(STRENGTH)}
     blend_param = next((p for p in params if p.name == "lora_model"), None)
-    base_blend = ",".join(split_loras(base.get("lora_model")))
     blends = [str(c) for c in blend_param.choices] if blend_param else [base_blend]
     in_blends = {lora for blend in blends for lora in split_loras(blend)}
     for lora_id in strengths:
@@ -178,12 +212,12 @@ def parse_search(
                     f"give a range, e.g. {STRENGTH}{lora_id}: [0.1, 1.0], or a number",
                 )
             )
+    return strengths
 
-    objective = _parse_objective(str(search.get("objective") or "").strip(), scores, problems)
-    direction = str(search.get("direction", "maximize")).strip().lower()
-    if direction not in DIRECTIONS:
-        problems.append(Problem("search.direction", f"'{direction}' is not maximize or minimize", "use maximize (the default) or minimize"))
-    sampler = str(search.get("sampler", "tpe")).strip().lower()
+
+def _parse_sampler(value: Any, params: list[Param], problems: list[Problem]) -> str:
+    """A known sampler that can run this space (grid: steps on every range; cmaes: its package installed)."""
+    sampler = str(value).strip().lower()
     if sampler not in SAMPLERS:
         hint = did_you_mean(sampler, SAMPLERS) or f"use one of {', '.join(SAMPLERS)}"
         problems.append(Problem("search.sampler", f"unknown sampler '{sampler}'", hint))
@@ -199,40 +233,23 @@ def parse_search(
                 )
     elif sampler == "cmaes":
         try:
-            import cmaes  # noqa: F401
+            import cmaes  # noqa: F401  (optional: only this sampler needs it)
         except ImportError:
             problems.append(
                 Problem("search.sampler", "cmaes needs the cmaes package, which is not installed", "pip install cmaes, or use tpe")
             )
-    seeds: list[int] = []
+    return sampler
+
+
+def _parse_seeds(value: Any, problems: list[Problem]) -> list[int]:
+    """The seeds every trial is judged on, in any axis form (`[0, 1]`, `{range: [0, 3]}`)."""
     try:
-        seeds = [int(s) for s in expand_values("search.seeds", search.get("seeds", [0, 1]))]
+        return [int(s) for s in expand_values("search.seeds", value)]
     except PlanError as exc:
         problems.extend(exc.problems)
     except (TypeError, ValueError):
         problems.append(Problem("search.seeds", "must be whole numbers", "e.g. seeds: [0, 1, 2] or {range: [0, 3]}"))
-    trials, batch = (
-        _positive("search.trials", search.get("trials", 20), problems),
-        _positive("search.batch", search.get("batch", 4), problems),
-    )
-    if not params:
-        problems.append(Problem("search.space", "is empty", "give at least one field to search, e.g. guidance_scale: [3, 12]"))
-    if problems or objective is None:
-        return None, [str(p) for p in dict.fromkeys(problems)]
-    spec = SearchSpec(
-        params,
-        objective,
-        direction,
-        seeds,
-        trials,
-        batch,
-        sampler,
-        int(search.get("sampler_seed", 0)),
-        bool(search.get("compare_grid", False)),
-        base_blend,
-        strengths,
-    )
-    return spec, []
+    return []
 
 
 def _positive(key: str, value: Any, problems: list[Problem]) -> int:
