@@ -373,7 +373,7 @@ class _Rows:
 
     def value_codes(self, name: str) -> np.ndarray:
         """Each row's index into raw_values(name)."""
-        return self.codes[self.provider[name]] if name in self.provider else np.zeros(self.n, dtype=np.int64)
+        return self.codes[self.provider[name]] if name in self.provider else _zeros(self.n)
 
 
 def _expand_rows(base: Mapping[str, Any], axes: list[tuple[tuple[str, ...], list[dict[str, Any]]]], strength_spec: Any) -> _Rows:
@@ -411,6 +411,11 @@ def _expand_rows(base: Mapping[str, Any], axes: list[tuple[tuple[str, ...], list
     within = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
     codes = [c[rows] for c in crossed.codes]
     return _Rows(base, axes, provider, codes, options, strength[rows] + within, lora[rows], np.zeros(len(rows), dtype=bool))
+
+
+def _zeros(n: int) -> np.ndarray:
+    """n zero codes that take no memory (a read-only view of one zero): the codes of a column with one value."""
+    return np.broadcast_to(np.zeros(1, dtype=np.int64), (n,))
 
 
 def _base_problems(base: Mapping[str, Any], n: int) -> list[_Found]:
@@ -591,7 +596,10 @@ def _with_baseline(rows: _Rows) -> _Rows:
 
 
 def take_column(values: list[Any], codes: np.ndarray) -> Any:
-    """values[codes] as a column: numpy ints, floats or bools, pandas strings, else numpy objects."""
+    """values[codes] as a plan column: numpy ints, floats or bools, pandas strings, else numpy objects.
+
+    What pandas would make of the column of Python values, without converting a million of them.
+    """
     kinds = {type(v) for v in values}
     if kinds <= {bool}:
         array = np.asarray(values, dtype=bool)
@@ -600,10 +608,12 @@ def take_column(values: list[Any], codes: np.ndarray) -> Any:
     elif kinds <= {float}:
         array = np.asarray(values, dtype=np.float64)
     elif kinds <= {str}:  # pandas' own string column, built by one arrow take instead of a million conversions
-        return pd.array(values, dtype="str").take(codes)
+        return pd.array(values, dtype="str").take(np.ascontiguousarray(codes))
     else:
         array = np.empty(len(values), dtype=object)
         array[:] = values
+        if all(v is None for v in values):  # an unset optional field: object, as pandas would find after looking at every row
+            return pd.Series(array[codes], dtype=object, copy=False)
     if len(array) == 1 and array.dtype != object:
         return np.full(len(codes), array[0], dtype=array.dtype)  # one value: no gather
     return array[codes]
@@ -617,18 +627,6 @@ def _counted(problems: list[tuple[tuple[int, int, int], str, int]]) -> list[str]
         first[text] = min(first.get(text, order), order)
         counts[text] += count
     return [text + (f" ({counts[text]} rows)" if counts[text] > 1 else "") for text in sorted(first, key=first.__getitem__)]
-
-
-def json_texts(fragments: list[tuple[str, list[str], np.ndarray | None]], n: int, item_sep: str, key_sep: str) -> list[str]:
-    """json.dumps(row, sort_keys=True) for n rows at once, from each key's text per distinct value.
-
-    `fragments`: (key, value texts, codes into them, or None for one value in every row), in key
-    order; a value text of None leaves the key out of that row. Constant keys are joined once.
-    What `_row_digests` hashes, without its chunks (for reading and for tests).
-    """
-    pieces = _json_pieces(fragments, item_sep, key_sep)
-    columns = [itertools.repeat(p, n) if isinstance(p, str) else np.asarray(p[0], dtype=object)[p[1]].tolist() for p in pieces]
-    return list(map("".join, zip(*columns)))  # one join per row: no intermediate strings
 
 
 def _json_pieces(fragments: list[tuple[str, list[str | None], np.ndarray | None]], item_sep: str, key_sep: str) -> list[Any]:
@@ -657,12 +655,12 @@ _CHUNK = 1 << 16  # rows whose texts exist at once while hashing
 
 
 def _row_digests(fragments: list[tuple[str, list[str | None], np.ndarray | None]], n: int, item_sep: str, key_sep: str) -> np.ndarray:
-    """The first 8 bytes of sha256(json_texts(...)[row]) for every row, as an (n, 8) uint8 array.
+    """The first 8 bytes of sha256(json.dumps(row, sort_keys=True)) for every row (from `_json_pieces`), as (n, 8) uint8.
 
     A row's text is mostly what its cell shares with others: everything before the part with the
     most distinct values (the seed, typically) is hashed once per distinct prefix, and each row only
-    hashes its own rest, on a copy of that hash state. Rows are hashed in chunks, so the million
-    texts never exist at once (they were 1 GB).
+    hashes its own rest, on a copy of that hash state. Rows are hashed in chunks: a million texts
+    at once would be about 1 GB.
     """
     pieces = _json_pieces(fragments, item_sep, key_sep)
     varying = [i for i, p in enumerate(pieces) if not isinstance(p, str)]
@@ -725,11 +723,6 @@ def _dense(key: np.ndarray, bound: int) -> tuple[np.ndarray, int]:
     return inverse.astype(np.int64), len(unique)
 
 
-def derived_seeds(columns: Mapping[str, np.ndarray]) -> np.ndarray:
-    """derived_seed for many parsed rows (seed null): the same sha256 of the same JSON text."""
-    return _derived_seeds({k: _Column(*_factorize(v)) for k, v in columns.items()}, None)
-
-
 def _derived_seeds(columns: Mapping[str, _Column], rows: np.ndarray | None) -> np.ndarray:
     """derived_seed of `rows` (None: all), from each column's distinct values: the same sha256 of the same JSON text."""
     keys = sorted(k for k in FIELDS if k not in NOT_IN_ID and k != "seed")
@@ -756,16 +749,32 @@ def _factorize(column: Any) -> tuple[list[Any], np.ndarray]:
     n = len(series)
     if n and series.dtype.kind in "biuf" and not (series.dtype.kind == "f" and series.isna().any()):
         if (series.iloc[0] == series).all():  # numbers: one comparison instead of a hash table
-            return series.iloc[:1].tolist(), np.zeros(n, dtype=np.int64)
+            return series.iloc[:1].tolist(), _zeros(n)
     elif n and series.isna().all():
-        return [None], np.zeros(n, dtype=np.int64)
+        return [None], _zeros(n)
     elif n and not series.isna().iloc[0] and series.dtype != object and (series == series.iloc[0]).all():
-        return series.iloc[:1].tolist(), np.zeros(n, dtype=np.int64)
+        return series.iloc[:1].tolist(), _zeros(n)
     codes, uniques = pd.factorize(series, use_na_sentinel=False)
     if series.dtype.kind in "biu":  # no missing values possible
         return uniques.tolist(), codes
     values = [None if (v is None or (isinstance(v, float) and v != v) or v is pd.NA) else v for v in uniques.tolist()]
     return values, codes
+
+
+def row_groups(frame: pd.DataFrame, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's group of equal values in `keys`, numbered in order of first appearance, and each group's first row.
+
+    What groupby(keys, sort=False, dropna=False).ngroup() numbers (missing values are one value),
+    from each column's codes: a column of one value is compared, not hashed.
+    """
+    n = len(frame)
+    combined, count = _combined_codes([_factorize(frame[key])[1] for key in keys], n)
+    first = np.full(count, n, dtype=np.int64)
+    np.minimum.at(first, combined, np.arange(n, dtype=np.int64))
+    order = np.argsort(first)
+    rank = np.empty(count, dtype=np.int64)
+    rank[order] = np.arange(count, dtype=np.int64)
+    return rank[combined], first[order]
 
 
 def with_ids(plan: pd.DataFrame, identity: Identity) -> tuple[pd.DataFrame, int]:
@@ -887,10 +896,7 @@ def _one_value(column: pd.Series) -> bool:
 def summarize(plan: pd.DataFrame) -> dict[str, Any]:
     """Rows, distinct blends, the varying fields with their number of values, and the models: what `plan` prints."""
     axes = {c: plan[c].nunique(dropna=False) for c in varying_fields(plan)}
-    models = plan["model_id"].iloc[:1] if len(plan) and _one_value(plan["model_id"]) else plan.get("model_id", pd.Series())
-    return {
-        "rows": len(plan),
-        "blends": plan["lora_model"].nunique() if len(plan) else 0,
-        "axes": axes,
-        "models": sorted(models.unique()) if len(plan) else [],
-    }
+    if not len(plan):
+        return {"rows": 0, "blends": 0, "axes": axes, "models": []}
+    models = plan["model_id"].iloc[:1] if _one_value(plan["model_id"]) else plan["model_id"]
+    return {"rows": len(plan), "blends": plan["lora_model"].nunique(), "axes": axes, "models": sorted(models.unique())}

@@ -15,7 +15,7 @@ import pandas as pd
 
 from runner.engines.base import Capabilities
 from runner.errors import Problem
-from runner.plan import count_problems, take_column
+from runner.plan import count_problems, row_groups, take_column
 from runner.schedulers import SchedulerChoice, choose
 
 
@@ -54,8 +54,7 @@ def validate_plan(
     # every distinct combination of the fields these checks read is checked once, then spread to its rows
     not_applied_fields = sorted(set(caps.not_applied) | {"upscale", "panorama", "self_attention"})
     keys = [c for c in ["scheduler", "model_id", "lora_model", *not_applied_fields] if c in plan]
-    groups = plan.groupby(keys, sort=False, dropna=False).ngroup().to_numpy() if len(plan) else np.zeros(0, dtype=np.int64)
-    firsts = pd.Series(np.arange(len(plan))).groupby(groups).first().to_numpy() if len(plan) else []
+    groups, firsts = row_groups(plan, keys) if len(plan) else (np.zeros(0, dtype=np.int64), [])
     sizes = np.bincount(groups) if len(plan) else []
     group_used, group_notes, group_pipelines = [], [], []
     for first, size in zip(firsts, sizes):

@@ -2,8 +2,9 @@
 
 One flow, as a diffusers user would write it by hand, minus the waste: the pipeline is loaded
 once, each LoRA once as a named adapter (adapter name = LoRA id), rows are grouped so that blend
-switches are few, prompt embeddings are computed once per prompt, and the seeds of a cell run as
-one batch with one CPU generator per image (so an image does not depend on the batch it fell in).
+switches are few, prompt embeddings are computed once per prompt, and a seed group (rows equal but
+for the seed) runs as batches with one CPU generator per image (so an image does not depend on the
+batch it fell in).
 
 The fast path (each part a switch in conf/engine/local.yaml): each blend fused into the base
 weights for its plan group (runner/engines/fuse.py) instead of peft's per-step adapter path (on
@@ -38,7 +39,7 @@ from runner.schedulers import OPTION_FIELDS, load_scheduler, supports_option
 log = logging.getLogger(__name__)
 
 # Rows sharing these values run with one pipeline setting; the seeds among them are batched.
-CELL_KEYS = [
+SEED_GROUP_KEYS = [
     "model_id",
     "lora_model",
     "lora_strength",
@@ -199,7 +200,8 @@ class Launched:
     finite: torch.Tensor
     event: Any
     started: float
-    lora_mode: str = "none"
+    # how the batch ran, taken when it was queued (the next batch may switch blends or models before it finishes)
+    ran_with: dict[str, Any] = field(default_factory=dict)
     _ready: float | None = None
 
     def ready(self) -> float:
@@ -219,7 +221,7 @@ class FastPath:
     channels_last: bool  # NHWC UNet and VAE: cuDNN's fast layout for half precision
     compile: bool  # torch.compile of the UNet and the VAE decoder
     compile_mode: str | None  # torch.compile's mode; None: its default
-    cache_prompt_embeddings: bool  # keep every prompt's embeddings while the model is loaded, not only the last cell's
+    cache_prompt_embeddings: bool  # keep every prompt's embeddings while the model is loaded, not only the last group's
 
 
 @dataclass
@@ -238,12 +240,12 @@ class BatchSizes:
 
 @dataclass
 class LoadedModel:
-    """One model's pipeline and the per-cell switches made on it (scheduler, VAE, embeddings); a model switch drops it whole."""
+    """One model's pipeline and the per-seed-group switches made on it (scheduler, VAE, embeddings); a model switch drops it whole."""
 
     model_id: str
     pipe: Any  # the diffusers pipeline (SD or SDXL)
     variant: str  # the weight variant its weights came from ("fp16") or ""
-    base_scheduler_config: Any  # each cell's scheduler is built from the model's own config
+    base_scheduler_config: Any  # each group's scheduler is built from the model's own config
     base_vae: Any  # the model's own VAE, put back for rows without `vae`
     scheduler_key: tuple | None = None  # (name, options) of the scheduler in the pipeline now
     vaes: dict[str, Any] = field(default_factory=dict)  # VAE id -> AutoencoderKL, loaded once per model
@@ -273,7 +275,7 @@ class LocalEngine:
     """diffusers + peft on this machine; the state it keeps is grouped by lifetime.
 
     For the engine's life: `device`, `dtype`, `fast_path`, `batches` (sizes measured so far), the upscaler.
-    For one loaded model: `loaded` (the pipeline and its per-cell switches) and `adapters` (its LoRAs), both
+    For one loaded model: `loaded` (the pipeline and its per-seed-group switches) and `adapters` (its LoRAs), both
     dropped by close() and by every model switch.
     """
 
@@ -317,7 +319,7 @@ class LocalEngine:
             max_size=max(1, int(max_batch_size)),
         )
         # a server or a search keeps every adapter it loaded: its next request or trial likely uses it again
-        # (a sweep drops each one after its last cell)
+        # (a sweep drops each one after its last group)
         self.keep_adapters = bool(keep_adapters)
         self.loaded: LoadedModel | None = None
         self.adapters = Adapters()
@@ -481,7 +483,7 @@ class LocalEngine:
         pipe.scheduler, pipe.vae, pipe.tokenizer = self.pipe.scheduler, self.pipe.vae, self.pipe.tokenizer
         return pipe
 
-    def _upscale(self, cell: dict[str, Any], images: np.ndarray, seeds: list[int]) -> np.ndarray:
+    def _upscale(self, group: dict[str, Any], images: np.ndarray, seeds: list[int]) -> np.ndarray:
         """`upscale: yes`: 2x with the configured StableDiffusionLatentUpscalePipeline, seeded per image."""
         if self._upscaler is None:
             from diffusers import StableDiffusionLatentUpscalePipeline
@@ -494,7 +496,7 @@ class LocalEngine:
             self._upscaler.set_progress_bar_config(disable=True)
         with torch.inference_mode():
             return self._upscaler(
-                prompt=[cell["prompt"]] * len(seeds),
+                prompt=[group["prompt"]] * len(seeds),
                 image=images,
                 num_inference_steps=int(self.upscaler_settings["num_inference_steps"]),  # the `upscaler:` config
                 guidance_scale=float(self.upscaler_settings["guidance_scale"]),
@@ -539,10 +541,10 @@ class LocalEngine:
             adapters.in_text_encoder.difference_update(names)
             adapters.blend = None
 
-    # ------------------------------------------------------------ per cell settings
+    # ------------------------------------------------------------ per seed group settings
 
     def _set_adapters(self, lora_model: str, lora_strength: str) -> None:
-        """The cell's blend: fused into the base weights (fast path), or as peft adapters at their weights."""
+        """The group's blend: fused into the base weights (fast path), or as peft adapters at their weights."""
         adapters = self.adapters
         key = (lora_model, lora_strength)
         if key == adapters.blend:
@@ -575,26 +577,26 @@ class LocalEngine:
         model.pipe.scheduler = load_scheduler(name, model.base_scheduler_config, options)
         model.scheduler_key = key
 
-    def _prompt_embeddings(self, cell: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _prompt_embeddings(self, group: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(positive, negative) embeddings of one image, cached while the text encoder is unchanged."""
         if not hasattr(self.pipe, "encode_prompt") or type(self.pipe).__name__ != "StableDiffusionPipeline":
             return None  # other families encode inside __call__
-        clip_skip = int(cell["clip_skip"]) - 1 or None  # the web UIs' 1 = diffusers' None
-        touches_te = bool(self.adapters.in_text_encoder & set(split_loras(cell["lora_model"])))
-        lora_key = (cell["lora_model"], cell["lora_strength"]) if touches_te else None
-        key = (cell["prompt"], cell["negative_prompt"], clip_skip, lora_key, optional(cell.get("embeddings_model")))
+        clip_skip = int(group["clip_skip"]) - 1 or None  # the web UIs' 1 = diffusers' None
+        touches_te = bool(self.adapters.in_text_encoder & set(split_loras(group["lora_model"])))
+        lora_key = (group["lora_model"], group["lora_strength"]) if touches_te else None
+        key = (group["prompt"], group["negative_prompt"], clip_skip, lora_key, optional(group.get("embeddings_model")))
         cache = self.loaded.prompt_embeddings
         if key not in cache:
             if not self.fast_path.cache_prompt_embeddings:
                 cache.clear()
             if clip_skip and not hasattr(self.pipe.text_encoder, "text_model"):
                 cache[key] = (
-                    self._encode_text(cell["prompt"], clip_skip),
-                    self._encode_text(cell["negative_prompt"] or "", clip_skip),
+                    self._encode_text(group["prompt"], clip_skip),
+                    self._encode_text(group["negative_prompt"] or "", clip_skip),
                 )
             else:
                 cache[key] = self.pipe.encode_prompt(
-                    cell["prompt"], self.device, 1, True, cell["negative_prompt"] or None, clip_skip=clip_skip
+                    group["prompt"], self.device, 1, True, group["negative_prompt"] or None, clip_skip=clip_skip
                 )
         return cache[key]
 
@@ -616,14 +618,14 @@ class LocalEngine:
     def generate(self, rows: pd.DataFrame) -> Iterator[ImageResult]:
         if rows.empty:
             return
-        ordered = rows.sort_values(CELL_KEYS + ["seed"], kind="stable")
-        cells = [cell.to_dict("records") for _, cell in ordered.groupby(CELL_KEYS, sort=False, dropna=False)]
-        # how many cells still need each LoRA: an adapter is deleted after its last cell, so a sweep
-        # over many LoRAs holds only what the current and later cells need (set_adapters slows down
+        ordered = rows.sort_values(SEED_GROUP_KEYS + ["seed"], kind="stable")
+        seed_groups = [group.to_dict("records") for _, group in ordered.groupby(SEED_GROUP_KEYS, sort=False, dropna=False)]
+        # how many seed_groups still need each LoRA: an adapter is deleted after its last group, so a sweep
+        # over many LoRAs holds only what the current and later seed_groups need (set_adapters slows down
         # as adapters accumulate, and each one costs memory)
-        uses = Counter(lora for cell in cells for lora in set(split_loras(cell[0]["lora_model"])))
+        uses = Counter(lora for group in seed_groups for lora in set(split_loras(group[0]["lora_model"])))
         pending: list[Launched | ImageResult] = []  # the batch queued on the GPU before this one
-        for records in cells:
+        for records in seed_groups:
             start = 0
             while start < len(records):
                 size, probe = self._batch_size_for(records[0], len(records) - start)
@@ -646,19 +648,19 @@ class LocalEngine:
 
     # ------------------------------------------------------------ batches
 
-    def _size_key(self, cell: dict[str, Any]) -> tuple:
-        return (cell["model_id"], int(cell["width"]), int(cell["height"]), cell.get("pipeline_used"), bool(cell.get("upscale")))
+    def _size_key(self, group: dict[str, Any]) -> tuple:
+        return (group["model_id"], int(group["width"]), int(group["height"]), group.get("pipeline_used"), bool(group.get("upscale")))
 
-    def _batch_size_for(self, cell: dict[str, Any], remaining: int) -> tuple[int, bool]:
+    def _batch_size_for(self, group: dict[str, Any], remaining: int) -> tuple[int, bool]:
         """(images in the next call, whether it measures memory for batch_size: auto)."""
         # diffusers 0.42's panorama pipeline pairs the guidance halves wrongly when a call holds
         # several images (two equal seeds in one call give different images), so it gets one at a time
-        if cell.get("pipeline_used") == "panorama":
+        if group.get("pipeline_used") == "panorama":
             return 1, False
         batches = self.batches
         if not (batches.auto and self.device.type == "cuda"):
             return min(batches.size, remaining), False
-        key = self._size_key(cell)
+        key = self._size_key(group)
         if key not in batches.measured:
             return min(2, remaining), True  # a small batch measures the memory one image needs
         return min(batches.measured[key], remaining), False
@@ -672,15 +674,15 @@ class LocalEngine:
 
     def _launch(self, batch: list[dict[str, Any]], probe: bool = False, retried: bool = False) -> list[Launched | ImageResult]:
         """Queue one batch on the device; on CUDA this returns before the GPU is done (see _finish)."""
-        cell = batch[0]
+        group = batch[0]
         try:
-            self._load_model(cell["model_id"])
-            self._set_adapters(cell["lora_model"], cell["lora_strength"])
+            self._load_model(group["model_id"])
+            self._set_adapters(group["lora_model"], group["lora_strength"])
             self._set_scheduler(
-                cell["scheduler_used"], {"use_karras_sigmas": cell["use_karras_sigmas"], "algorithm_type": cell["algorithm_type"]}
+                group["scheduler_used"], {"use_karras_sigmas": group["use_karras_sigmas"], "algorithm_type": group["algorithm_type"]}
             )
-            self._set_vae(optional(cell.get("vae")))
-            self._set_inversions(optional(cell.get("embeddings_model")))
+            self._set_vae(optional(group.get("vae")))
+            self._set_inversions(optional(group.get("embeddings_model")))
             seeds = [int(r["seed"]) for r in batch]
             before = 0
             if probe:
@@ -691,17 +693,17 @@ class LocalEngine:
             # a compiled UNet measures eagerly: compiling for the probe's batch would add a graph no later batch uses
             stance = torch.compiler.set_stance("force_eager") if probe and self.fast_path.compile else contextlib.nullcontext()
             with stance:
-                pixels, finite = self._denoise(cell, seeds)
-            launched = Launched(batch, *to_host(pixels, finite), started=started, lora_mode=self.adapters.mode)
+                pixels, finite = self._denoise(group, seeds)
+            launched = Launched(batch, *to_host(pixels, finite), started=started, ran_with=self._ran_with(group))
             if probe:
                 launched.ready()
-                fits = self.batches.measured[self._size_key(cell)] = self._measured_batch(len(batch), before)
-                log.info("batch_size auto: %d images per call at %sx%s", fits, cell["width"], cell["height"])
+                fits = self.batches.measured[self._size_key(group)] = self._measured_batch(len(batch), before)
+                log.info("batch_size auto: %d images per call at %sx%s", fits, group["width"], group["height"])
             return [launched]
         except torch.cuda.OutOfMemoryError as exc:
             out_of_memory = one_line(exc)
             if self.batches.auto:  # remember: later batches of this size start at what fits
-                measured, key = self.batches.measured, self._size_key(cell)
+                measured, key = self.batches.measured, self._size_key(group)
                 measured[key] = max(1, min(measured.get(key, len(batch)), len(batch)) // 2)
         except (KeyboardInterrupt, SystemExit):
             raise
@@ -716,6 +718,15 @@ class LocalEngine:
             return self._launch(batch[:half], retried=True) + self._launch(batch[half:], retried=True)
         return [self._failed(r, out_of_memory) for r in batch]
 
+    def _ran_with(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The loaded state a batch runs with, for its images' meta."""
+        return {
+            "adapters_loaded": len(self.adapters.loaded),
+            "variant": self.loaded.variant,
+            "pipeline": type(self._pipeline(group.get("pipeline_used", "text2img"))).__name__,
+            "lora_mode": self.adapters.mode,  # fused | unfused | none
+        }
+
     def _finish_all(self, items: list[Launched | ImageResult]) -> Iterator[ImageResult]:
         for item in items:
             if isinstance(item, ImageResult):
@@ -729,11 +740,11 @@ class LocalEngine:
         # the time this batch had the device to itself: from its queueing, or from the previous batch's end
         elapsed = ready - max(launched.started, self._last_ready)
         self._last_ready = ready
-        batch, cell = launched.batch, launched.batch[0]
+        batch, group = launched.batch, launched.batch[0]
         ignored = [
-            f"{option} not applied: {cell['scheduler_used']} has no such option"
+            f"{option} not applied: {group['scheduler_used']} has no such option"
             for option in OPTION_FIELDS
-            if cell.get(option) not in (None, False, "") and not supports_option(cell["scheduler_used"], option)
+            if group.get(option) not in (None, False, "") and not supports_option(group["scheduler_used"], option)
         ]
         pixels, finite = launched.pixels.numpy(), launched.finite.numpy()
         for row, image_pixels, ok in zip(batch, pixels, finite):
@@ -752,12 +763,8 @@ class LocalEngine:
                 meta={
                     "device": str(self.device),
                     "dtype": str(self.dtype).removeprefix("torch."),
-                    # read as the batch finishes: the next batch may already have switched blends or models
-                    "adapters_loaded": len(self.adapters.loaded),
-                    "variant": self.loaded.variant if self.loaded is not None else "",
-                    "pipeline": type(self._pipeline(cell.get("pipeline_used", "text2img"))).__name__,
-                    "upscaled": bool(cell.get("upscale") and self.registry.upscaler is not None),
-                    "lora_mode": launched.lora_mode,  # fused | unfused | none
+                    **launched.ran_with,
+                    "upscaled": bool(group.get("upscale") and self.registry.upscaler is not None),
                     "compiled": self.fast_path.compile,
                     # the images computed together: float results differ by a few 1e-7 between batch sizes, so
                     # `lora-sweep reproduce` runs this same batch again to get identical pixels
@@ -765,30 +772,30 @@ class LocalEngine:
                 },
             )
 
-    def _denoise(self, cell: dict[str, Any], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _denoise(self, group: dict[str, Any], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """One call of the pipeline for these seeds -> (uint8 pixels N x H x W x 3 on the device, finite flag per image)."""
         n = len(seeds)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         kwargs: dict[str, Any] = {
-            "width": int(cell["width"]),
-            "height": int(cell["height"]),
-            "num_inference_steps": int(cell["num_inference_steps"]),
-            "guidance_scale": float(cell["guidance_scale"]),
+            "width": int(group["width"]),
+            "height": int(group["height"]),
+            "num_inference_steps": int(group["num_inference_steps"]),
+            "guidance_scale": float(group["guidance_scale"]),
             "generator": generators,
         }
-        embeddings = self._prompt_embeddings(cell)
+        embeddings = self._prompt_embeddings(group)
         if embeddings is not None:
             positive, negative = embeddings
             kwargs["prompt_embeds"] = positive.repeat(n, 1, 1)
             kwargs["negative_prompt_embeds"] = negative.repeat(n, 1, 1)
         else:
-            kwargs["prompt"] = [cell["prompt"]] * n
-            kwargs["negative_prompt"] = [cell["negative_prompt"]] * n
-            if int(cell["clip_skip"]) > 1:
-                kwargs["clip_skip"] = int(cell["clip_skip"]) - 1
-        mode = cell.get("pipeline_used", "text2img")
+            kwargs["prompt"] = [group["prompt"]] * n
+            kwargs["negative_prompt"] = [group["negative_prompt"]] * n
+            if int(group["clip_skip"]) > 1:
+                kwargs["clip_skip"] = int(group["clip_skip"]) - 1
+        mode = group.get("pipeline_used", "text2img")
         pipe = self._pipeline(mode)
-        upscale = bool(cell.get("upscale") and self.registry.upscaler is not None)
+        upscale = bool(group.get("upscale") and self.registry.upscaler is not None)
         with torch.inference_mode():
             if mode == "text2img" and not upscale and type(pipe).__name__ in LATENT_DECODE:
                 if self.device.type == "cuda":
@@ -797,7 +804,7 @@ class LocalEngine:
                 return to_pixels(decode_latents(pipe, latents))
             images = pipe(**kwargs, output_type="np").images
         if upscale:
-            images = self._upscale(cell, images, seeds)
+            images = self._upscale(group, images, seeds)
         finite = torch.from_numpy(np.isfinite(images).reshape(len(images), -1).all(axis=1))
         pixels = torch.from_numpy((np.clip(np.nan_to_num(images), 0, 1) * 255).round().astype(np.uint8))
         return pixels, finite
