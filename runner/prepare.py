@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from runner.engines.base import Capabilities
 from runner.engines.factory import capabilities
 from runner.errors import Problem, UserError
+from runner.families import FAMILIES, RUNNABLE, label
 from runner.plan import Identity, PlanError, build_plan, shadowed_base_fields, summarize, with_ids
 from runner.registry import (
     CROSS_ATTENTION_WIDTHS,
@@ -63,11 +64,14 @@ def plan_or_fail(cfg: DictConfig) -> PreparedSweep:
 
 
 def describe_plan(prepared: PreparedSweep, out: TextIO) -> None:
-    """The plan's one-line summary and its warnings, as `plan` and `run` print them."""
+    """The plan's one-line summary, its models with their families, and its warnings, as `plan` and `run` print them."""
     info = summarize(prepared.plan)
     axes = ", ".join(f"{k}={v}" for k, v in info["axes"].items()) or "none"
     dup = f" ({prepared.duplicates} duplicate rows dropped)" if prepared.duplicates else ""
     print(f"plan '{prepared.name}': {info['rows']} images, {info['blends']} distinct blends, axes: {axes}{dup}", file=out)
+    models = prepared.registry.models if prepared.registry is not None else {}
+    if models:
+        print("models: " + ", ".join(f"{k} ({label(m.family)})" for k, m in sorted(models.items())), file=out)
     for warning in prepared.warnings:
         print(f"warning: {warning}", file=out)
 
@@ -95,7 +99,7 @@ def registry_identity(registry: Registry, cfg: DictConfig) -> Identity:
 
 def fit_problems(plan: pd.DataFrame, registry: Registry) -> list[str]:
     """Files made for another model family (an SDXL LoRA or embedding on SD 1.x...) are refused before any image."""
-    problems = []
+    problems = family_problems(registry)
     blends = plan[["model_id", "lora_model"]].drop_duplicates()  # distinct pairs first: a plan may have a million rows
     pairs = {(m, lora) for m, blend in zip(blends["model_id"], blends["lora_model"]) for lora in split_loras(blend)}
     for model_id, lora_id in sorted(pairs):
@@ -140,6 +144,22 @@ def fit_problems(plan: pd.DataFrame, registry: Registry) -> list[str]:
             )
         )
     return problems
+
+
+def family_problems(registry: Registry) -> list[str]:
+    """A model of a family the engine cannot run yet is one line naming the family, before anything loads."""
+    runnable = ", ".join(label(name) for name in RUNNABLE)
+    return [
+        str(
+            Problem(
+                f"models.{model_id}",
+                f"is a {label(model.family)} model ({FAMILIES[model.family].pipeline}), which this version cannot run yet",
+                f"use a model of {runnable}",
+            )
+        )
+        for model_id, model in sorted(registry.models.items())
+        if model.family in FAMILIES and model.family not in RUNNABLE
+    ]
 
 
 def wanted_files(plan: pd.DataFrame) -> dict[str, set[str]]:

@@ -20,6 +20,7 @@ from typing import Any
 
 from runner.config import EmbeddingSource, LoraSource, ModelSource, VaeSource
 from runner.errors import Problem, closest, did_you_mean
+from runner.families import family_of_pipeline
 from runner.world.assets import RECIPE_VERSION
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -39,7 +40,7 @@ class Resolved:
     builtin: bool = False
     config: Path | None = None  # single-file checkpoints: the diffusers folder their configs come from
     variant: str | None = None  # diffusers folders: the weight variant to load ("fp16")
-    family: str = "sd"  # sd | sdxl (models; from model_index.json or the checkpoint's tensor names)
+    family: str = "sd"  # a name of runner/families.py (models: from model_index.json or the checkpoint's tensor names)
     token: str | None = None  # textual inversion embeddings: the prompt token they define
 
     @property
@@ -193,11 +194,14 @@ def model_cross_attention_width(model: Resolved) -> int | None:
 
 
 def folder_family(folder: Path) -> str:
-    """'sdxl' for SDXL pipelines, else 'sd', read from model_index.json."""
+    """The family (runner/families.py) whose pipeline model_index.json names; other SD-like folders: sdxl or sd."""
     try:
         index = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError):
         return "sd"
+    known = family_of_pipeline(str(index.get("_class_name", "")))
+    if known is not None:
+        return known.name
     return "sdxl" if "XL" in str(index.get("_class_name", "")) or "text_encoder_2" in index else "sd"
 
 
