@@ -2,7 +2,8 @@
 
 auth.py     API keys (sha256 hashes, constant-time compare)
 jobs.py     the job database (sqlite): nothing lost on a restart
-service.py  request -> checked rows -> queue -> engine -> writer -> job done -> reply / webhook
+queue.py    which images each job waits for and which rows the engine makes next (pure bookkeeping)
+service.py  request -> checked rows -> queue -> engine -> writer -> job done -> reply / webhook, in a sweep session
 app.py      the HTTP routes (FastAPI on uvicorn)
 """
 

@@ -1,23 +1,22 @@
 """What `serve` does behind its HTTP routes: check a request, queue it, generate, answer in the provider's shapes.
 
 One request = one job = the rows `prepare_request` makes of it (the same parsing, registry and
-validation as a sweep, so ids are the ones `run` gives the same image). One worker thread feeds
-queued jobs to one LocalEngine (jobs taken together are handed to the engine together, which
-batches rows of equal model, blend and settings in one call); the run's BackgroundWriter writes
-images and results to the server's sweep folder and, with tracking on, logs them to MLflow; when
-a job's last image is on disk the job is finished in the job database and its webhook is called.
+validation as a sweep, so ids are the ones `run` gives the same image). The JobQueue (queue.py)
+keeps which images each job waits for; one worker thread takes its batches to one LocalEngine
+(jobs taken together are handed to the engine together, which batches rows of equal model, blend
+and settings in one call); the run's BackgroundWriter writes images and results to the server's
+sweep folder and, with tracking on, logs them to MLflow; when a job's last image is on disk the
+queue says so, and the job is finished in the job database and its webhook is called.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
 import secrets
 import threading
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from runner.registry import HashCache, resolve_all
 from runner.request import FIELDS, parse_field
 from runner.server.auth import KeyCheck
 from runner.server.jobs import Job, JobStore
+from runner.server.queue import Finished, JobQueue
 from runner.sweep import SweepSession
 from runner.sweep.generation import feed_writer
 from runner.world.assets import copy_demo_world_if
@@ -76,18 +76,9 @@ class Service:
         if cfg.model.id not in self.registry.models:
             raise UserError(f"model.id: the default model '{cfg.model.id}' cannot be loaded; fix its models: entry or choose another")
 
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._stop = threading.Event()
-        self._queue: deque[int] = deque()  # job ids, first in first out
-        self._running: list[int] = []  # the jobs of the engine call under way
+        self._stop = threading.Event()  # the engine loop's (feed_writer stops after the image in hand)
+        self._webhook_lock = threading.Lock()
         self._webhooks: list[threading.Thread] = []  # calls in flight: a stop waits for them (each has its timeout)
-        self._jobs: dict[int, Job] = {}  # unfinished jobs
-        self._remaining: dict[int, set[str]] = {}  # job id -> its image ids not written yet
-        self._errors: dict[int, str] = {}  # job id -> the first failure of its images
-        self._waiting_on: dict[str, set[int]] = {}  # image id -> the jobs waiting for it
-        self._started_ids: set[str] = set()  # image ids handed to the engine
-        self._done_events: dict[int, threading.Event] = {}
         self.seconds_per_image = 1.0  # measured from every engine call (eta)
         self.images_made = 0
 
@@ -109,7 +100,7 @@ class Service:
             self.tracking_uri = self.session.summary.tracking_uri
             self.jobs = JobStore(self.store.root / "jobs.db")
             self._rows = self.session.rows  # the writer's view of images in flight (dropped once written)
-            self._done_ids = self.store.ok_ids()
+            self.queue = JobQueue(self.store.ok_ids(), max_batch_images=int(cfg.serve.max_batch_images))
             generation = self.session.generation()
             self.engine, self.writer = generation.engine, generation.writer
             self.engine.prepare(pd.DataFrame({"model_id": [cfg.model.id], "lora_model": [""]}))  # the pipeline, once, at start
@@ -134,17 +125,14 @@ class Service:
         }
 
     def health(self) -> dict[str, Any]:
-        with self._lock:
-            queued = sum(len(self._remaining.get(j, ())) for j in self._queue)
-            waiting = len(self._jobs)
-            running = len(self._running)
+        counts = self.queue.counts()
         return {
             "status": "ok",
             "model": self.cfg.model.id,
             "device": str(self.engine.device),
-            "jobs_waiting": waiting,
-            "jobs_running": running,  # on the engine now
-            "images_queued": queued,
+            "jobs_waiting": counts.jobs_waiting,
+            "jobs_running": counts.jobs_running,  # on the engine now
+            "images_queued": counts.images_queued,
             "images_made": self.images_made,
             "seconds_per_image": round(self.seconds_per_image, 4),
         }
@@ -296,13 +284,7 @@ class Service:
 
     def eta(self, job_id: int) -> float:
         """Seconds until the job is done: the images queued before it and its own, at the measured rate."""
-        with self._lock:
-            ahead = 0
-            for queued in [*self._running, *self._queue]:
-                ahead += len(self._remaining.get(queued, ()))
-                if queued == job_id:
-                    break
-        return max(1.0, ahead * self.seconds_per_image)
+        return max(1.0, self.queue.images_ahead(job_id) * self.seconds_per_image)
 
     def image_file(self, name: str) -> Path | None:
         """The file behind an image URL, or None: only `<16 hex>.png|.base64` names inside the image folder, no links."""
@@ -320,43 +302,12 @@ class Service:
     # ------------------------------------------------------------ the queue
 
     def _enqueue(self, job: Job) -> threading.Event:
+        """Queue a job; its event is set once the job is finished in the job database (at once when its images all exist)."""
         event = threading.Event()
-        with self._lock:
-            remaining = {i for i in job.image_ids if i not in self._done_ids}
-            self._done_events[job.id] = event
-            if not remaining:  # every image exists already (the same request before): no generation
-                self._finish_locked(job.id, job)
-                return event
-            self._jobs[job.id] = job
-            self._remaining[job.id] = remaining
-            for row in job.rows:
-                if row["id"] in remaining:
-                    self._rows.setdefault(row["id"], row)
-                    self._waiting_on.setdefault(row["id"], set()).add(job.id)
-            self._queue.append(job.id)
-            self._wake.notify()
+        finished = self.queue.add(job.id, job.rows, payload=(job, event))
+        if finished is not None:  # every image exists already (the same request before): no generation
+            self._finish(finished)
         return event
-
-    def _take(self) -> list[Job]:
-        """The oldest queued job and those after it, up to serve.max_batch_images images (blocks while none)."""
-        with self._lock:
-            while not self._queue and not self._stop.is_set():
-                self._wake.wait(timeout=1.0)
-            taken: list[Job] = []
-            images = 0
-            while self._queue:
-                job = self._jobs.get(self._queue[0])
-                if job is None:  # finished while it waited (defensive: _finish_locked takes it off the queue)
-                    self._queue.popleft()
-                    continue
-                size = len(self._remaining.get(job.id, ()))
-                if taken and images + size > int(self.settings.max_batch_images):
-                    break
-                self._queue.popleft()
-                taken.append(job)
-                images += size
-            self._running = [j.id for j in taken]
-            return taken
 
     def _work(self) -> None:
         """The generation worker; an unexpected error is logged and the loop goes on (a dead worker would stall every job)."""
@@ -365,25 +316,19 @@ class Service:
                 self._work_once()
             except Exception:
                 log.exception("the serve worker hit an unexpected error; it goes on with the next jobs")
-                with self._lock:
-                    self._running = []
 
     def _work_once(self) -> None:
-        jobs = self._take()
-        if not jobs:
+        batch = self.queue.take()
+        if not batch:
             return
-        self.jobs.mark_processing([j.id for j in jobs])
-        with self._lock:
-            rows = []
-            for job in jobs:
-                for image_id in sorted(self._remaining.get(job.id, ())):
-                    if image_id not in self._started_ids:
-                        self._started_ids.add(image_id)
-                        rows.append(self._rows[image_id])
-        if rows:
-            self._generate(pd.DataFrame(rows))
-        with self._lock:
-            self._running = []
+        try:
+            self.jobs.mark_processing(batch.job_ids)
+            if batch.rows:
+                for row in batch.rows:  # the writer reads each image's row until it is written
+                    self._rows.setdefault(row["id"], row)
+                self._generate(pd.DataFrame(batch.rows))
+        finally:
+            self.queue.end_batch()
 
     def _generate(self, frame: pd.DataFrame) -> None:
         started = time.perf_counter()
@@ -396,9 +341,7 @@ class Service:
             log.exception("generation failed")
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             for image_id in frame["id"]:
-                with self._lock:
-                    pending = image_id in self._waiting_on
-                if pending:
+                if self.queue.is_pending(image_id):
                     self.writer.put(ImageResult(id=image_id, status="failed", error=f"Internal server error: {first}"))
         finally:
             if made:
@@ -409,37 +352,20 @@ class Service:
     def _written(self, record: dict[str, Any]) -> None:
         """The writer put an image (or its failure) on disk: finish the jobs that were waiting only for it."""
         image_id = record["id"]
-        with self._lock:
-            self._rows.pop(image_id, None)
-            self._started_ids.discard(image_id)
-            if record["status"] == "ok":
-                self._done_ids.add(image_id)
-            for job_id in self._waiting_on.pop(image_id, set()):
-                remaining = self._remaining.get(job_id)
-                if remaining is None:
-                    continue
-                remaining.discard(image_id)
-                if record["status"] != "ok":
-                    self._errors.setdefault(job_id, str(record.get("error") or "generation failed"))
-                if not remaining:
-                    self._finish_locked(job_id, self._jobs.get(job_id))
+        self._rows.pop(image_id, None)  # before the queue hears of it: a failed image may be handed out again at once
+        for finished in self.queue.written(image_id, record["status"] == "ok", str(record.get("error") or "")):
+            self._finish(finished)
 
-    def _finish_locked(self, job_id: int, job: Job | None) -> None:
-        error = self._errors.pop(job_id, "")
-        self._remaining.pop(job_id, None)
-        self._jobs.pop(job_id, None)
-        with contextlib.suppress(ValueError):  # finished while queued: its images were made for the jobs before it
-            self._queue.remove(job_id)
-        started = job.started if job and job.started else None
-        created = job.created if job else time.time()
-        generation_s = time.time() - (started or created)
-        self.jobs.finish(job_id, "failed" if error else "success", error, generation_s)
-        event = self._done_events.pop(job_id, None)
-        if event is not None:
-            event.set()
-        if job is not None and job.options.get("webhook"):
-            thread = threading.Thread(target=self._call_webhook, args=(job_id,), daemon=True, name="lora-sweep-webhook")
-            self._webhooks = [t for t in self._webhooks if t.is_alive()] + [thread]
+    def _finish(self, finished: Finished) -> None:
+        """The job in the job database, then the request waiting on it, then its webhook."""
+        job, event = finished.payload
+        generation_s = time.time() - (job.started or job.created)
+        self.jobs.finish(job.id, "failed" if finished.error else "success", finished.error, generation_s)
+        event.set()
+        if job.options.get("webhook"):
+            thread = threading.Thread(target=self._call_webhook, args=(job.id,), daemon=True, name="lora-sweep-webhook")
+            with self._webhook_lock:
+                self._webhooks = [t for t in self._webhooks if t.is_alive()] + [thread]
             thread.start()
 
     def _call_webhook(self, job_id: int) -> None:
@@ -464,11 +390,12 @@ class Service:
     def close(self) -> None:
         """Stop taking jobs, write what finished, release the folder (unfinished jobs stay queued in jobs.db)."""
         self._stop.set()
-        with self._lock:
-            self._wake.notify_all()
+        self.queue.stop()
         self._worker.join(timeout=60)
         self.session.close_generation()  # the writer finishes what was made (and its jobs), then the engine goes
-        for thread in list(self._webhooks):
+        with self._webhook_lock:
+            webhooks = list(self._webhooks)
+        for thread in webhooks:
             thread.join(timeout=float(self.settings.webhook_timeout_s) + 1)
         self.jobs.close()
         self.session.close("FINISHED")
