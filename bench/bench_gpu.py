@@ -18,7 +18,7 @@ layers; the sweep is 6 blends (a, b, a+b at strengths 0.5 and 1) x N seeds, meas
 (e) --compile: (c) with engine.compile=true; its first batch pays the warm-up
 (f) fused vs unfused at full size: the first seed of every blend again with engine.fuse_loras=false,
     and without LoRAs; the pixels of (c) and (f) may differ by rounding, at most 10% of what the
-    blend itself changes (the CPU test, tests/test_fast_path.py, checks the same on the tiny model)
+    blend itself changes (the CPU test, tests/test_fused_loras.py, checks the same on the tiny model)
 Then tests/test_gpu.py (the CUDA-only tests; --skip-tests to leave them out). The exit status is 1
 when (f) or a test fails.
 

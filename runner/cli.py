@@ -345,15 +345,17 @@ def folder_command(command: str, argv: list[str]) -> None:
     elif command == "score":
         folder_commands.score_folder(target, overrides)
     else:
-        identical = folder_commands.reproduce(target, overrides, compose_config(overrides))
+        # the `sweep.*` overrides are for the image's own sweep folder config, which reproduce reads itself
+        identical = folder_commands.reproduce(target, overrides, compose_config([o for o in overrides if not o.startswith("sweep.")]))
         sys.exit(0 if identical else 1)
 
 
-def compose_config(overrides: list[str]):
-    """The project's config with overrides, as `run` would compose it (for commands outside hydra.main)."""
-
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The project's config with overrides, composed in this process as `plan` and `run` compose it (sweep files
+    registered, `sweep.base.X` / `sweep.grid.X` rewritten for Hydra); a bad override is one line."""
     register_configs()
-    overrides, _ = register_sweeps([o for o in overrides if not o.startswith("sweep.")])
+    overrides, sweep = register_sweeps(overrides)
+    overrides = request_overrides(overrides, sweep)
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             return compose("config", overrides=overrides)

@@ -1,17 +1,17 @@
-"""Shared fixtures: the tiny model and LoRAs are built once per session and reused by every test."""
+"""Shared fixtures: the tiny model and LoRAs are built once per session and reused by every test.
+
+The helpers they are built from (and that tests import) live in helpers.py, one copy each.
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
-import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
+
+# demo_engine, engine_rows, sweep_images: test_gpu.py imports them from conftest
+from helpers import SMALL_SWEEP, Workspace, demo_engine, engine_rows, sweep_images  # noqa: F401
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -27,49 +27,26 @@ if XDIST_WORKERS > 1:
 # The files that take longest on 2 cores, longest first (pytest --durations=0). xdist's loadfile mode hands files to
 # its two workers in collection order (with --no-loadscope-reorder, pyproject.toml): started first, they no longer
 # leave one worker running a long file alone at the end. A stale list costs minutes, never correctness.
-LONGEST_FILES = [  # seconds on 2 cores, 2026-11-30: 220, 138, 130, 123, 86, 81, 74, 61, 61, 52, 44, 36
-    "test_faults.py",
+LONGEST_FILES = [  # seconds on 2 cores, 2026-12-02: 132, 116, 69, 58, 49, 44, 33, 23, 18, 16, 16, 14, 14
     "test_ray.py",
-    "test_report.py",
+    "test_faults.py",
     "test_serve.py",
-    "test_validation_cli.py",
     "test_search.py",
-    "test_run.py",
+    "test_report.py",
     "test_remote.py",
-    "test_models.py",
-    "test_sdxl.py",
     "test_mlflow_server.py",
+    "test_sdxl.py",
     "test_world.py",
+    "test_run.py",
+    "test_models.py",
+    "test_reproduce.py",
+    "test_validation.py",
 ]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: position for position, name in enumerate(LONGEST_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
-
-
-@dataclass
-class CliResult:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def err_lines(self) -> list[str]:
-        return [line for line in self.err.splitlines() if line.strip()]
-
-
-def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> CliResult:
-    """Run `lora-sweep ARGS` as a user would: a separate process, its exit code, stdout and stderr."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "runner.cli", *args],
-        cwd=cwd,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
 @pytest.fixture(scope="session")
@@ -79,77 +56,15 @@ def assets_dir(tmp_path_factory) -> Path:
     return ensure_demo_assets(tmp_path_factory.mktemp("assets"))
 
 
-@dataclass
-class Workspace:
-    """A temp project directory with its own outputs/ and sweeps/, sharing the session's assets."""
-
-    root: Path
-    assets: Path
-
-    @property
-    def outputs(self) -> Path:
-        return self.root / "outputs"
-
-    def sweep(self, name: str, body: str | dict) -> Path:
-        path = self.root / "sweeps" / f"{name}.yaml"
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(yaml.safe_dump(body, sort_keys=False) if isinstance(body, dict) else textwrap.dedent(body))
-        return path
-
-    def cli(self, command: str, *overrides: str, env: dict[str, str] | None = None, timeout: float = 300) -> CliResult:
-        base = [f"paths.outputs={self.outputs}", f"paths.assets={self.assets}"]
-        return run_cli(command, *base, *overrides, cwd=self.root, env=env, timeout=timeout)
-
-
 @pytest.fixture
 def workspace(tmp_path, assets_dir) -> Workspace:
     return Workspace(tmp_path, assets_dir)
-
-
-SMALL_SWEEP = {
-    "name": "small",
-    "base": {"prompt": "a red fox", "negative_prompt": "blurry", "width": 64, "height": 64, "num_inference_steps": 4},
-    "grid": {
-        "lora_model": ["sunset", "sunset,stripes"],
-        "lora_strength": [0.5, 1.0],
-        "seed": [1, 2],
-    },
-    "report": {"grid": {"x": "lora_strength", "y": "lora_model"}},
-}
 
 
 @pytest.fixture
 def small_sweep(workspace) -> Path:
     """8 images: 2 blends x 2 strengths x 2 seeds at 64x64, 4 steps."""
     return workspace.sweep("small", SMALL_SWEEP)
-
-
-def fake_hub_cache(root, repo_id, folder):
-    """The Hugging Face cache layout (refs/main -> snapshots/<commit>/...) holding `folder`."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = root / f"models--{repo_id.replace('/', '--')}"
-    shutil.copytree(folder, repo / "snapshots" / commit)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-
-
-def sweep_images(outputs: Path, sweep: str):
-    """The sweep's results (ok rows) joined with their plan rows, and a function giving an image's pixels."""
-    import numpy as np
-    import pandas as pd
-    from PIL import Image
-
-    folder = outputs / sweep
-    results = pd.read_parquet(folder / "results.parquet")
-    plan = pd.read_parquet(folder / "plan.parquet").drop(columns=["seed", "notes"], errors="ignore")
-    rows = plan.merge(results, on="id")
-    rows = rows.astype(object).where(rows.notna(), None)  # None, not NaN, where a request field is unset
-
-    def pixels(image_id: str):
-        with Image.open(folder / "images" / f"{image_id}.png") as image:
-            return np.asarray(image.convert("RGB"), dtype=np.int16)
-
-    return rows, pixels
 
 
 @pytest.fixture(scope="session")
@@ -173,53 +88,3 @@ def sdxl_dir(tmp_path_factory) -> Path:
         str(root / "xl_emb.safetensors"),
     )
     return root
-
-
-def demo_engine(assets: Path, device: str = "cpu", **settings):
-    """A LocalEngine over the demo's model and LoRAs, for tests of the engine interface itself."""
-    from runner.engines.local import LocalEngine
-    from runner.registry import HashCache, Registry, resolve_lora, resolve_model
-
-    cache = HashCache(None)
-    model, problem = resolve_model("tiny-sd", {"source": str(assets / "tiny-sd")}, cache)
-    assert problem is None, problem
-    loras = {}
-    for name in ("sunset", "stripes", "star"):
-        loras[name], problem = resolve_lora(name, str(assets / "loras" / f"{name}.safetensors"), None, cache)
-        assert problem is None, problem
-    if device == "cpu":
-        settings.setdefault("dtype", "float32")
-    return LocalEngine(registry=Registry(models={"tiny-sd": model}, loras=loras), device=device, **settings)
-
-
-def engine_rows(blends: list[tuple[str, str]], seeds: list[int], size: int = 64, steps: int = 4):
-    """Plan rows as the engine receives them (validated columns included): each blend x each seed."""
-    import pandas as pd
-
-    return pd.DataFrame(
-        [
-            {
-                "id": f"{blend}@{strength}#{seed}",
-                "model_id": "tiny-sd",
-                "prompt": "a red circle on a blue background",
-                "negative_prompt": "",
-                "width": size,
-                "height": size,
-                "num_inference_steps": steps,
-                "guidance_scale": 7.5,
-                "seed": seed,
-                "lora_model": blend,
-                "lora_strength": strength,
-                "scheduler_used": "EulerDiscreteScheduler",
-                "use_karras_sigmas": False,
-                "algorithm_type": None,
-                "clip_skip": 1,
-                "vae": None,
-                "embeddings_model": None,
-                "pipeline_used": "text2img",
-                "upscale": False,
-            }
-            for blend, strength in blends
-            for seed in seeds
-        ]
-    )

@@ -1,26 +1,34 @@
-"""The CLI surface: help, composed config, overrides, and `plan` staying free of torch."""
+"""The CLI surface: usage, help, composed config, overrides, sweep lookup, and `plan` staying free of torch."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
-from tests.conftest import run_cli
+from runner import cli
+from runner.prepare import prepare_sweep
 
 
-def test_no_arguments_prints_usage(tmp_path):
-    result = run_cli(cwd=tmp_path)
-    assert result.code == 0
-    assert "lora-sweep run" in result.out and "plan" in result.out and "report" in result.out
+def test_no_arguments_prints_usage(capsys):
+    cli.main([])  # returns: exit code 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: lora-sweep COMMAND")
+    for command in ("run", "plan", "sync", "score", "report", "reproduce", "serve"):
+        assert f"\n  {command} " in out, command
 
 
 def test_run_help_lists_config_groups(workspace):
     result = workspace.cli("run", "--help")
     assert result.code == 0, result.err
-    for group in ("model", "engine", "tracking", "sweep"):
-        assert f"{group}:" in result.out or f"{group}/" in result.out or group in result.out
+    section = result.out.split("Config groups (choose with GROUP=OPTION):\n", 1)[1].split("\n\n", 1)[0]
+    groups = {group: set(options.split(", ")) for group, options in (line.split(": ", 1) for line in section.splitlines())}
+    assert set(groups) == {"engine", "model", "scores", "sweep", "tracking"}, section
+    assert groups["engine"] == {"local", "remote"} and groups["tracking"] == {"none", "sqlite"}
+    assert {"demo", "blends", "search"} <= groups["sweep"]
     assert "sweep=NAME" in result.out
 
 
@@ -33,10 +41,20 @@ def test_cfg_job_prints_composed_config_with_overrides(workspace, small_sweep):
     assert not (workspace.outputs / "small" / "images").exists(), "--cfg job must not run the sweep"
 
 
-def test_unknown_command_suggests(tmp_path):
-    result = run_cli("pln", cwd=tmp_path)
-    assert result.code == 2
-    assert "did you mean 'plan'" in result.err
+@pytest.fixture
+def restored_environ():
+    """main() sets its environment defaults (LORA_SWEEP_ARGV, MLflow's retries...) in this process: undone after."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_unknown_command_suggests(capsys, restored_environ):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["pln"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines() == ["error: unknown command 'pln'; did you mean 'plan'?"]
 
 
 def test_plan_writes_plan_and_does_not_import_torch(workspace):
@@ -54,17 +72,10 @@ def test_plan_writes_plan_and_does_not_import_torch(workspace):
     assert (workspace.outputs / "demo" / "plan-preview.csv").exists()
 
 
-def test_sweep_selected_by_name_from_cwd_sweeps(workspace, small_sweep):
-    result = workspace.cli("plan", "sweep=small")
-    assert result.code == 0, result.err
-    assert "plan 'small': 8 images, 2 distinct blends" in result.out
-
-
-def test_unknown_sweep_name_suggests(workspace, small_sweep):
-    result = workspace.cli("plan", "sweep=smal")
-    assert result.code == 2
-    assert result.err_lines == [line for line in result.err_lines if line.startswith("error:")]
-    assert "did you mean 'small'" in result.err
+def test_sweep_selected_by_name_from_cwd_sweeps(workspace, small_sweep, monkeypatch):
+    monkeypatch.chdir(workspace.root)
+    prepared = prepare_sweep(workspace.config("sweep=small"))
+    assert prepared.name == "small" and len(prepared.plan) == 8 and prepared.plan["blend"].str.startswith("sunset").all()
 
 
 def test_hydra_multirun_plans_several_sweeps(workspace, small_sweep):
@@ -75,8 +86,8 @@ def test_hydra_multirun_plans_several_sweeps(workspace, small_sweep):
     assert (workspace.outputs / "small" / "plan-preview.parquet").exists()
 
 
-def test_a_sweep_in_the_working_directory_wins_over_the_projects(workspace):
+def test_a_sweep_in_the_working_directory_wins_over_the_projects(workspace, monkeypatch):
     workspace.sweep("demo", {"name": "demo", "base": {"prompt": "mine", "width": 64, "height": 64}, "grid": {"seed": [1, 2]}})
-    result = workspace.cli("plan", "sweep=demo")
-    assert result.code == 0, result.err
-    assert "plan 'demo': 2 images" in result.out
+    monkeypatch.chdir(workspace.root)
+    prepared = prepare_sweep(workspace.config("sweep=demo"))
+    assert list(prepared.plan["prompt"]) == ["mine", "mine"]

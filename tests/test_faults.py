@@ -2,70 +2,20 @@
 
 from __future__ import annotations
 
-import os
+import io
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import SLOW_SWEEP, assert_complete, free_port, mlflow_runs, start_mlflow_server, start_run, wait_for_results
 from PIL import Image
 
-from tests.test_mlflow_server import free_port, start_mlflow_server
-from tests.test_run import mlflow_runs
+from runner.run import run_sweep
 
 pytestmark = pytest.mark.slow
-
-SLOW_SWEEP = {
-    "name": "long",
-    "base": {"prompt": "a red fox", "width": 128, "height": 128, "num_inference_steps": 8},
-    "grid": {"lora_model": ["sunset", "stripes"], "seed": {"start": 0, "count": 6}},
-}
-
-
-def start_run(ws, *overrides: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    args = [sys.executable, "-m", "runner.cli", "run", f"paths.outputs={ws.outputs}", f"paths.assets={ws.assets}", *overrides]
-    return subprocess.Popen(
-        args,
-        cwd=ws.root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-    )
-
-
-def wait_for_results(folder: Path, count: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    journal = folder / "results.jsonl"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if journal.exists() and len(journal.read_text().splitlines()) >= count:
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"run ended early: {proc.communicate()}")
-        time.sleep(0.1)
-    proc.kill()
-    pytest.fail("no results appeared")
-
-
-def assert_complete(ws, name: str, plan_size: int) -> None:
-    folder = ws.outputs / name
-    results = pd.read_parquet(folder / "results.parquet")
-    plan = pd.read_parquet(folder / "plan.parquet")
-    assert len(plan) == plan_size
-    assert results["id"].is_unique and sorted(results["id"]) == sorted(plan["id"])
-    assert set(results["status"]) == {"ok"}
-    for image_id in plan["id"]:
-        with Image.open(folder / "images" / f"{image_id}.png") as image:
-            image.load()  # a truncated PNG raises here
-    assert not list((folder / "images").glob(".*.tmp")), "no half-written files are left"
-    parent, children = mlflow_runs(ws.outputs, name)
-    assert len(parent) == 1
-    assert children["tags.lora_sweep.id"].is_unique and len(children) == plan_size
-    assert set(children["status"]) == {"FINISHED"}
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
@@ -90,8 +40,8 @@ def test_interrupted_sweep_resumes_without_loss_or_duplicates(workspace, sig):
     done_before = len(pd.read_json(workspace.outputs / "long" / "results.jsonl", lines=True))
     assert 4 <= done_before < 12
 
-    again = workspace.cli("run", f"sweep={path}", "engine.batch_size=1")
-    assert again.code == 0, again.err
+    again = workspace.run(f"sweep={path}", "engine.batch_size=1")  # the same command again (in this process)
+    again.assert_all_ok()
     assert f"{done_before} images already done" in again.out
     assert_complete(workspace, "long", 12)
     assert mlflow_runs(workspace.outputs, "long")[0]["run_id"].iloc[0] == parent_id, "the parent run is reused"
@@ -134,8 +84,8 @@ def test_failed_images_are_recorded_and_the_sweep_goes_on(workspace):
     report = (workspace.outputs / "faulty" / "report.html").read_text()
     assert report.count("NaN in the output") == 2, "the report lists each failure with its line"
 
-    retry = workspace.cli("run", f"sweep={path}", extra, "retry_failed=true")
-    assert "done: 0 ok, 2 failed, 2 skipped of 4 images" in retry.out, retry.out + retry.err
+    retry = workspace.run(f"sweep={path}", extra, "retry_failed=true")
+    assert "done: 0 ok, 2 failed, 2 skipped of 4 images" in retry.out, retry.out
     _, children = mlflow_runs(workspace.outputs, "faulty")
     assert len(children) == 4, "a retried image reuses its MLflow run"
 
@@ -152,11 +102,11 @@ def test_changed_lora_file_is_detected_and_its_images_regenerated(workspace, tmp
     }
     path = workspace.sweep("changing", sweep)
     extra = f"+loras.mine={{source: {own}}}"
-    assert workspace.cli("run", f"sweep={path}", extra, "tracking=none").code == 0
+    workspace.run(f"sweep={path}", extra, "tracking=none").assert_all_ok()
     first_plan = pd.read_parquet(workspace.outputs / "changing" / "plan.parquet")
     shutil.copy(workspace.assets / "loras" / "star.safetensors", own)  # retrained: new weights
-    result = workspace.cli("run", f"sweep={path}", extra, "tracking=none")
-    assert result.code == 0, result.err
+    result = workspace.run(f"sweep={path}", extra, "tracking=none")
+    result.assert_all_ok()
     assert "LoRA 'mine' changed on disk since the last run" in result.out
     assert "done: 2 ok, 0 failed, 2 skipped of 4 images" in result.out
     second_plan = pd.read_parquet(workspace.outputs / "changing" / "plan.parquet")
@@ -179,8 +129,8 @@ def test_second_run_on_the_same_sweep_refuses_and_stale_locks_are_taken_over(wor
         first.wait()
     lock = workspace.outputs / "long" / ".lock"
     assert lock.read_text().strip() == str(first.pid)  # left behind by the killed run: stale now
-    resumed = workspace.cli("run", f"sweep={path}", "tracking=none")
-    assert resumed.code == 0, resumed.err
+    # the next run takes the stale lock over (two images of the sweep are enough to show it; all 32 took 15 s)
+    workspace.run(f"sweep={path}", "tracking=none", "sweep.grid.seed=[0]").assert_all_ok()
     assert not lock.exists()
 
 
@@ -203,9 +153,9 @@ def test_mlflow_down_mid_sweep_keeps_writing_and_sync_backfills(workspace, tmp_p
 
     server = start_mlflow_server(tmp_path, port)  # the same store comes back
     try:
-        synced = workspace.cli("sync", f"sweep={path}", *env_overrides)
-        assert synced.code == 0, synced.err
-        assert "earlier images to MLflow" in synced.out
+        synced = io.StringIO()  # `lora-sweep sync`, in this process
+        run_sweep(workspace.config(f"sweep={path}", *env_overrides), out=synced, generate=False)
+        assert "earlier images to MLflow" in synced.getvalue(), synced.getvalue()
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(f"http://127.0.0.1:{port}")

@@ -1,5 +1,5 @@
-"""The fast path of the local engine, on the CPU: fused blends restore the base weights exactly and
-give the images the adapters give; the switches are validated like every other setting."""
+"""Fused LoRA blends (the local engine's default), on the CPU: switching blends restores the base weights bit for
+bit, a sweep runs fused and records it, and fused images equal peft's adapters' within rounding."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pandas as pd
 import torch
-from conftest import SMALL_SWEEP, demo_engine, engine_rows, sweep_images
+from helpers import SMALL_SWEEP, demo_engine, engine_rows, sweep_images
 
 from runner.engines.local import LocalEngine
 
@@ -53,8 +53,7 @@ def test_fifty_blend_switches_leave_the_base_weights_bit_identical(assets_dir):
 
 def test_a_sweep_runs_fused_by_default_and_records_how_it_ran(workspace):
     sweep = workspace.sweep("small", SMALL_SWEEP)
-    result = workspace.cli("run", f"sweep={sweep}", "tracking=none")
-    assert result.code == 0, result.err
+    workspace.run(f"sweep={sweep}", "tracking=none").assert_all_ok()
     images, pixels = sweep_images(workspace.outputs, "small")
     assert len(images) == 8 and set(images["meta.lora_mode"]) == {"fused"} and set(images["meta.compiled"]) == {False}
     assert set(images["batch_size"]) == {2}, "batch_size auto on a CPU: 4, here capped by the 2 seeds of a cell"
@@ -78,22 +77,3 @@ def test_fused_images_equal_unfused_within_tolerance_in_process(assets_dir):
         assert {r.meta["lora_mode"] for r in results} == {"fused" if fuse else "unfused"}
         pixels[fuse] = np.stack([np.asarray(r.image, dtype=np.int16) for r in results])
     assert np.abs(pixels[True] - pixels[False]).max() <= 2
-
-
-def test_new_sqlite_stores_start_from_an_empty_template(tmp_path, monkeypatch):
-    from mlflow.tracking import MlflowClient
-
-    from runner.tracking import Tracker
-
-    monkeypatch.setenv("LORA_SWEEP_CACHE", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
-    first = Tracker(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}", "one")
-    second = Tracker(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}", "two")
-    assert list((tmp_path / "cache").glob("mlflow-*-empty.db")), "the template is kept for the next store"
-    for tracker, name in ((first, "one"), (second, "two")):
-        client = MlflowClient(tracker.uri)
-        assert sorted(e.name for e in client.search_experiments()) == sorted(["Default", name]), "each store has only its own"
-        assert client.get_experiment("0").artifact_location == (tmp_path / "mlruns").as_uri()
-        run = client.create_run(tracker.experiment_id)
-        client.log_param(run.info.run_id, "seed", "3")
-        assert client.get_run(run.info.run_id).data.params == {"seed": "3"}

@@ -8,11 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import sweep_images
+from helpers import demo_engine, sweep_images
 from safetensors.torch import save_file
-
-from runner.engines.local import LocalEngine
-from runner.registry import HashCache, Registry, resolve_lora, resolve_model
 
 pytestmark = pytest.mark.slow
 
@@ -38,21 +35,10 @@ def kohya_file(path, rank=4, alphas=(2.0, 1.0, 3.0), seed=0):
     return expected
 
 
-def engine_for(assets, loras):
-    cache = HashCache(None)
-    model, problem = resolve_model("tiny-sd", {"source": str(assets / "tiny-sd")}, cache)
-    assert problem is None
-    resolved = {}
-    for name, path in loras.items():
-        resolved[name], problem = resolve_lora(name, str(path), None, cache)
-        assert problem is None, problem
-    # unfused: these tests read each adapter's delta as peft scales it per blend
-    return LocalEngine(registry=Registry(models={"tiny-sd": model}, loras=resolved), device="cpu", dtype="float32", fuse_loras=False)
-
-
 def test_kohya_lora_reproduces_the_expected_weight_delta(assets_dir, tmp_path):
     expected = kohya_file(tmp_path / "kohya.safetensors")
-    engine = engine_for(assets_dir, {"kohya": tmp_path / "kohya.safetensors"})
+    # unfused: the test reads the adapter's delta as peft scales it per blend
+    engine = demo_engine(assets_dir, loras={"kohya": tmp_path / "kohya.safetensors"}, fuse_loras=False)
     engine.prepare(pd.DataFrame({"model_id": ["tiny-sd"]}))
     engine._set_adapters("kohya", "0.8")
     layers = {MODULE: engine.pipe.unet.get_submodule(MODULE)} | {m: engine.pipe.text_encoder.get_submodule(m) for m in TE_MODULES}
@@ -77,8 +63,7 @@ def test_many_loras_are_loaded_per_group_and_unloaded_after_their_last_group(wor
         "grid": {"lora_model": {"each": list(loras)}, "seed": [1, 2]},
     }
     extra = [f"+loras.{name}={{source: {path}}}" for name, path in loras.items()]
-    result = workspace.cli("run", f"sweep={workspace.sweep('many', sweep)}", "tracking=none", *extra)
-    assert result.code == 0, result.err
+    workspace.run(f"sweep={workspace.sweep('many', sweep)}", "tracking=none", *extra).assert_all_ok()
     results = pd.read_parquet(workspace.outputs / "many" / "results.parquet")
     assert len(results) == 12 and set(results["status"]) == {"ok"}
     assert results["meta.adapters_loaded"].max() == 1, "never more adapters than the current blend needs"
@@ -98,10 +83,9 @@ def test_text_encoder_loras_get_prompt_embeddings_per_blend(workspace):
         "base": {"prompt": "a red fox", "width": 64, "height": 64, "num_inference_steps": 4, "seed": 4, "lora_model": "te"},
         "grid": {"lora_strength": [0.3, 1.0]},
     }
-    result = workspace.cli(
-        "run", f"sweep={workspace.sweep('te', sweep)}", f"+loras.te={{source: {workspace.root / 'te.safetensors'}}}", "tracking=none"
-    )
-    assert result.code == 0, result.err
+    workspace.run(
+        f"sweep={workspace.sweep('te', sweep)}", f"+loras.te={{source: {workspace.root / 'te.safetensors'}}}", "tracking=none"
+    ).assert_all_ok()
     rows, pixels = sweep_images(workspace.outputs, "te")
     pipe.load_lora_weights(str(workspace.root), weight_name="te.safetensors", adapter_name="te")
     assert "te" in pipe.text_encoder.peft_config

@@ -7,7 +7,9 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import fake_hub_cache, sweep_images
+from helpers import fake_hub_cache, sweep_images
+
+from runner.prepare import prepare_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -40,10 +42,10 @@ def test_file_hashes_are_cached_by_path_size_and_mtime(workspace, small_sweep):
     shutil.copy(workspace.assets / "loras" / "sunset.safetensors", own)
     overrides = [f"+loras.mine={{source: {own}}}", "sweep.grid.lora_model=[mine]", "sweep.grid.seed=[1]"]
 
-    def ids():
-        result = workspace.cli("plan", f"sweep={small_sweep}", *overrides)
-        assert result.code == 0, result.err
-        return sorted(pd.read_parquet(workspace.outputs / "small" / "plan-preview.parquet")["id"])
+    def ids():  # the plan's ids as `lora-sweep plan` gives them
+        prepared = prepare_sweep(workspace.config(f"sweep={small_sweep}", *overrides))
+        assert prepared.problems == [], prepared.problems
+        return sorted(prepared.plan["id"])
 
     first = ids()
     stat = own.stat()
@@ -88,8 +90,7 @@ def test_single_file_checkpoints_give_the_pixels_of_their_diffusers_folder(works
         f"+models.ckpt={{source: {single_files / 'tiny.ckpt'}, config: {configs}}}",
         "tracking=none",
     ]
-    result = workspace.cli("run", f"sweep={sweep}", *overrides)
-    assert result.code == 0, result.err
+    workspace.run(f"sweep={sweep}", *overrides).assert_all_ok()
     rows, pixels = sweep_images(workspace.outputs, "single")
     assert set(rows["status"]) == {"ok"} and len(rows) == 6
     by = {(r.model_id, r.lora_model): pixels(r.id) for r in rows.itertuples()}
@@ -125,17 +126,15 @@ def test_a_folder_of_fp16_variant_weights_loads_as_diffusers_would(workspace, as
     sweep = workspace.sweep(
         "fp16", {"name": "fp16", "base": {"prompt": "a red fox", "width": 64, "height": 64, "num_inference_steps": 4, "seed": 5}}
     )
-    result = workspace.cli("run", f"sweep={sweep}", f"+models.half={{source: {folder}}}", "model.id=half", "tracking=none")
-    assert result.code == 0, result.err
+    workspace.run(f"sweep={sweep}", f"+models.half={{source: {folder}}}", "model.id=half", "tracking=none").assert_all_ok()
     rows, pixels = sweep_images(workspace.outputs, "fp16")
     reference = StableDiffusionPipeline.from_pretrained(folder, variant="fp16", torch_dtype=torch.float32)
     expected = bare_diffusers_image(reference, "a red fox", 5)
     assert np.abs(pixels(rows["id"][0]) - expected).max() <= 1
 
-    missing = workspace.cli("plan", f"sweep={sweep}", f"+models.half={{source: {folder}, variant: bf16}}", "model.id=half")
-    assert missing.code == 2
-    assert missing.err_lines == [
-        f"error: models.half.variant: {folder} has no 'bf16' weights (found: fp16); remove variant or download that variant"
+    missing = prepare_sweep(workspace.config(f"sweep={sweep}", f"+models.half={{source: {folder}, variant: bf16}}", "model.id=half"))
+    assert missing.problems == [
+        f"models.half.variant: {folder} has no 'bf16' weights (found: fp16); remove variant or download that variant"
     ]
 
 
@@ -150,9 +149,8 @@ def test_float16_runs_prefer_the_fp16_files_where_both_are_present(workspace, as
     sweep = workspace.sweep(
         "both", {"name": "both", "base": {"prompt": "a red fox", "width": 64, "height": 64, "num_inference_steps": 3, "seed": 5}}
     )
-    result = workspace.cli(
-        "run", f"sweep={sweep}", f"+models.both={{source: {folder}}}", "model.id=both", "engine.dtype=float16", "tracking=none"
-    )
-    assert result.code == 0, result.err
+    workspace.run(
+        f"sweep={sweep}", f"+models.both={{source: {folder}}}", "model.id=both", "engine.dtype=float16", "tracking=none"
+    ).assert_all_ok()
     rows, _ = sweep_images(workspace.outputs, "both")
     assert list(rows["meta.variant"]) == ["fp16"] and list(rows["status"]) == ["ok"]

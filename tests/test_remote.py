@@ -8,11 +8,9 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+from fake_provider import KEY, Behaviour, FakeProviderServer
+from helpers import mlflow_runs, start_run, wait_for_results
 from PIL import Image
-
-from tests.fake_provider import KEY, Behaviour, FakeProviderServer
-from tests.test_faults import start_run, wait_for_results
-from tests.test_run import mlflow_runs
 
 FAST = [
     "engine.eta_min_s=0.01",
@@ -39,8 +37,16 @@ def provider():
 
 
 def remote(ws, server, *overrides, tracking="tracking=none"):
+    """`lora-sweep run ... engine=remote` as a user runs it."""
     path = ws.sweep("remote", SWEEP)
     return ws.cli("run", f"sweep={path}", "engine=remote", f"engine.base_url={server.url}", tracking, *FAST, *overrides, env=ENV)
+
+
+def remote_here(ws, server, monkeypatch, *overrides, key=KEY):
+    """The same run in this process, for what the remote engine does with the provider's replies."""
+    monkeypatch.setenv("MODELSLAB_API_KEY", key)
+    path = ws.sweep("remote", SWEEP)
+    return ws.run(f"sweep={path}", "engine=remote", f"engine.base_url={server.url}", "tracking=none", *FAST, *overrides)
 
 
 def test_remote_sweep_end_to_end(workspace, provider):
@@ -90,10 +96,10 @@ QUIRKS = {
 
 
 @pytest.mark.parametrize("behaviour", QUIRKS.values(), ids=QUIRKS.keys())
-def test_provider_quirks_are_handled(workspace, provider, behaviour):
+def test_provider_quirks_are_handled(workspace, provider, behaviour, monkeypatch):
     provider.provider.behaviour = behaviour
-    result = remote(workspace, provider, "sweep.grid.seed=[1]")
-    assert result.code == 0, result.out + result.err
+    result = remote_here(workspace, provider, monkeypatch, "sweep.grid.seed=[1]")
+    result.assert_all_ok()
     assert "done: 2 ok, 0 failed" in result.out
     retries = behaviour.rate_limit_first + behaviour.http_429_first + behaviour.errors_5xx_first
     assert len(provider.provider.submits) == 2 + retries
@@ -103,36 +109,33 @@ def test_provider_quirks_are_handled(workspace, provider, behaviour):
 
 
 @pytest.mark.parametrize(
-    "overrides, env, message",
+    "overrides, key, message",
     [
-        ([], {"MODELSLAB_API_KEY": "sk-wrong-key"}, "Invalid API key"),
-        (["sweep.base.model_id=no-such-model"], ENV, "Model not found: no-such-model"),
+        ([], "sk-wrong-key", "Invalid API key"),
+        (["sweep.base.model_id=no-such-model"], KEY, "Model not found: no-such-model"),
     ],
     ids=["invalid-key", "model-not-found"],
 )
-def test_fatal_errors_fail_at_once_without_retry(workspace, provider, overrides, env, message):
+def test_fatal_errors_fail_at_once_without_retry(workspace, provider, overrides, key, message, monkeypatch):
     provider.provider.behaviour = Behaviour(fail_models=("no-such-model",))
-    path = workspace.sweep("remote", SWEEP)
-    result = workspace.cli(
-        "run", f"sweep={path}", "engine=remote", f"engine.base_url={provider.url}", "tracking=none", *FAST, *overrides, env=env
-    )
-    assert result.code == 1
+    result = remote_here(workspace, provider, monkeypatch, *overrides, key=key)
+    assert result.summary.failed == 6  # the command's exit code 1
     assert "done: 0 ok, 6 failed" in result.out
     assert len(provider.provider.submits) == 6, "fatal errors are not retried"
     results = pd.read_parquet(workspace.outputs / "remote" / "results.parquet")
     assert results["error"].str.contains(message).all()
 
 
-def test_timeout_keeps_remote_id_and_the_next_run_fetches_instead_of_paying(workspace, provider):
+def test_timeout_keeps_remote_id_and_the_next_run_fetches_instead_of_paying(workspace, provider, monkeypatch):
     provider.provider.behaviour = Behaviour(processing_polls=-1)  # the queue never finishes
-    first = remote(workspace, provider, "sweep.grid.seed=[1]", "engine.deadline_s=0.5")
-    assert first.code == 1 and "done: 0 ok, 2 failed" in first.out
+    first = remote_here(workspace, provider, monkeypatch, "sweep.grid.seed=[1]", "engine.deadline_s=0.5")
+    assert first.summary.failed == 2 and "done: 0 ok, 2 failed" in first.out
     results = pd.read_parquet(workspace.outputs / "remote" / "results.parquet")
     assert results["error"].str.contains("the next run fetches it").all()
     assert (results["meta.remote_id"] != "").all()
     provider.provider.behaviour = Behaviour(processing_polls=0)  # now the results are ready
-    second = remote(workspace, provider, "sweep.grid.seed=[1]")
-    assert second.code == 0, second.err
+    second = remote_here(workspace, provider, monkeypatch, "sweep.grid.seed=[1]")
+    second.assert_all_ok()
     assert "done: 2 ok, 0 failed" in second.out
     assert len(provider.provider.submits) == 2, "nothing was paid for twice"
 

@@ -1,4 +1,4 @@
-"""Scores, ranking, grids, report.html, MLflow as a place to compare, and `reproduce`: through the CLI and the files written."""
+"""Scores, ranking, grids, report.html and MLflow as a place to compare: through the CLI and the files written."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import Workspace, fake_hub_cache, mlflow_runs
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -36,21 +37,11 @@ SCORED_SWEEP = {
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory, assets_dir):
     """One scored run (2 LoRAs x 2 strengths x 2 seeds + 2 baseline rows = 10 images), shared by the read-only tests."""
-    from tests.conftest import Workspace
-
     ws = Workspace(tmp_path_factory.mktemp("scored"), assets_dir)
     result = ws.cli("run", f"sweep={ws.sweep('scored', SCORED_SWEEP)}")
     assert result.code == 0, result.err
     folder = ws.outputs / "scored"
     return ws, result, folder, pd.read_parquet(folder / "results.parquet"), pd.read_parquet(folder / "plan.parquet")
-
-
-def mlflow_children(outputs, experiment):
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{outputs / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=[experiment], output_format="pandas")
-    return runs[runs["tags.mlflow.parentRunId"].notna()], runs[runs["tags.lora_sweep.role"] == "parent"]
 
 
 def test_every_image_is_scored_in_results_and_mlflow(scored):
@@ -67,7 +58,7 @@ def test_every_image_is_scored_in_results_and_mlflow(scored):
     assert (with_lora["lora_effect"] > 0).all()
     for _, cell in table.groupby("blend"):
         assert cell["seed_spread"].nunique() == 1 and cell["seed_spread"].iloc[0] > 0, "one spread per cell, across its seeds"
-    children, _ = mlflow_children(ws.outputs, "scored")
+    _, children = mlflow_runs(ws.outputs, "scored")
     assert len(children) == 10
     by_id = children.set_index("tags.lora_sweep.id")
     for row in table.to_dict("records"):
@@ -198,7 +189,7 @@ def test_mlflow_experiment_opens_on_runs_with_readable_names_images_and_ranking(
     experiment = client.get_experiment_by_name("scored")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning" in result.out
-    children, parent = mlflow_children(ws.outputs, "scored")
+    parent, children = mlflow_runs(ws.outputs, "scored")
     names = set(children["tags.mlflow.runName"])
     assert {"sunset 0.5 · seed 0", "star 1 · seed 1", "no LoRA · seed 0"} <= names
     child = children.iloc[0]
@@ -249,47 +240,8 @@ def test_score_command_adds_a_new_scorer_without_generating_and_logs_it(scored):
         with Image.open(folder / row["file"]) as image:
             assert row["brightness"] == pytest.approx(0.5 * np.asarray(image.convert("RGB"), dtype=float).mean())
     assert after["clip_score"].equals(results.set_index("id").loc[after.index, "clip_score"]), "existing scores are kept"
-    children, _ = mlflow_children(ws.outputs, "scored")
+    _, children = mlflow_runs(ws.outputs, "scored")
     assert children["metrics.brightness"].notna().all() and len(children) == 10
-
-
-def test_reproduce_an_image_by_id_and_by_mlflow_run_id(scored):
-    ws, _, folder, results, _ = scored
-    image_id = results["id"].iloc[4]
-    by_id = ws.cli("reproduce", image_id)
-    assert by_id.code == 0, by_id.err
-    assert "identical" in by_id.out
-    children, _ = mlflow_children(ws.outputs, "scored")
-    run_id = children.set_index("tags.lora_sweep.id").loc[image_id, "run_id"]
-    by_run = ws.cli("reproduce", run_id)
-    assert by_run.code == 0, by_run.err + by_run.out
-    assert "identical" in by_run.out
-    unknown = ws.cli("reproduce", "0123456789abcdef")
-    assert unknown.code == 2 and unknown.err_lines[-1].startswith("error: reproduce:") and "Traceback" not in unknown.err
-
-
-def test_reproduce_refuses_when_a_lora_file_changed(workspace):
-    own = workspace.root / "mine.safetensors"
-    shutil.copy(workspace.assets / "loras" / "sunset.safetensors", own)
-    sweep = {
-        "name": "one",
-        "base": {
-            "prompt": "a red circle on a blue background",
-            "width": 64,
-            "height": 64,
-            "num_inference_steps": 2,
-            "seed": 1,
-            "lora_model": "mine",
-        },
-    }
-    run = workspace.cli("run", f"sweep={workspace.sweep('one', sweep)}", f"+loras.mine={{source: {own}}}", "tracking=none")
-    assert run.code == 0, run.err
-    image_id = pd.read_parquet(workspace.outputs / "one" / "results.parquet")["id"].iloc[0]
-    shutil.copy(workspace.assets / "loras" / "star.safetensors", own)
-    again = workspace.cli("reproduce", image_id)
-    assert again.code == 2 and "Traceback" not in again.err
-    assert again.err_lines == [next(line for line in again.err_lines if line.startswith("error: loras.mine:"))]
-    assert "has changed since the image was made" in again.err
 
 
 def test_grids_keep_aspect_stay_within_the_pixel_budget_and_report_works_midway(workspace):
@@ -300,8 +252,7 @@ def test_grids_keep_aspect_stay_within_the_pixel_budget_and_report_works_midway(
         # at 64 px a page is 174x200 = 34,800 px; thumbnails shrink to 32x16, then each page splits into two parts
         "report": {"grid": {"x": "lora_strength", "y": "seed", "page": "lora_model"}, "cell_size": 64, "max_grid_pixels": 12000},
     }
-    result = workspace.cli("run", f"sweep={workspace.sweep('wide', sweep)}", "tracking=none")
-    assert result.code == 0, result.err
+    workspace.run(f"sweep={workspace.sweep('wide', sweep)}", "tracking=none").assert_all_ok()
     folder = workspace.outputs / "wide"
     grids = sorted((folder / "grids").glob("*.png"))
     assert [g.name for g in grids] == [f"lora_model={lora}_part{k}.png" for lora in ("star", "stripes", "sunset") for k in (1, 2)]
@@ -323,27 +274,8 @@ def test_grids_keep_aspect_stay_within_the_pixel_budget_and_report_works_midway(
     assert "19 images not generated yet" in (folder / "report.html").read_text()
 
 
-def test_a_base_field_that_an_axis_replaces_is_warned_about_once(workspace, small_sweep):
-    result = workspace.cli("plan", f"sweep={small_sweep}", "sweep.base.seed=5", "sweep.base.scheduler=DDIMScheduler")
-    assert result.code == 0, result.err
-    warnings = [line for line in result.out.splitlines() if line.startswith("warning: sweep.base.")]
-    assert warnings == [
-        "warning: sweep.base.seed=5 is not used: the axis sweep.grid.seed sets it on every row; "
-        "to use the base value, remove the axis (~sweep.grid.seed)"
-    ]
-
-
-def test_an_unknown_scorer_is_one_line_before_any_image(workspace, small_sweep):
-    result = workspace.cli("run", f"sweep={small_sweep}", "sweep.scores=[clip_score,aesthetics]")
-    assert result.code == 2
-    assert result.err_lines == ["error: sweep.scores: unknown scorer 'aesthetics'; did you mean 'aesthetic'?"]
-    assert not (workspace.outputs / "small" / "images").exists()
-
-
 def test_a_clip_scorer_from_the_local_hub_cache_gives_the_same_scores(scored):
     """`scorers:` takes a hub id like models do, read from the local Hugging Face cache only."""
-    from tests.conftest import fake_hub_cache
-
     ws, _, folder, results, _ = scored
     cache = ws.root / "hf-cache"
     fake_hub_cache(cache, "lora-sweep/tiny-clip", ws.assets / "tiny-clip")
@@ -366,18 +298,18 @@ def test_a_clip_scorer_from_the_local_hub_cache_gives_the_same_scores(scored):
 
 def test_scores_made_without_mlflow_reach_the_runs_later(workspace, small_sweep):
     """Scored while MLflow was off; the next run back-fills the image runs, and `score` their missing metrics."""
-    first = workspace.cli("run", f"sweep={small_sweep}", "sweep.scores=[clip_score,seed_spread]", "tracking=none")
-    assert first.code == 0, first.err
+    first = workspace.run(f"sweep={small_sweep}", "sweep.scores=[clip_score,seed_spread]", "tracking=none")
+    first.assert_all_ok()
     assert "scored 8 images" in first.out
-    again = workspace.cli("run", f"sweep={small_sweep}", "sweep.scores=[clip_score,seed_spread]")
-    assert again.code == 0, again.err
+    again = workspace.run(f"sweep={small_sweep}", "sweep.scores=[clip_score,seed_spread]")
+    again.assert_all_ok()
     assert "logged 8 earlier images to MLflow" in again.out and "scored" not in again.out
-    children, _ = mlflow_children(workspace.outputs, "small")
+    _, children = mlflow_runs(workspace.outputs, "small")
     assert len(children) == 8 and "metrics.clip_score" not in children
     logged = workspace.cli("score", str(workspace.outputs / "small"))
     assert logged.code == 0, logged.err
     assert "nothing to score" in logged.out and "logged the scores of 8 images to MLflow" in logged.out
-    children, _ = mlflow_children(workspace.outputs, "small")
+    _, children = mlflow_runs(workspace.outputs, "small")
     results = pd.read_parquet(workspace.outputs / "small" / "results.parquet").set_index("id")
     for row in children.to_dict("records"):
         assert row["metrics.clip_score"] == pytest.approx(results.loc[row["tags.lora_sweep.id"], "clip_score"], rel=1e-5)

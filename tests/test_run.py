@@ -8,29 +8,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from helpers import SMALL_SWEEP, Workspace, mlflow_runs
 from PIL import Image
 
 pytestmark = pytest.mark.slow
 
 
-def mlflow_runs(outputs, experiment):
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{outputs / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=[experiment], output_format="pandas")
-    parent = runs[runs["tags.lora_sweep.role"] == "parent"]
-    children = runs[runs["tags.mlflow.parentRunId"].notna()]
-    return parent, children
-
-
 @pytest.fixture(scope="module")
 def finished_sweep(tmp_path_factory, assets_dir):
     """One full run of the small sweep, shared by the read-only assertions below."""
-    from tests.conftest import SMALL_SWEEP, Workspace
-
     ws = Workspace(tmp_path_factory.mktemp("run"), assets_dir)
     path = ws.sweep("small", SMALL_SWEEP)
-    result = ws.cli("run", f"sweep={path}", "engine.batch_size=2")
+    result = ws.cli("run", f"sweep={path}", "engine.batch_size=2")  # the command line itself, end to end
     assert result.code == 0, result.err
     return ws, result
 
@@ -90,8 +79,8 @@ def test_mlflow_has_parent_and_one_child_per_image(finished_sweep):
 def test_rerun_generates_nothing_new(finished_sweep):
     ws, _ = finished_sweep
     before = (ws.outputs / "small" / "results.jsonl").read_text()
-    again = ws.cli("run", f"sweep={ws.root / 'sweeps' / 'small.yaml'}", "engine.batch_size=2")
-    assert again.code == 0, again.err
+    again = ws.run(f"sweep={ws.root / 'sweeps' / 'small.yaml'}", "engine.batch_size=2")
+    again.assert_all_ok()
     assert "done: 0 ok, 0 failed, 8 skipped of 8 images" in again.out
     assert (ws.outputs / "small" / "results.jsonl").read_text() == before
     parent, children = mlflow_runs(ws.outputs, "small")
@@ -100,8 +89,8 @@ def test_rerun_generates_nothing_new(finished_sweep):
 
 def test_adding_seeds_generates_only_the_new_images(finished_sweep):
     ws, _ = finished_sweep
-    more = ws.cli("run", f"sweep={ws.root / 'sweeps' / 'small.yaml'}", "sweep.grid.seed=[1,2,3]", "engine.batch_size=2")
-    assert more.code == 0, more.err
+    more = ws.run(f"sweep={ws.root / 'sweeps' / 'small.yaml'}", "sweep.grid.seed=[1,2,3]", "engine.batch_size=2")
+    more.assert_all_ok()
     assert "done: 4 ok, 0 failed, 8 skipped of 12 images" in more.out
     parent, children = mlflow_runs(ws.outputs, "small")
     assert len(parent) == 1 and len(children) == 12
@@ -119,9 +108,8 @@ def test_loras_and_strengths_change_pixels_and_reruns_reproduce_them(workspace):
         "grid": {"lora_model": {"each": ["sunset"], "baseline": True}, "lora_strength": [0.1, 1.0]},
     }
     path = workspace.sweep("pixels", sweep)
-    first = workspace.cli("run", f"sweep={path}", "tracking=none", "paths.outputs=" + str(workspace.root / "a"))
-    second = workspace.cli("run", f"sweep={path}", "tracking=none", "paths.outputs=" + str(workspace.root / "b"), "engine.batch_size=1")
-    assert first.code == 0 and second.code == 0, first.err + second.err
+    workspace.run(f"sweep={path}", "tracking=none", "paths.outputs=" + str(workspace.root / "a")).assert_all_ok()
+    workspace.run(f"sweep={path}", "tracking=none", "paths.outputs=" + str(workspace.root / "b"), "engine.batch_size=1").assert_all_ok()
     plan = pd.read_parquet(workspace.root / "a" / "pixels" / "plan.parquet").set_index("blend")
     assert list(plan.index) == ["no LoRA", "sunset 0.1", "sunset 1"]
     a, b = workspace.root / "a" / "pixels", workspace.root / "b" / "pixels"
@@ -140,8 +128,7 @@ def test_the_prompt_decides_the_image(workspace):
         "base": {"width": 64, "height": 64, "num_inference_steps": 4, "seed": 3},
         "grid": {"prompt": ["a red fox", "a blue whale", "a red fox, star"]},
     }
-    result = workspace.cli("run", f"sweep={workspace.sweep('prompts', sweep)}", "tracking=none")
-    assert result.code == 0, result.err
+    workspace.run(f"sweep={workspace.sweep('prompts', sweep)}", "tracking=none").assert_all_ok()
     plan = pd.read_parquet(workspace.outputs / "prompts" / "plan.parquet")
     images = [pixels(workspace.outputs / "prompts", image_id) for image_id in plan["id"]]
     assert np.abs(images[0] - images[1]).mean() > 1.0 and np.abs(images[0] - images[2]).mean() > 0.5

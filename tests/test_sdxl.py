@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import fake_hub_cache, sweep_images
+from helpers import fake_hub_cache, sweep_images
+
+from runner.prepare import prepare_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +31,7 @@ def test_sdxl_sweep_with_te1_te2_loras_clip_skip_and_embeddings(workspace, sdxl_
             "grid": {"lora_model": ["", "xl", "xl_te2"], "clip_skip": [1, 2], "embeddings_model": [None, "xlemb"]},
         },
     )
-    result = workspace.cli("run", f"sweep={sweep}", *xl_overrides(sdxl_dir))
-    assert result.code == 0, result.err
+    workspace.run(f"sweep={sweep}", *xl_overrides(sdxl_dir)).assert_all_ok()
     rows, pixels = sweep_images(workspace.outputs, "xl")
     assert len(rows) == 12 and set(rows["status"]) == {"ok"}
     assert set(rows["meta.pipeline"]) == {"StableDiffusionXLPipeline"}, "the SDXL pipeline is chosen from model_index.json"
@@ -49,34 +50,23 @@ def test_sdxl_only_fields_are_recorded_and_sd_loras_refused(workspace, sdxl_dir,
     sd15 = workspace.root / "sd15.safetensors"  # the shapes of an SD 1.x LoRA: cross-attention keys 768 wide
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
     save_file({f"{name}.lora_down.weight": torch.zeros(4, 768), f"{name}.lora_up.weight": torch.zeros(320, 4)}, str(sd15))
-    refused = workspace.cli(
-        "plan", f"sweep={small_sweep}", *xl_overrides(sdxl_dir), f"+loras.sd15={{source: {sd15}}}", "sweep.grid.lora_model=[sd15]"
-    )
-    assert refused.code == 2
-    assert refused.err_lines == [
-        "error: loras.sd15: is made for SD 1.x but model 'tiny-xl' is text width 80; "
-        "use it with a model of its family or drop it from the blend"
+
+    def problems(*overrides) -> list[str]:  # what `lora-sweep plan` prints as error: lines
+        return prepare_sweep(workspace.config(f"sweep={small_sweep}", *xl_overrides(sdxl_dir), *overrides)).problems
+
+    assert problems(f"+loras.sd15={{source: {sd15}}}", "sweep.grid.lora_model=[sd15]") == [
+        "loras.sd15: is made for SD 1.x but model 'tiny-xl' is text width 80; use it with a model of its family or drop it from the blend"
     ]
     sd_embedding = workspace.root / "sd-style.safetensors"  # one CLIP embedding: an SD 1.x textual inversion
     save_file({"emb_params": torch.zeros(1, 32)}, str(sd_embedding))
-    refused = workspace.cli(
-        "plan",
-        f"sweep={small_sweep}",
-        *xl_overrides(sdxl_dir),
-        f"+embeddings.sd={{source: {sd_embedding}}}",
-        "++sweep.base.embeddings_model=sd",
-        "sweep.grid.lora_model=[xl]",
-    )
-    assert refused.code == 2
-    assert refused.err_lines == [
-        "error: embeddings.sd: does not fit model 'tiny-xl', which needs clip_l and clip_g tensors (SDXL); "
-        "use embeddings made for that model"
+    assert problems(f"+embeddings.sd={{source: {sd_embedding}}}", "++sweep.base.embeddings_model=sd", "sweep.grid.lora_model=[xl]") == [
+        "embeddings.sd: does not fit model 'tiny-xl', which needs clip_l and clip_g tensors (SDXL); use embeddings made for that model"
     ]
-    planned = workspace.cli(
-        "plan", f"sweep={small_sweep}", *xl_overrides(sdxl_dir), "sweep.grid.lora_model=[xl]", "++sweep.base.panorama=yes"
+    planned = prepare_sweep(
+        workspace.config(f"sweep={small_sweep}", *xl_overrides(sdxl_dir), "sweep.grid.lora_model=[xl]", "++sweep.base.panorama=yes")
     )
-    assert planned.code == 0, planned.err
-    assert "panorama not applied: diffusers has no SDXL panorama pipeline" in planned.out + planned.err
+    assert planned.problems == [], planned.problems
+    assert any("panorama not applied: diffusers has no SDXL panorama pipeline" in w for w in planned.warnings), planned.warnings
 
 
 def test_sdxl_single_file_is_recognised_from_its_tensors_and_uses_the_cached_sdxl_configs(workspace, sdxl_dir):

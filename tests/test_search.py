@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 
 import pandas as pd
 import pytest
+from helpers import cli_config, mlflow_runs, start_run, wait_for_results
 
-from tests.test_faults import start_run, wait_for_results
-from tests.test_run import mlflow_runs
+from runner import cli
+from runner.errors import UserError
+from runner.search import prepare_search_or_fail
 
 pytestmark = pytest.mark.slow
 
@@ -60,8 +61,7 @@ def grid_objectives(folder) -> pd.Series:
 
 
 def test_a_search_of_20_trials_finds_the_grid_best_with_a_third_of_its_images(workspace):
-    grid = workspace.cli("run", f"sweep={workspace.sweep('everything', FULL_GRID)}", "progress=false", "tracking=none")
-    assert grid.code == 0, grid.err
+    workspace.run(f"sweep={workspace.sweep('everything', FULL_GRID)}", "progress=false", "tracking=none").assert_all_ok()
     search = workspace.cli("run", f"sweep={workspace.sweep('found', SEARCH)}", "progress=false")
     assert search.code == 0, search.err
     assert "Traceback" not in search.err
@@ -151,8 +151,8 @@ def test_a_killed_search_continues_without_repeating_finished_trials(workspace):
     storage = f"sqlite:///{folder / 'study.db'}"
     before = {t.number: t.params for t in optuna.load_study(study_name="resumed", storage=storage).trials if t.state.is_finished()}
     assert len(before) >= 2
-    again = workspace.cli("run", f"sweep={path}", "engine.batch_size=1", "tracking=none", "progress=false")
-    assert again.code == 0, again.err
+    again = workspace.run(f"sweep={path}", "engine.batch_size=1", "tracking=none", "progress=false")  # the same command again
+    again.assert_all_ok()
     assert f"continuing: {len(before)} trials done" in again.out
     study = optuna.load_study(study_name="resumed", storage=storage)
     assert [t.number for t in study.trials] == list(range(6)) and all(t.state.name == "COMPLETE" for t in study.trials)
@@ -176,7 +176,14 @@ def test_a_killed_search_continues_without_repeating_finished_trials(workspace):
     assert len(plan) == 18 and set(plan["lora_strength"]) == {"0.25", "0.5", "0.75", "1"}
 
 
-def test_bad_search_sections_are_one_line_each_and_nothing_is_generated(workspace):
+def search_refused(ws, body) -> list[str]:
+    """The lines `lora-sweep plan` and `run` print as `error: ...` for this sweep file (both check it the same way)."""
+    with pytest.raises(UserError) as refused:
+        prepare_search_or_fail(ws.config(f"sweep={ws.sweep(body['name'], body)}"))
+    return refused.value.lines
+
+
+def test_bad_search_sections_are_one_line_each_and_nothing_is_generated(workspace, capsys):
     bad = {
         "name": "bad",
         "base": {"prompt": PROMPT, "width": 64, "height": 64},
@@ -191,14 +198,16 @@ def test_bad_search_sections_are_one_line_each_and_nothing_is_generated(workspac
         },
         "scores": ["clip_score", "seed_spread"],
     }
-    result = workspace.cli("run", f"sweep={workspace.sweep('bad', bad)}")
-    assert result.code == 2 and "Traceback" not in result.err
-    assert result.err_lines == [
-        "error: search.space.guidance_scael: unknown field 'guidance_scael'; did you mean 'guidance_scale'?",
-        "error: search.space.num_inference_steps: is an empty range (low 20 is not below high 10); give [low, high] with low < high",
-        "error: search.objective: 'clip_scor' is not a score of this sweep; "
+    lines = search_refused(workspace, bad)
+    assert lines == [
+        "search.space.guidance_scael: unknown field 'guidance_scael'; did you mean 'guidance_scale'?",
+        "search.space.num_inference_steps: is an empty range (low 20 is not below high 10); give [low, high] with low < high",
+        "search.objective: 'clip_scor' is not a score of this sweep; "
         "did you mean 'clip_score'? add it to sweep.scores (now: clip_score, seed_spread)",
     ]
+    run = workspace.cli("run", f"sweep={workspace.root / 'sweeps' / 'bad.yaml'}")  # `run` refuses a search the same way
+    assert run.code == 2 and "Traceback" not in run.err
+    assert run.err_lines == [f"error: {line}" for line in lines]
     assert not (workspace.outputs / "bad" / "images").exists()
 
     # the ends of a valid-looking space are checked as requests: a size the spec refuses, a scheduler that does not exist
@@ -206,29 +215,21 @@ def test_bad_search_sections_are_one_line_each_and_nothing_is_generated(workspac
         **bad,
         "search": {"space": {"width": [64, 2048], "scheduler": ["EulerDiscreteScheduler", "EulerScheduler"]}, "objective": "clip_score"},
     }
-    plan = workspace.cli("plan", f"sweep={workspace.sweep('bad', ends)}")
-    assert plan.code == 2 and len(plan.err_lines) == 2, plan.err
-    assert plan.err_lines[0].startswith("error: search.space.width: ") and "2048" in plan.err_lines[0]
-    assert plan.err_lines[1].startswith("error: search.space.scheduler: ") and "EulerScheduler" in plan.err_lines[1]
+    lines = search_refused(workspace, ends)
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("search.space.width: ") and "2048" in lines[0]
+    assert lines[1].startswith("search.space.scheduler: ") and "EulerScheduler" in lines[1]
 
-    good = workspace.cli("plan", f"sweep={workspace.sweep('found', SEARCH)}")
-    assert good.code == 0, good.err
-    assert "search 'found': 20 trials (tpe, 4 at a time), maximize clip_score; each trial 1 images" in good.out
-    assert "the full grid of this space at its steps: 60 settings, 60 images" in good.out
+    capsys.readouterr()
+    cli.plan_command(workspace.config(f"sweep={workspace.sweep('found', SEARCH)}"))
+    out = capsys.readouterr().out
+    assert "search 'found': 20 trials (tpe, 4 at a time), maximize clip_score; each trial 1 images" in out
+    assert "the full grid of this space at its steps: 60 settings, 60 images" in out
     assert not (workspace.outputs / "found" / "images").exists()
 
 
-def test_the_search_example_is_checked_by_plan():
+def test_the_search_example_is_checked_by_plan(tmp_path, capsys):
     """sweeps/search.yaml as shipped: the README's example must stay valid."""
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(
-        [sys.executable, "-m", "runner.cli", "plan", "sweep=search", "paths.outputs=/tmp/lora-sweep-plan-check"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "the full grid of this space at its steps: 60 settings, 240 images" in proc.stdout
+    capsys.readouterr()
+    cli.plan_command(cli_config(["sweep=search", f"paths.outputs={tmp_path}"]))
+    assert "the full grid of this space at its steps: 60 settings, 240 images" in capsys.readouterr().out

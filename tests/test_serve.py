@@ -22,10 +22,11 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import SMALL_SWEEP, Workspace, free_port, mlflow_runs, sweep_images, wait_until_healthy
 from PIL import Image
 
-from tests.conftest import SMALL_SWEEP, Workspace, sweep_images
-from tests.test_mlflow_server import free_port
+from runner.errors import UserError
+from runner.prepare import plan_or_fail
 
 pytestmark = pytest.mark.slow
 
@@ -100,17 +101,8 @@ def start_server(root: Path, assets: Path, *overrides: str, keys: list[str] = KE
     with open(log, "w") as sink:
         proc = subprocess.Popen([*args, *overrides], cwd=root, stdout=sink, stderr=subprocess.STDOUT, env=env)
     server = Server(proc, f"http://127.0.0.1:{port}", root / "outputs", log)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"serve exited with {proc.returncode}: {log.read_text()}")
-        try:
-            if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    pytest.fail(f"serve did not start: {log.read_text()}")
+    wait_until_healthy(f"{server.url}/health", proc, 180, "serve", log=log.read_text)
+    return server
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +124,7 @@ def png_of(url: str) -> Image.Image:
 def test_a_sweep_through_serve_matches_the_local_run_pixel_for_pixel(server, workspace):
     """The same plan run locally and with engine=remote against `serve`: identical pixels, the same ids, matching MLflow params."""
     path = workspace.sweep("small", SMALL_SWEEP)
-    local = workspace.cli("run", f"sweep={path}", "engine.batch_size=1", "tracking=sqlite")
-    assert local.code == 0, local.err
+    workspace.run(f"sweep={path}", "engine.batch_size=1", "tracking=sqlite").assert_all_ok()  # locally, in this process
     remote_ws = Workspace(workspace.root / "remote", workspace.assets)
     remote_ws.root.mkdir()
     remote_path = remote_ws.sweep("small", SMALL_SWEEP)
@@ -157,12 +148,8 @@ def test_a_sweep_through_serve_matches_the_local_run_pixel_for_pixel(server, wor
         assert record["meta.lora_sweep_id"] == record["id_local"], "the server keys the image by the id `run` gives it"
         assert np.array_equal(local_pixels(record["id_local"]), remote_pixels(record["id_remote"])), record
 
-    import mlflow
-
     def child_params(outputs: Path, experiment: str) -> dict[str, dict]:
-        mlflow.set_tracking_uri(f"sqlite:///{outputs / 'mlflow.db'}")
-        runs = mlflow.search_runs(experiment_names=[experiment], output_format="pandas")
-        runs = runs[runs["tags.mlflow.parentRunId"].notna()]
+        _, runs = mlflow_runs(outputs, experiment)
         params = [c for c in runs.columns if c.startswith("params.")] + ["tags.scheduler_used", "tags.seed_used"]
         return {r["tags.lora_sweep.id"]: {c: r[c] for c in params if isinstance(r[c], str)} for r in runs.to_dict("records")}
 
@@ -213,12 +200,13 @@ def test_bad_requests_get_the_cli_words_and_keys_stay_secret(server, workspace):
     # the same refusals, in the same words, as `lora-sweep plan` gives for the same fields
     bad = {"width": "65", "guidance_scale": "25", "clip_skip": "9", "lora_strength": "0.5,0.7"}
     sweep = workspace.sweep("bad", {"base": {**{k: v for k, v in tiny.items() if k != "key"}, **bad, "lora_model": "sunset"}})
-    cli = workspace.cli("plan", f"sweep={sweep}")
-    cli_lines = [line.removeprefix("error: ") for line in cli.err_lines]
-    assert cli.code == 2 and len(cli_lines) == len(bad), cli.err
+    with pytest.raises(UserError) as refused:  # what `lora-sweep plan` prints as its error: lines
+        plan_or_fail(workspace.config(f"sweep={sweep}"))
+    cli_lines = refused.value.lines
+    assert len(cli_lines) == len(bad), cli_lines
     for field, value in bad.items():
         reply = server.submit({**tiny, "lora_model": "sunset", field: value})
-        assert reply["status"] == "error" and reply["message"] in cli_lines, (reply, cli.err)
+        assert reply["status"] == "error" and reply["message"] in cli_lines, (reply, cli_lines)
     unknown = server.submit({**tiny, "lora_model": "sunsett"})
     assert unknown["message"].startswith("lora_model: unknown LoRA id 'sunsett'; did you mean 'sunset'?"), unknown
     assert server.submit({**tiny, "scheduler": "KarrasVeScheduler"})["message"].startswith("scheduler: ")
@@ -434,27 +422,19 @@ def test_a_restarted_server_keeps_finished_jobs_and_runs_unfinished_ones_and_cal
 
 
 def test_serve_refuses_to_start_open_to_a_network_or_without_keys(tmp_path):
-    no_keys = subprocess.run(
-        [sys.executable, "-m", "runner.cli", "serve", f"paths.outputs={tmp_path}", f"serve.port={free_port()}"],
-        capture_output=True,
-        text=True,
-        env={k: v for k, v in os.environ.items() if k != "LORA_SWEEP_API_KEYS"},
-        cwd=tmp_path,
-        timeout=120,
-    )
+    without_keys = {k: v for k, v in os.environ.items() if k != "LORA_SWEEP_API_KEYS"}
+
+    def serve(*overrides: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "runner.cli", "serve", f"paths.outputs={tmp_path}", *overrides]
+        return subprocess.run(command, capture_output=True, text=True, env=without_keys, cwd=tmp_path, timeout=120)
+
+    no_keys = serve(f"serve.port={free_port()}")
     assert no_keys.returncode == 2 and "Traceback" not in no_keys.stderr
     assert no_keys.stderr.strip().splitlines() == [
         "error: serve: no API keys are configured; set LORA_SWEEP_API_KEYS=key1,key2 or serve.api_keys_file=FILE "
         "(sha256 hashes), or for a loopback-only server serve.allow_no_auth=true"
     ]
-    open_net = subprocess.run(
-        [sys.executable, "-m", "runner.cli", "serve", f"paths.outputs={tmp_path}", "serve.host=0.0.0.0", "serve.allow_no_auth=true"],
-        capture_output=True,
-        text=True,
-        env={k: v for k, v in os.environ.items() if k != "LORA_SWEEP_API_KEYS"},
-        cwd=tmp_path,
-        timeout=120,
-    )
+    open_net = serve("serve.host=0.0.0.0", "serve.allow_no_auth=true")
     assert open_net.returncode == 2 and "may only listen on loopback" in open_net.stderr
     helped = subprocess.run(
         [sys.executable, "-m", "runner.cli", "serve", "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120

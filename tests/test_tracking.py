@@ -1,5 +1,6 @@
-"""MLflow runs written in bulk (one transaction per batch, runner/tracking_sql.py) read back through MLflow's own
-client exactly like runs the client writes one call at a time."""
+"""The MLflow tracker on its own: runs written in bulk (one transaction per batch, runner/tracking_sql.py) read back
+through MLflow's own client exactly like runs the client writes one call at a time; new sqlite stores start from a
+template."""
 
 from __future__ import annotations
 
@@ -141,3 +142,18 @@ def test_a_store_that_refuses_bulk_inserts_is_logged_run_by_run(tmp_path, monkey
     run_folders = {p.parent.name for p in (tmp_path / "store" / "artifacts").glob("*/artifacts")}
     with_png = {run.info.run_id for run in runs.values() if run.info.status == "FINISHED"}
     assert run_folders == with_png, "the refused batch left no artifact folders behind"
+
+
+def test_new_sqlite_stores_start_from_an_empty_template(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_SWEEP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    first = Tracker(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}", "one")
+    second = Tracker(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}", "two")
+    assert list((tmp_path / "cache").glob("mlflow-*-empty.db")), "the template is kept for the next store"
+    for tracker, name in ((first, "one"), (second, "two")):
+        client = MlflowClient(tracker.uri)
+        assert sorted(e.name for e in client.search_experiments()) == sorted(["Default", name]), "each store has only its own"
+        assert client.get_experiment("0").artifact_location == (tmp_path / "mlruns").as_uri()
+        run = client.create_run(tracker.experiment_id)
+        client.log_param(run.info.run_id, "seed", "3")
+        assert client.get_run(run.info.run_id).data.params == {"seed": "3"}

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import Workspace
 from PIL import Image
 
 from runner.world.assets import SHIPPED, shipped_manifest
@@ -55,16 +56,13 @@ def test_clip_pixels_used_in_training_equal_the_clip_processor():
 
 @pytest.fixture(scope="module")
 def strengths_sweep(tmp_path_factory, assets_dir):
-    from tests.conftest import Workspace
-
     ws = Workspace(tmp_path_factory.mktemp("world"), assets_dir)
     sweep = {
         "name": "world",
         "base": {"prompt": WORLD_PROMPT, "width": 128, "height": 128, "num_inference_steps": 20, "scheduler": "EulerDiscreteScheduler"},
         "grid": {"lora_model": {"each": ["sunset", "stripes", "star"], "baseline": True}, "lora_strength": [0.5, 1.0], "seed": [0, 1, 2]},
     }
-    result = ws.cli("run", f"sweep={ws.sweep('world', sweep)}", "tracking=none")
-    assert result.code == 0, result.err
+    ws.run(f"sweep={ws.sweep('world', sweep)}", "tracking=none").assert_all_ok()
     folder = ws.outputs / "world"
     table = pd.read_parquet(folder / "plan.parquet")
 

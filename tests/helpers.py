@@ -1,0 +1,313 @@
+"""The tests' shared helpers, one copy each (conftest.py holds the fixtures built from them).
+
+Imported as `from helpers import ...` (tests/ is on sys.path, as for tiny_models and ldm_layout).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+# ---------------------------------------------------------------- the CLI, as a user runs it
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def err_lines(self) -> list[str]:
+        return [line for line in self.err.splitlines() if line.strip()]
+
+
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> CliResult:
+    """Run `lora-sweep ARGS` as a user would: a separate process, its exit code, stdout and stderr."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "runner.cli", *args],
+        cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+@dataclass
+class Workspace:
+    """A temp project directory with its own outputs/ and sweeps/, sharing the session's assets."""
+
+    root: Path
+    assets: Path
+
+    @property
+    def outputs(self) -> Path:
+        return self.root / "outputs"
+
+    @property
+    def paths(self) -> list[str]:
+        """The overrides that point a command at this workspace."""
+        return [f"paths.outputs={self.outputs}", f"paths.assets={self.assets}"]
+
+    def sweep(self, name: str, body: str | dict) -> Path:
+        path = self.root / "sweeps" / f"{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(body, sort_keys=False) if isinstance(body, dict) else textwrap.dedent(body))
+        return path
+
+    def cli(self, command: str, *overrides: str, env: dict[str, str] | None = None, timeout: float = 300) -> CliResult:
+        return run_cli(command, *self.paths, *overrides, cwd=self.root, env=env, timeout=timeout)
+
+    def start(self, command: str, *overrides: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """`lora-sweep COMMAND` started in the background (to be interrupted, killed, or waited for)."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "runner.cli", command, *self.paths, *overrides],
+            cwd=self.root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        )
+
+    def config(self, *overrides: str):
+        """The config `lora-sweep plan|run OVERRIDES` composes, composed in this process (see `cli_config`)."""
+        return cli_config([*self.paths, *overrides])
+
+    def run(self, *overrides: str) -> RunResult:
+        """`lora-sweep run OVERRIDES` in this process (which has torch imported already: about 8 s less than a CLI run
+        on 2 cores), for tests of what the images are rather than of the command line; refuses with the UserError."""
+        import io
+
+        from runner.run import run_sweep
+
+        out = io.StringIO()
+        summary = run_sweep(self.config(*overrides), out=out)
+        return RunResult(summary, out.getvalue())
+
+
+@dataclass
+class RunResult:
+    summary: Any  # runner.sweep.Summary
+    out: str
+
+    def assert_all_ok(self) -> None:
+        s = self.summary
+        assert not s.interrupted and s.failed == 0 and s.ok + s.skipped == s.planned, self.out
+
+
+def cli_config(argv: list[str]):
+    """The config runner/cli.py composes for `plan` or `run` with these overrides, composed in this process.
+
+    A failure is the CLI's one line (the UserError it prints as `error:` lines). The CLI composes once more
+    before that (precheck_composition, which also creates the run folder): test_validation.py calls it itself.
+    """
+    from runner.cli import compose_config
+
+    return compose_config(argv)
+
+
+def start_run(ws: Workspace, *overrides: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`lora-sweep run` in the background."""
+    return ws.start("run", *overrides, env=env)
+
+
+def journal_lines(folder: Path) -> int:
+    journal = folder / "results.jsonl"
+    return len(journal.read_text().splitlines()) if journal.exists() else 0
+
+
+def wait_for_results(folder: Path, count: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the sweep folder's journal holds `count` lines; fails if the run ends first or nothing comes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if journal_lines(folder) >= count:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"run ended early: {proc.communicate()}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"fewer than {count} results appeared in {timeout:.0f} s")
+
+
+# ---------------------------------------------------------------- sweeps and what they leave
+
+SMALL_SWEEP = {
+    "name": "small",
+    "base": {"prompt": "a red fox", "negative_prompt": "blurry", "width": 64, "height": 64, "num_inference_steps": 4},
+    "grid": {
+        "lora_model": ["sunset", "sunset,stripes"],
+        "lora_strength": [0.5, 1.0],
+        "seed": [1, 2],
+    },
+    "report": {"grid": {"x": "lora_strength", "y": "lora_model"}},
+}
+
+SLOW_SWEEP = {  # 12 images slow enough (128 px, 8 steps) to be interrupted midway
+    "name": "long",
+    "base": {"prompt": "a red fox", "width": 128, "height": 128, "num_inference_steps": 8},
+    "grid": {"lora_model": ["sunset", "stripes"], "seed": {"start": 0, "count": 6}},
+}
+
+
+def sweep_images(outputs: Path, sweep: str):
+    """The sweep's results (ok rows) joined with their plan rows, and a function giving an image's pixels."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    folder = outputs / sweep
+    results = pd.read_parquet(folder / "results.parquet")
+    plan = pd.read_parquet(folder / "plan.parquet").drop(columns=["seed", "notes"], errors="ignore")
+    rows = plan.merge(results, on="id")
+    rows = rows.astype(object).where(rows.notna(), None)  # None, not NaN, where a request field is unset
+
+    def pixels(image_id: str):
+        with Image.open(folder / "images" / f"{image_id}.png") as image:
+            return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+    return rows, pixels
+
+
+def assert_complete(ws: Workspace, name: str, plan_size: int) -> None:
+    """Every planned image once: whole PNGs, no temp files, one finished MLflow run each under one parent."""
+    import pandas as pd
+    from PIL import Image
+
+    folder = ws.outputs / name
+    results = pd.read_parquet(folder / "results.parquet")
+    plan = pd.read_parquet(folder / "plan.parquet")
+    assert len(plan) == plan_size
+    assert results["id"].is_unique and sorted(results["id"]) == sorted(plan["id"])
+    assert set(results["status"]) == {"ok"}
+    for image_id in plan["id"]:
+        with Image.open(folder / "images" / f"{image_id}.png") as image:
+            image.load()  # a truncated PNG raises here
+    assert not list((folder / "images").glob(".*.tmp")), "no half-written files are left"
+    parent, children = mlflow_runs(ws.outputs, name)
+    assert len(parent) == 1
+    assert children["tags.lora_sweep.id"].is_unique and len(children) == plan_size
+    assert set(children["status"]) == {"FINISHED"}
+
+
+def mlflow_runs(outputs: Path, experiment: str, uri: str | None = None):
+    """(parent run, image and trial runs) of an experiment in the outputs' MLflow store (or `uri`), as data frames."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri or f"sqlite:///{outputs / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=[experiment], output_format="pandas")
+    parent = runs[runs["tags.lora_sweep.role"] == "parent"]
+    children = runs[runs["tags.mlflow.parentRunId"].notna()]
+    return parent, children
+
+
+def fake_hub_cache(root: Path, repo_id: str, folder: Path) -> None:
+    """The Hugging Face cache layout (refs/main -> snapshots/<commit>/...) holding `folder`."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+# ---------------------------------------------------------------- the engine interface, in process
+
+
+def demo_engine(assets: Path, device: str = "cpu", loras: dict[str, Path] | None = None, **settings):
+    """A LocalEngine over the demo's model and LoRAs (or `loras`: id -> file), for tests of the engine interface itself."""
+    from runner.engines.local import LocalEngine
+    from runner.registry import HashCache, Registry, resolve_lora, resolve_model
+
+    cache = HashCache(None)
+    model, problem = resolve_model("tiny-sd", {"source": str(assets / "tiny-sd")}, cache)
+    assert problem is None, problem
+    if loras is None:
+        loras = {name: assets / "loras" / f"{name}.safetensors" for name in ("sunset", "stripes", "star")}
+    resolved = {}
+    for name, path in loras.items():
+        resolved[name], problem = resolve_lora(name, str(path), None, cache)
+        assert problem is None, problem
+    if device == "cpu":
+        settings.setdefault("dtype", "float32")
+    return LocalEngine(registry=Registry(models={"tiny-sd": model}, loras=resolved), device=device, **settings)
+
+
+def engine_rows(blends: list[tuple[str, str]], seeds: list[int], size: int = 64, steps: int = 4):
+    """Plan rows as the engine receives them (validated columns included): each blend x each seed."""
+    import pandas as pd
+
+    return pd.DataFrame(
+        [
+            {
+                "id": f"{blend}@{strength}#{seed}",
+                "model_id": "tiny-sd",
+                "prompt": "a red circle on a blue background",
+                "negative_prompt": "",
+                "width": size,
+                "height": size,
+                "num_inference_steps": steps,
+                "guidance_scale": 7.5,
+                "seed": seed,
+                "lora_model": blend,
+                "lora_strength": strength,
+                "scheduler_used": "EulerDiscreteScheduler",
+                "use_karras_sigmas": False,
+                "algorithm_type": None,
+                "clip_skip": 1,
+                "vae": None,
+                "embeddings_model": None,
+                "pipeline_used": "text2img",
+                "upscale": False,
+            }
+            for blend, strength in blends
+            for seed in seeds
+        ]
+    )
+
+
+# ---------------------------------------------------------------- servers on 127.0.0.1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_healthy(url: str, proc: subprocess.Popen, timeout: float, what: str, log: Any = None) -> None:
+    """Until GET url answers 200; fails (and kills proc) if the process exits or the time runs out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode}: {log() if log else ''}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail(f"{what} did not start: {log() if log else ''}")
+
+
+def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1:port with its store in `folder`; waits until it answers."""
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    command += ["--backend-store-uri", f"sqlite:///{folder / 'server.db'}", "--artifacts-destination", str(folder / "server-artifacts")]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until_healthy(f"http://127.0.0.1:{port}/health", proc, 90, "mlflow server")
+    return proc
