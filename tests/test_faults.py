@@ -182,3 +182,23 @@ def test_api_keys_never_reach_outputs_logs_or_mlflow(workspace, small_sweep):
     for file in workspace.outputs.rglob("*"):
         if file.is_file():
             assert SECRET.encode() not in file.read_bytes(), f"key found in {file}"
+
+
+def test_a_crash_after_the_images_releases_the_folder_and_ends_the_parent_failed(workspace, small_sweep, monkeypatch):
+    """An error that escapes the sweep session (here: scoring blows up) must not leave MLflow showing a running sweep."""
+    import runner.sweep.session as session
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("scorer crashed")
+
+    monkeypatch.setattr(session, "compute_scores", broken)
+    with pytest.raises(RuntimeError, match="scorer crashed"):
+        workspace.run(f"sweep={small_sweep}", "sweep.scores=[clip_score]")
+    parent, children = mlflow_runs(workspace.outputs, "small")
+    assert list(parent["status"]) == ["FAILED"]
+    assert len(children) == 8 and set(children["status"]) == {"FINISHED"}, "the images were logged before the crash"
+    monkeypatch.undo()
+    again = workspace.run(f"sweep={small_sweep}", "sweep.scores=[clip_score]")  # the lock was released
+    assert again.summary.skipped == 8 and again.summary.scored == 8
+    parent, _ = mlflow_runs(workspace.outputs, "small")
+    assert list(parent["status"]) == ["FINISHED"]
