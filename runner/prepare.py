@@ -5,6 +5,7 @@ Reads files only to hash them (the registry); expansion and validation stay pure
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -162,6 +163,45 @@ def family_problems(registry: Registry) -> list[str]:
     ]
 
 
+# what web-UI prompts carry that this version encodes as plain text (said per sweep, never silently)
+LORA_TAG = re.compile(r"<(?:lora|lyco):[^>]*>", re.IGNORECASE)
+WEIGHT_SYNTAX = re.compile(r"\([^()]*:\s*-?\d*\.?\d+\s*\)|\bBREAK\b")
+# CLIP's pre-tokenizer pieces (words, numbers, single symbols): BPE can only split them further, so more than
+# CLIP_TOKENS pieces means the encoder certainly drops the rest
+CLIP_PIECES = re.compile(r"[a-z]+|[0-9]|[^\sa-z0-9]+", re.IGNORECASE)
+CLIP_TOKENS = 75  # 77 with the start and end tokens
+
+
+def prompt_warnings(plan: pd.DataFrame) -> list[str]:
+    """Lines for prompt text this version does not apply as the web UIs do: `<lora:>` tags, attention weights,
+    and words past CLIP's 77 tokens (checked once per distinct text)."""
+    lines = []
+    for name in ("prompt", "negative_prompt"):
+        if name not in plan:
+            continue
+        for text in (t for t in plan[name].dropna().unique() if isinstance(t, str) and t):
+            short = text if len(text) <= 60 else text[:57] + "..."
+            tag = LORA_TAG.search(text)
+            if tag:
+                lines.append(
+                    f"{name}: '{tag.group(0)}' in '{short}' is encoded as text, not applied as a LoRA (tags are not parsed yet); "
+                    "set lora_model and lora_strength instead"
+                )
+            weight = WEIGHT_SYNTAX.search(text)
+            if weight:
+                lines.append(
+                    f"{name}: '{weight.group(0)}' in '{short}' is encoded as text (attention weights and BREAK are not parsed yet)"
+                )
+            pieces = list(CLIP_PIECES.finditer(text))
+            if len(pieces) > CLIP_TOKENS:
+                dropped = text[pieces[CLIP_TOKENS].start() :].lstrip(" ,.;")[:60]
+                lines.append(
+                    f"{name}: '{short}' is over CLIP's 77 tokens; the words from about '{dropped}' on are dropped "
+                    "(long prompts are not split into chunks yet): shorten it"
+                )
+    return lines
+
+
 def wanted_files(plan: pd.DataFrame) -> dict[str, set[str]]:
     """Registry name -> the ids the plan names."""
 
@@ -211,7 +251,7 @@ def prepare_sweep(cfg: DictConfig) -> PreparedSweep:
     scorers, score_problems = score_entries(cfg)
     engine_problems = engine_setting_problems(cfg) if caps.kind == "local" else remote_setting_problems(cfg)
     problems = rows.problems + score_problems + engine_problems
-    warnings = shadowed_base_fields(base, grid) + rows.warnings
+    warnings = shadowed_base_fields(base, grid) + rows.warnings + (prompt_warnings(rows.plan) if caps.kind == "local" else [])
     return PreparedSweep(name, rows.plan, rows.registry, rows.identity, problems, warnings, rows.duplicates, scorers)
 
 

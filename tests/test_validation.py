@@ -288,3 +288,17 @@ def test_run_refuses_a_bad_lora_file_before_loading_anything(workspace, small_sw
 def test_an_override_hydra_cannot_parse_is_one_line_not_hydras_report(workspace, small_sweep):
     override = "+embeddings.a={source: x, token: <x>}"
     check_refused_by_cli(workspace, "plan", f"sweep={small_sweep}", override, lines=refused(workspace, small_sweep, override))
+
+
+def test_web_ui_prompt_syntax_and_long_prompts_are_said_not_silently_dropped():
+    """Tags, attention weights and text past CLIP's 77 tokens are not applied yet: the plan says so, once per text."""
+    from runner.prepare import prompt_warnings
+
+    long = ", ".join(["masterpiece"] * 40) + ", a yellow triangle"
+    plan = pd.DataFrame({"prompt": ["a (red:1.5) circle <lora:star:0.8>", long, "a red circle"], "negative_prompt": ["", "", "blurry"]})
+    lines = prompt_warnings(plan)
+    assert len(lines) == 3
+    assert lines[0].startswith("prompt: '<lora:star:0.8>' in 'a (red:1.5) circle <lora:star:0.8>' is encoded as text, not applied")
+    assert lines[1].startswith("prompt: '(red:1.5)' in ")
+    assert "is over CLIP's 77 tokens; the words from about 'masterpiece, masterpiece, a yellow triangle' on" in lines[2]
+    assert prompt_warnings(pd.DataFrame({"prompt": ["a red circle, (plain brackets)"], "negative_prompt": [""]})) == []
