@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from runner.engines.base import Capabilities, Engine, ImageResult, QueueState
+from runner.engines.base import Capabilities, Engine
 from runner.schedulers import GENERATORS, SPEC_SCHEDULERS
 
 LOCAL_CAPABILITIES = Capabilities(
@@ -54,5 +54,3 @@ def create_engine(kind: str, *, keep_adapters: bool = False, **kwargs: Any) -> E
         return RemoteEngine(policy=policy, keep_adapters=keep_adapters, **kwargs)
     raise KeyError(kind)
 
-
-__all__ = ["Capabilities", "Engine", "ImageResult", "QueueState", "capabilities", "create_engine"]
