@@ -124,6 +124,8 @@ class EngineConfig(Policy):
     workers: int = 1  # local engine on N Ray workers (one GPU each on a cluster; RAY_ADDRESS, else a local Ray)
     substitute_schedulers: bool = False  # run a documented substitute for non-generator schedulers
     cache_prompt_embeddings: bool = True
+    offload: str = "none"  # none | model | sequential: components on the GPU only while they run (CUDA; big DiTs on small cards)
+    quantize: str = "none"  # none | bnb-4bit | bnb-8bit | torchao-int8: the denoiser quantized at load (CUDA; blends then unfused)
     # remote engine (engine=remote): the provider's text2img API, or `lora-sweep serve`
     base_url: str = "https://modelslab.com"
     api_key_env: str = "MODELSLAB_API_KEY"  # the key is read from this environment variable...

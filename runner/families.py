@@ -11,10 +11,11 @@ Validation and the engine look things up here instead of branching per family.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-# the flow-matching samplers these pipelines take, and the spec's multistep solvers that run with flow sigmas
-FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
-FLOW_SIGMA_SCHEDULERS = ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler")
+from runner.schedulers import FLOW_SCHEDULERS
+
+FLOW = {"scheduler": FLOW_SCHEDULERS[0]}  # the flow families' own sampler, for requests that name none
 
 
 @dataclass(frozen=True)
@@ -40,20 +41,25 @@ class Family:
     clip_skip: bool = False
     max_sequence_length: int | None = None  # the default of the pipeline's argument; None: not an argument
     size_multiple: int = 8
-    default_steps: int = 30
-    default_guidance: float = 7.5
+    # request fields the user left unset take these (sd/sdxl: none, the spec's own defaults stand)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    true_cfg_default: float = 1.0  # the pipeline's own true_cfg_scale (Qwen-Image: 4), for the negative_prompt check
     flow_matching: bool = False  # takes FLOW_SCHEDULERS (and FLOW_SIGMA_SCHEDULERS with use_flow_sigmas)
-    shift: bool = False  # the scheduler's `shift` can be set per request
     lora_loader: str = ""  # the diffusers LoRA loader mixin
     lora_formats: tuple[str, ...] = ("diffusers", "peft")  # third-party layouts its loader converts
     text_encoder_loras: bool = False  # the loader also patches (CLIP) text encoders
+    fold_lora_alphas: bool = False  # kohya `.alpha`s folded into the up weights before loading (see engines/local.py)
+    fuse: bool = True  # blends fuse exactly into the denoiser's base weights (fuse.py); False: peft's adapter path
+    single_file: str | None = None  # how a single .safetensors loads: "pipeline" (SD/SDXL), "transformer" (the DiTs), None: not
     checkpoint_keys: tuple[str, ...] = ()  # tensor-name prefixes of its single-file checkpoints
-    lora_keys: tuple[str, ...] = ()  # key fragments only this family's LoRAs have
+    gguf_architectures: tuple[str, ...] = ()  # `general.architecture` of its GGUF transformers (city96's converter)
     tested: bool = False  # a tiny model of it runs in the test suite
-    notes: tuple[str, ...] = field(default_factory=tuple)
+    memory: str = ""  # rough weights at bf16 / GGUF Q8 / 4-bit, for README's table
 
 
 CLIP_L = TextEncoder("text_encoder", "clip", 77)
+CLIP_G = TextEncoder("text_encoder_2", "clip", 77)
+FLUX_FORMATS = ("diffusers", "peft", "ai-toolkit", "kohya", "xlabs", "bfl")
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -67,13 +73,13 @@ FAMILIES: dict[str, Family] = {
             (CLIP_L,),
             guidance="cfg",
             clip_skip=True,
-            default_steps=30,
-            default_guidance=7.5,
             lora_loader="StableDiffusionLoraLoaderMixin",
             lora_formats=("diffusers", "peft", "kohya"),
             text_encoder_loras=True,
-            checkpoint_keys=("cond_stage_model.",),
+            fold_lora_alphas=True,
+            single_file="pipeline",
             tested=True,
+            memory="2 GB (fp16 pipeline)",
         ),
         Family(
             "sdxl",
@@ -81,17 +87,16 @@ FAMILIES: dict[str, Family] = {
             "StableDiffusionXLPipeline",
             ("StableDiffusionXLPipeline",),
             "unet",
-            (CLIP_L, TextEncoder("text_encoder_2", "clip", 77)),
+            (CLIP_L, CLIP_G),
             guidance="cfg",
             clip_skip=True,
-            default_steps=30,
-            default_guidance=7.0,
             lora_loader="StableDiffusionXLLoraLoaderMixin",
             lora_formats=("diffusers", "peft", "kohya"),
             text_encoder_loras=True,
-            checkpoint_keys=("conditioner.embedders.1.model.",),
-            lora_keys=("lora_te2_", "text_encoder_2.", "te2."),
+            fold_lora_alphas=True,
+            single_file="pipeline",
             tested=True,
+            memory="7 GB (fp16 pipeline)",
         ),
         Family(
             "sd3",
@@ -99,19 +104,18 @@ FAMILIES: dict[str, Family] = {
             "StableDiffusion3Pipeline",
             ("StableDiffusion3Pipeline",),
             "transformer",
-            (CLIP_L, TextEncoder("text_encoder_2", "clip", 77), TextEncoder("text_encoder_3", "t5", 512)),
+            (CLIP_L, CLIP_G, TextEncoder("text_encoder_3", "t5", 512)),
             guidance="cfg",
             clip_skip=True,
             max_sequence_length=256,
             size_multiple=16,
-            default_steps=28,
-            default_guidance=7.0,
+            defaults={"num_inference_steps": 28, "guidance_scale": 7.0} | FLOW,
             flow_matching=True,
-            shift=True,
             lora_loader="SD3LoraLoaderMixin",
+            lora_formats=("diffusers", "peft", "kohya"),
             text_encoder_loras=True,
-            checkpoint_keys=("text_encoders.t5xxl.", "model.diffusion_model.joint_blocks."),
-            lora_keys=("joint_blocks.", "transformer_blocks.0.attn.add_k_proj"),
+            tested=True,
+            memory="transformer 16 / 8.5 / 4.5 GB (3.5 large); T5 9.5 GB",
         ),
         Family(
             "flux",
@@ -120,18 +124,40 @@ FAMILIES: dict[str, Family] = {
             ("FluxPipeline",),
             "transformer",
             (CLIP_L, TextEncoder("text_encoder_2", "t5", 512)),
-            guidance="distilled",  # dev; schnell's transformer has no guidance embedding: FLUX_SCHNELL below
+            guidance="distilled",
             true_cfg=True,
             max_sequence_length=512,
             size_multiple=16,
-            default_steps=28,
-            default_guidance=3.5,
+            defaults={"num_inference_steps": 28, "guidance_scale": 3.5} | FLOW,
             flow_matching=True,
             lora_loader="FluxLoraLoaderMixin",
-            lora_formats=("diffusers", "peft", "ai-toolkit", "kohya", "xlabs", "bfl"),
+            lora_formats=FLUX_FORMATS,
             text_encoder_loras=True,
-            checkpoint_keys=("double_blocks.", "model.diffusion_model.double_blocks."),
-            lora_keys=("double_blocks", "single_blocks", "single_transformer_blocks"),
+            single_file="transformer",
+            gguf_architectures=("flux",),
+            tested=True,
+            memory="transformer 24 / 12.7 / 6.7 GB; T5 9.5 GB",
+        ),
+        Family(
+            "flux-schnell",
+            "Flux.1 schnell",
+            "FluxPipeline",
+            (),  # a FluxPipeline folder whose transformer has no guidance embedding (see VARIANTS)
+            "transformer",
+            (CLIP_L, TextEncoder("text_encoder_2", "t5", 256)),
+            guidance="none",
+            true_cfg=True,
+            max_sequence_length=256,
+            size_multiple=16,
+            defaults={"num_inference_steps": 4} | FLOW,
+            flow_matching=True,
+            lora_loader="FluxLoraLoaderMixin",
+            lora_formats=FLUX_FORMATS,
+            text_encoder_loras=True,
+            single_file="transformer",
+            gguf_architectures=("flux",),
+            tested=True,
+            memory="transformer 24 / 12.7 / 6.7 GB; T5 9.5 GB",
         ),
         Family(
             "flux2",
@@ -144,11 +170,12 @@ FAMILIES: dict[str, Family] = {
             negative_prompt=False,
             max_sequence_length=512,
             size_multiple=16,
-            default_steps=50,
-            default_guidance=4.0,
+            defaults={"num_inference_steps": 50, "guidance_scale": 4.0} | FLOW,
             flow_matching=True,
             lora_loader="Flux2LoraLoaderMixin",
             lora_formats=("diffusers", "peft", "ai-toolkit", "kohya"),
+            tested=True,
+            memory="transformer 64 / 34 / 18 GB (dev); Mistral encoder 48 GB",
         ),
         Family(
             "flux2-klein",
@@ -157,15 +184,34 @@ FAMILIES: dict[str, Family] = {
             ("Flux2KleinPipeline",),
             "transformer",
             (TextEncoder("text_encoder", "qwen", 512),),
-            guidance="cfg",  # the distilled Klein folders (is_distilled) ignore it
+            guidance="cfg",
             negative_prompt=False,  # negatives only as embeddings in diffusers 0.42
             max_sequence_length=512,
             size_multiple=16,
-            default_steps=50,
-            default_guidance=4.0,
+            defaults={"num_inference_steps": 50, "guidance_scale": 4.0} | FLOW,
             flow_matching=True,
             lora_loader="Flux2LoraLoaderMixin",
             lora_formats=("diffusers", "peft", "ai-toolkit", "kohya"),
+            tested=True,
+            memory="transformer 8 / 4.3 / 2.3 GB (4B); Qwen3 encoder 8 GB",
+        ),
+        Family(
+            "flux2-klein-distilled",
+            "Flux.2 Klein (distilled)",
+            "Flux2KleinPipeline",
+            (),  # a Flux2KleinPipeline folder with is_distilled (see VARIANTS)
+            "transformer",
+            (TextEncoder("text_encoder", "qwen", 512),),
+            guidance="none",
+            negative_prompt=False,
+            max_sequence_length=512,
+            size_multiple=16,
+            defaults={"num_inference_steps": 4} | FLOW,
+            flow_matching=True,
+            lora_loader="Flux2LoraLoaderMixin",
+            lora_formats=("diffusers", "peft", "ai-toolkit", "kohya"),
+            tested=True,
+            memory="transformer 8 / 4.3 / 2.3 GB (4B); Qwen3 encoder 8 GB",
         ),
         Family(
             "qwen-image",
@@ -176,13 +222,17 @@ FAMILIES: dict[str, Family] = {
             (TextEncoder("text_encoder", "qwen", 1024),),
             guidance="none",  # guidance_scale is for guidance-distilled transformers only
             true_cfg=True,
+            true_cfg_default=4.0,
             max_sequence_length=512,
             size_multiple=16,
-            default_steps=50,
-            default_guidance=4.0,
+            defaults={"num_inference_steps": 50} | FLOW,
             flow_matching=True,
             lora_loader="QwenImageLoraLoaderMixin",
             lora_formats=("diffusers", "peft", "ai-toolkit", "kohya"),
+            single_file="transformer",
+            gguf_architectures=("qwen_image",),
+            tested=True,
+            memory="transformer 41 / 22 / 12 GB; Qwen2.5-VL encoder 16.6 GB",
         ),
         Family(
             "z-image",
@@ -194,12 +244,14 @@ FAMILIES: dict[str, Family] = {
             guidance="cfg",
             max_sequence_length=512,
             size_multiple=16,
-            default_steps=50,
-            default_guidance=5.0,
+            defaults={"num_inference_steps": 50, "guidance_scale": 5.0} | FLOW,
             flow_matching=True,
-            shift=True,
             lora_loader="ZImageLoraLoaderMixin",
             lora_formats=("diffusers", "peft", "ai-toolkit"),
+            single_file="transformer",
+            gguf_architectures=("lumina2", "z_image"),
+            tested=True,
+            memory="transformer 12.3 / 6.7 / 3.6 GB; Qwen3 encoder 8 GB",
         ),
         Family(
             "chroma",
@@ -211,18 +263,66 @@ FAMILIES: dict[str, Family] = {
             guidance="cfg",
             max_sequence_length=512,
             size_multiple=16,
-            default_steps=50,
-            default_guidance=5.0,
+            defaults={"num_inference_steps": 35, "guidance_scale": 5.0} | FLOW,
             flow_matching=True,
             lora_loader="FluxLoraLoaderMixin",
             lora_formats=("diffusers", "peft", "ai-toolkit"),
-            lora_keys=("distilled_guidance_layer",),
+            single_file="transformer",
+            gguf_architectures=("chroma",),
+            tested=True,
+            memory="transformer 17.8 / 9.5 / 5 GB; T5 9.5 GB",
         ),
     )
 }
 
-# what the local engine runs today; the others are recognised (and refused with one line) until their engine path lands
-RUNNABLE = ("sd", "sdxl")
+# Folders of one pipeline class that are another family: (base family, file in the folder, key, value, family).
+VARIANTS = (
+    ("flux", "transformer/config.json", "guidance_embeds", False, "flux-schnell"),
+    ("flux2-klein", "model_index.json", "is_distilled", True, "flux2-klein-distilled"),
+)
+
+# Single-file checkpoints, most specific first: (a tensor-name prefix, family, the hub repo of its configs).
+# SD/SDXL files hold a whole pipeline; the others hold a transformer in its original layout, its other parts
+# from the `config:` folder.
+CHECKPOINTS = (
+    ("conditioner.embedders.1.model.", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0"),
+    ("cond_stage_model.model.", "sd", "stabilityai/stable-diffusion-2-1"),
+    ("cond_stage_model.transformer.", "sd", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+    ("distilled_guidance_layer.", "chroma", "lodestones/Chroma"),
+    ("double_blocks.0.img_attn.qkv.weight", "flux", "black-forest-labs/FLUX.1-dev"),
+    ("model.diffusion_model.double_blocks.0.img_attn.qkv.weight", "flux", "black-forest-labs/FLUX.1-dev"),
+    ("txt_in.weight", "qwen-image", "Qwen/Qwen-Image"),
+    ("model.diffusion_model.txt_in.weight", "qwen-image", "Qwen/Qwen-Image"),
+    ("noise_refiner.", "z-image", "Tongyi-MAI/Z-Image-Turbo"),
+    ("model.diffusion_model.noise_refiner.", "z-image", "Tongyi-MAI/Z-Image-Turbo"),
+)
+
+# LoRA key fragments (`_` and `.` alike) that say which families a LoRA is for, most specific first; a LoRA with none
+# of them is not checked (its load says what is wrong).
+LORA_MARKERS = (
+    # UNet names first: SD's attention blocks hold `transformer_blocks` too
+    ("to_qkv_mlp_proj", ("flux2", "flux2-klein", "flux2-klein-distilled")),
+    ("img_mlp", ("qwen-image",)),
+    ("txt_mlp", ("qwen-image",)),
+    ("down_blocks", ("sd", "sdxl")),
+    ("up_blocks", ("sd", "sdxl")),
+    ("mid_block", ("sd", "sdxl")),
+    ("input_blocks", ("sd", "sdxl")),
+    ("output_blocks", ("sd", "sdxl")),
+    ("noise_refiner", ("z-image",)),
+    ("context_refiner", ("z-image",)),
+    ("feed_forward.w1", ("z-image",)),
+    ("attention.to_q", ("z-image",)),
+    ("distilled_guidance_layer", ("chroma",)),
+    ("single_transformer_blocks", ("flux", "flux-schnell", "chroma", "flux2", "flux2-klein", "flux2-klein-distilled")),
+    ("double_blocks", ("flux", "flux-schnell", "chroma", "flux2", "flux2-klein", "flux2-klein-distilled")),
+    ("single_blocks", ("flux", "flux-schnell", "chroma", "flux2", "flux2-klein", "flux2-klein-distilled")),
+    ("joint_blocks", ("sd3",)),
+    ("transformer_blocks", ("sd3", "flux", "flux-schnell", "chroma", "qwen-image", "flux2", "flux2-klein", "flux2-klein-distilled")),
+)
+SDXL_LORA_MARKERS = ("lora_te2_", "text_encoder_2.", "te2.")  # SD LoRA keys for SDXL's second text encoder
+
+RUNNABLE = tuple(FAMILIES)  # every family of the table runs on the local engine
 
 
 def family_of_pipeline(class_name: str) -> Family | None:
@@ -230,12 +330,23 @@ def family_of_pipeline(class_name: str) -> Family | None:
     return next((f for f in FAMILIES.values() if class_name in f.index_classes), None)
 
 
-def family_of_checkpoint(keys: list[str] | set[str]) -> Family | None:
-    """The family of a single-file checkpoint from its tensor names, the most specific prefix first."""
-    prefixes = sorted(((p, f) for f in FAMILIES.values() for p in f.checkpoint_keys), key=lambda pf: -len(pf[0]))
-    for prefix, family in prefixes:
+def checkpoint_family(keys: list[str] | set[str]) -> tuple[str, str] | None:
+    """(family, config repo) of a single-file checkpoint from its tensor names, or None."""
+    for prefix, family, repo in CHECKPOINTS:
         if any(k.startswith(prefix) for k in keys):
-            return family
+            return family, repo
+    return None
+
+
+def lora_families(keys: list[str]) -> tuple[str, ...] | None:
+    """The families a LoRA's keys fit (LORA_MARKERS, first match), or None when none of its keys say."""
+    flat = {k.replace("_", ".") for k in keys}
+    for marker, families in LORA_MARKERS:
+        fragment = marker.replace("_", ".")
+        if any(fragment in k for k in flat):
+            if families == ("sd", "sdxl"):
+                return ("sdxl",) if any(m in k for k in keys for m in SDXL_LORA_MARKERS) else ("sd", "sdxl")
+            return families
     return None
 
 

@@ -36,6 +36,7 @@ from runner.request import (
     FIELDS,
     LIMITED_FIELDS,
     NOT_IN_ID,
+    OMITTED_WHEN_UNSET,
     SECRET_FIELDS,
     Limits,
     blend_label,
@@ -256,7 +257,7 @@ def _zip_axis(spec: Any) -> list[dict[str, Any]]:
 
 def derived_seed(request: Mapping[str, Any]) -> int:
     """A seed for `seed: null`, drawn from the row itself so that it is the same on every run."""
-    payload = {k: v for k, v in request.items() if k not in NOT_IN_ID and k != "seed"}
+    payload = {k: v for k, v in request.items() if k not in NOT_IN_ID and k != "seed" and not _unset_optional(k, v)}
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).digest()
     return int.from_bytes(digest[:4], "big")
 
@@ -267,7 +268,11 @@ def image_id(request: Mapping[str, Any], identity: Identity) -> str:
     strengths = split_strengths(request.get("lora_strength")) or [1.0] * len(loras)
     # a None in a column of strings is NaN to pandas: ids must not depend on what the other rows hold
     request = {k: (None if isinstance(v, float) and v != v else v) for k, v in request.items()}
-    payload = {k: v for k, v in request.items() if k in FIELDS and k not in NOT_IN_ID and k not in ("lora_model", "lora_strength")}
+    payload = {
+        k: v
+        for k, v in request.items()
+        if k in FIELDS and k not in NOT_IN_ID and k not in ("lora_model", "lora_strength") and not _unset_optional(k, v)
+    }
     payload["model_id"] = [request.get("model_id"), identity.model_hashes.get(request.get("model_id"), "")]
     payload["loras"] = sorted([name, identity.lora_hashes.get(name, ""), format_number(s)] for name, s in zip(loras, strengths))
     payload["engine"] = dict(identity.engine)
@@ -278,6 +283,10 @@ def image_id(request: Mapping[str, Any], identity: Identity) -> str:
         payload["files"] = sorted([name, identity.file_hashes.get(name, "")] for name in files)
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _unset_optional(name: str, value: Any) -> bool:
+    return name in OMITTED_WHEN_UNSET and (value is None or (isinstance(value, float) and value != value))
 
 
 @dataclass
@@ -730,7 +739,10 @@ def _derived_seeds(columns: Mapping[str, _Column], rows: np.ndarray | None) -> n
     for key in keys:
         column = columns[key]
         values = [None if (v is None or (isinstance(v, float) and v != v) or v is pd.NA) else v for v in column.values]
-        fragments.append((key, _json_values(values, default=str), column.codes if rows is None else column.codes[rows]))
+        texts: list[str | None] = _json_values(values, default=str)
+        if key in OMITTED_WHEN_UNSET:  # an unset one leaves no key behind (derived_seed drops it)
+            texts = [None if v is None else t for v, t in zip(values, texts)]
+        fragments.append((key, texts, column.codes if rows is None else column.codes[rows]))
     n = len(fragments[0][2])
     digests = _row_digests(fragments, n, ", ", ": ")
     return digests[:, :4].copy().view(">u4").ravel().astype(np.int64)
@@ -823,7 +835,10 @@ def _id_fragments(plan: pd.DataFrame, identity: Identity) -> list[tuple[str, lis
             fragments.append((key, texts, codes))
         else:
             uniques, codes = _factorize(plan[key])
-            fragments.append((key, _json_values(uniques, sort_keys=True, separators=compact, default=str), codes))
+            texts: list[str | None] = _json_values(uniques, sort_keys=True, separators=compact, default=str)
+            if key in OMITTED_WHEN_UNSET:
+                texts = [None if v is None else t for v, t in zip(uniques, texts)]
+            fragments.append((key, texts, codes))
     return fragments
 
 
@@ -859,6 +874,18 @@ def _files_fragments(plan: pd.DataFrame, identity: Identity) -> tuple[list[str |
         entries = sorted([name, identity.file_hashes.get(name, "")] for name in files)
         texts.append(json.dumps(entries, separators=(",", ":")) if files else None)
     return texts, codes
+
+
+def given_fields(base: Mapping[str, Any], grid: Mapping[str, Any]) -> frozenset[str]:
+    """The request fields a sweep sets (in its base or as grid axes, zipped ones too); the others take defaults."""
+    keys = set(base) | {k for k in grid if k != "zip"}
+    for member in grid.get("zip") or []:
+        if isinstance(member, Mapping):
+            keys |= set(member)
+    zipped = grid.get("zip")
+    if isinstance(zipped, Mapping):
+        keys |= set(zipped)
+    return frozenset(k for k in keys if k in FIELDS)
 
 
 def shadowed_base_fields(base: Mapping[str, Any], grid: Mapping[str, Any]) -> list[str]:

@@ -16,20 +16,20 @@ from omegaconf import DictConfig, OmegaConf
 from runner.engines.base import Capabilities
 from runner.engines.factory import capabilities
 from runner.errors import Problem, UserError
-from runner.families import FAMILIES, RUNNABLE, label
-from runner.plan import Identity, PlanError, build_plan, shadowed_base_fields, summarize, with_ids
+from runner.families import label
+from runner.plan import Identity, PlanError, build_plan, given_fields, shadowed_base_fields, summarize, with_ids
 from runner.registry import (
     CROSS_ATTENTION_WIDTHS,
     HashCache,
     Registry,
     lora_cross_attention_width,
-    lora_family,
+    lora_fit,
     model_cross_attention_width,
     resolve_all,
 )
-from runner.request import Limits, split_loras
+from runner.request import FIELDS, Limits, split_loras
 from runner.scores import ScoreProblem, requested_scorers
-from runner.validate import validate_plan
+from runner.validate import apply_family_defaults, validate_plan
 
 
 @dataclass
@@ -81,7 +81,9 @@ def engine_identity(cfg: DictConfig) -> dict[str, Any]:
     """The engine settings that decide pixels (as configured: `auto` stays `auto`)."""
     if cfg.engine.kind == "remote":
         return {"kind": "remote", "base_url": cfg.engine.base_url.rstrip("/")}
-    return {"kind": cfg.engine.kind, "device": cfg.engine.device, "dtype": cfg.engine.dtype}
+    identity = {"kind": cfg.engine.kind, "device": cfg.engine.device, "dtype": cfg.engine.dtype}
+    quantize = cfg.engine.get("quantize", "none")
+    return identity | ({"quantize": quantize} if quantize != "none" else {})  # other ids stay as they were
 
 
 def registry_identity(registry: Registry, cfg: DictConfig) -> Identity:
@@ -100,7 +102,7 @@ def registry_identity(registry: Registry, cfg: DictConfig) -> Identity:
 
 def fit_problems(plan: pd.DataFrame, registry: Registry) -> list[str]:
     """Files made for another model family (an SDXL LoRA or embedding on SD 1.x...) are refused before any image."""
-    problems = family_problems(registry)
+    problems = []
     blends = plan[["model_id", "lora_model"]].drop_duplicates()  # distinct pairs first: a plan may have a million rows
     pairs = {(m, lora) for m, blend in zip(blends["model_id"], blends["lora_model"]) for lora in split_loras(blend)}
     for model_id, lora_id in sorted(pairs):
@@ -120,13 +122,14 @@ def fit_problems(plan: pd.DataFrame, registry: Registry) -> list[str]:
                     )
                 )
             )
-        elif lora_family(lora.path) == "sdxl" and model.family != "sdxl":
+        elif (fits := lora_fit(lora.path)) and model.family not in fits:
+            what = "an SDXL LoRA" if fits == ("sdxl",) else f"a LoRA for {' / '.join(dict.fromkeys(label(f) for f in fits))}"
             problems.append(
                 str(
                     Problem(
                         f"loras.{lora_id}",
-                        f"is an SDXL LoRA but model '{model_id}' is not SDXL",
-                        "use it with an SDXL model or drop it from the blend",
+                        f"is {what} but model '{model_id}' is {label(model.family)}",
+                        "use it with a model of its family or drop it from the blend",
                     )
                 )
             )
@@ -145,22 +148,6 @@ def fit_problems(plan: pd.DataFrame, registry: Registry) -> list[str]:
             )
         )
     return problems
-
-
-def family_problems(registry: Registry) -> list[str]:
-    """A model of a family the engine cannot run yet is one line naming the family, before anything loads."""
-    runnable = ", ".join(label(name) for name in RUNNABLE)
-    return [
-        str(
-            Problem(
-                f"models.{model_id}",
-                f"is a {label(model.family)} model ({FAMILIES[model.family].pipeline}), which this version cannot run yet",
-                f"use a model of {runnable}",
-            )
-        )
-        for model_id, model in sorted(registry.models.items())
-        if model.family in FAMILIES and model.family not in RUNNABLE
-    ]
 
 
 # what web-UI prompts carry that this version encodes as plain text (said per sweep, never silently)
@@ -247,7 +234,7 @@ def prepare_sweep(cfg: DictConfig) -> PreparedSweep:
         return PreparedSweep(name, built.plan, None, None, built.problems)
 
     entries = registry_entries(cfg)
-    rows = check_rows(built.plan, cfg, caps, entries)
+    rows = check_rows(built.plan, cfg, caps, entries, given=given_fields(base, grid))
     scorers, score_problems = score_entries(cfg)
     engine_problems = engine_setting_problems(cfg) if caps.kind == "local" else remote_setting_problems(cfg)
     problems = rows.problems + score_problems + engine_problems
@@ -271,14 +258,27 @@ def registry_entries(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     return {name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("models", "loras", "vaes", "embeddings")}
 
 
-def check_rows(plan: pd.DataFrame, cfg: DictConfig, caps: Capabilities, entries: dict, hashes: HashCache | None = None) -> CheckedRows:
-    """Resolve and hash the files the rows name, give the rows their ids and validate them against the engine."""
+def check_rows(
+    plan: pd.DataFrame,
+    cfg: DictConfig,
+    caps: Capabilities,
+    entries: dict,
+    hashes: HashCache | None = None,
+    given: frozenset[str] = frozenset(FIELDS),
+) -> CheckedRows:
+    """Resolve and hash the files the rows name, give the rows their ids and validate them against the engine.
+
+    `given`: the request fields the user set; the others take the model family's defaults (local engine).
+    """
     if caps.kind == "remote":  # model, LoRA, VAE and embeddings ids are the provider's: nothing on disk to resolve or hash
         registry = Registry()
     else:
         hashes = hashes or HashCache(Path(cfg.paths.outputs) / ".cache" / "hashes.json")
         upscaler = OmegaConf.to_container(cfg.upscaler, resolve=True) if plan["upscale"].any() else None
         registry = resolve_all(entries, wanted_files(plan), hashes, upscaler)
+    families = {k: v.family for k, v in registry.models.items()}
+    if caps.kind == "local":
+        plan = apply_family_defaults(plan, families, given)
     identity = registry_identity(registry, cfg)
     problems_fit = fit_problems(plan, registry)
     plan, duplicates = with_ids(plan, identity)
@@ -289,8 +289,9 @@ def check_rows(plan: pd.DataFrame, cfg: DictConfig, caps: Capabilities, entries:
         substitute_schedulers=cfg.engine.get("substitute_schedulers", False),
         max_images=cfg.sweep.max_images,
         lcm_ids=lcm_ids,
-        families={k: v.family for k, v in registry.models.items()},
+        families=families,
         has_upscaler=registry.upscaler is not None,
+        given=given,
     )
     problems = [str(p) for p in registry.problems] + problems_fit + checked.problems
     return CheckedRows(checked.plan, registry, identity, problems, checked.warnings, duplicates)
@@ -309,7 +310,7 @@ def prepare_request(raw: dict[str, Any], cfg: DictConfig, hashes: HashCache | No
         return [str(p) for p in exc.problems]
     if built.problems:
         return list(built.problems)
-    rows = check_rows(built.plan, cfg, capabilities("local"), registry_entries(cfg), hashes)
+    rows = check_rows(built.plan, cfg, capabilities("local"), registry_entries(cfg), hashes, given=frozenset(raw) & frozenset(FIELDS))
     return rows.problems or rows
 
 
@@ -336,6 +337,37 @@ def remote_setting_problems(cfg: DictConfig) -> list[str]:
             )
         ]
     return []
+
+
+OFFLOAD_MODES = ("none", "model", "sequential")
+# engine.quantize -> the package it needs (the engine's QUANTIZE table says how it is applied)
+QUANTIZE_PACKAGES = {"none": None, "bnb-4bit": "bitsandbytes", "bnb-8bit": "bitsandbytes", "torchao-int8": "torchao"}
+
+
+def memory_setting_problems(cfg: DictConfig) -> list[str]:
+    """engine.offload and engine.quantize: known values, on a device that has them, with their package installed."""
+    import importlib.util
+
+    problems = []
+    offload, quantize = str(cfg.engine.get("offload", "none")), str(cfg.engine.get("quantize", "none"))
+    cpu = str(cfg.engine.device).startswith(("cpu", "mps"))
+    if offload not in OFFLOAD_MODES:
+        problems.append(str(Problem("engine.offload", f"unknown mode '{offload}'", f"use one of {', '.join(OFFLOAD_MODES)}")))
+    elif offload != "none" and cpu:
+        problems.append(str(Problem("engine.offload", f"{offload} offload moves weights to a CUDA device", "drop engine.offload on CPU")))
+    if quantize not in QUANTIZE_PACKAGES:
+        problems.append(str(Problem("engine.quantize", f"unknown mode '{quantize}'", f"use one of {', '.join(QUANTIZE_PACKAGES)}")))
+    elif quantize != "none":
+        package = QUANTIZE_PACKAGES[quantize]
+        if cpu:
+            problems.append(
+                str(Problem("engine.quantize", f"{quantize} runs on CUDA devices only", "drop engine.quantize, or use a GGUF file"))
+            )
+        elif importlib.util.find_spec(package) is None:
+            problems.append(
+                str(Problem("engine.quantize", f"{quantize} needs {package}, which is not installed", f"pip install {package}"))
+            )
+    return problems
 
 
 def engine_setting_problems(cfg: DictConfig) -> list[str]:
@@ -365,6 +397,7 @@ def engine_setting_problems(cfg: DictConfig) -> list[str]:
             )
     if int(cfg.engine.get("max_batch_size", 32)) < 1:
         problems.append(str(Problem("engine.max_batch_size", f"{cfg.engine.max_batch_size} is below 1", "use for example 32")))
+    problems += memory_setting_problems(cfg)
     if cfg.engine.get("compile") and cfg.engine.get("fuse_loras") is False:
         problems.append(
             str(

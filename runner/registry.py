@@ -20,7 +20,8 @@ from typing import Any
 
 from runner.config import EmbeddingSource, LoraSource, ModelSource, VaeSource
 from runner.errors import Problem, closest, did_you_mean
-from runner.families import family_of_pipeline
+from runner.families import CHECKPOINTS, FAMILIES, VARIANTS, family_of_pipeline, label, lora_families
+from runner.families import checkpoint_family as family_of_checkpoint_keys
 from runner.world.assets import RECIPE_VERSION
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -33,7 +34,7 @@ class Resolved:
     """A model, LoRA, VAE, embedding or upscaler found on disk."""
 
     id: str
-    kind: str  # diffusers_folder | single_file | hub_cache | lora_file | vae_file | embedding_file
+    kind: str  # diffusers_folder | single_file | transformer_file | hub_cache | lora_file | vae_file | embedding_file
     path: Path  # folder or file on disk
     weight_name: str | None = None
     sha256: str = ""  # of the file (or folder tree); "" for a builtin asset not built yet
@@ -42,6 +43,7 @@ class Resolved:
     variant: str | None = None  # diffusers folders: the weight variant to load ("fp16")
     family: str = "sd"  # a name of runner/families.py (models: from model_index.json or the checkpoint's tensor names)
     token: str | None = None  # textual inversion embeddings: the prompt token they define
+    quantization: str = ""  # models: how the weights are stored when not plain floats ("gguf:Q8_0")
 
     @property
     def identity(self) -> str:
@@ -150,19 +152,17 @@ def check_lora_file(lora_id: str, path: Path) -> Problem | None:
     return None
 
 
-SDXL_LORA_MARKERS = ("lora_te2_", "text_encoder_2.", "te2.")
 CROSS_ATTENTION_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
 
 
-def lora_family(path: Path) -> str:
-    """'sdxl' when a LoRA has weights for SDXL's second text encoder, else 'sd' (from the header only)."""
+def lora_fit(path: Path) -> tuple[str, ...] | None:
+    """The families a LoRA file is for, from its key names (runner/families.py: LORA_MARKERS); None: its keys do not say."""
     if path.suffix != ".safetensors":
-        return "sd"
+        return None
     try:
-        keys = safetensors_keys(path)
+        return lora_families(safetensors_keys(path))
     except (OSError, ValueError):
-        return "sd"
-    return "sdxl" if any(m in k for k in keys for m in SDXL_LORA_MARKERS) else "sd"
+        return None
 
 
 def lora_cross_attention_width(path: Path) -> int | None:
@@ -200,32 +200,69 @@ def folder_family(folder: Path) -> str:
     except (OSError, ValueError):
         return "sd"
     known = family_of_pipeline(str(index.get("_class_name", "")))
-    if known is not None:
-        return known.name
-    return "sdxl" if "XL" in str(index.get("_class_name", "")) or "text_encoder_2" in index else "sd"
+    if known is None:
+        return "sdxl" if "XL" in str(index.get("_class_name", "")) or "text_encoder_2" in index else "sd"
+    for base, file, key, value, variant in VARIANTS:
+        if base == known.name:
+            try:
+                config = index if file == "model_index.json" else json.loads((folder / file).read_text())
+            except (OSError, ValueError):
+                continue
+            if config.get(key) == value:
+                return variant
+    return known.name
 
 
-# Single-file checkpoints: the family from tensor names, and the hub repo whose configs diffusers
-# uses for that family (the same defaults as diffusers' own `from_single_file`).
-CHECKPOINT_FAMILIES = (
-    ("conditioner.embedders.1.model.", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0"),
-    ("cond_stage_model.model.", "sd", "stabilityai/stable-diffusion-2-1"),
-    ("cond_stage_model.transformer.", "sd", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
-)
+GGUF_MAGIC = b"GGUF"
 
 
 def checkpoint_family(path: Path) -> tuple[str, str | None]:
-    """(family, default config repo) of a single-file checkpoint, from its safetensors header.
+    """(family, default config repo) of a single-file checkpoint, from its safetensors header or GGUF metadata.
 
     A .ckpt is a pickle (reading it means loading it), so it is taken as SD 1.x unless a config says otherwise.
     """
+    if path.suffix == ".gguf":
+        return gguf_family(path)
     if path.suffix != ".safetensors":
-        return CHECKPOINT_FAMILIES[-1][1:]
-    keys = safetensors_keys(path)
-    for prefix, family, repo in CHECKPOINT_FAMILIES:
-        if any(k.startswith(prefix) for k in keys):
-            return family, repo
-    return "sd", None
+        return CHECKPOINTS[2][1:]
+    found = checkpoint_family_of_keys(safetensors_keys(path))
+    return found or ("sd", None)
+
+
+def checkpoint_family_of_keys(keys: list[str]) -> tuple[str, str] | None:
+    found = family_of_checkpoint_keys(keys)
+    if found and found[0] == "flux" and not any(k.endswith("guidance_in.in_layer.weight") for k in keys):
+        return "flux-schnell", "black-forest-labs/FLUX.1-schnell"  # schnell's transformer has no guidance embedding
+    return found
+
+
+def gguf_family(path: Path) -> tuple[str, str | None]:
+    """(family, config repo) of a GGUF transformer from its tensor names (read from the header by the gguf library)."""
+    info = gguf_info(path)
+    found = checkpoint_family_of_keys(info["tensors"])
+    if found is None:
+        arch = info.get("architecture")
+        family = next((f.name for f in FAMILIES.values() if arch and arch in f.gguf_architectures), None)
+        found = (family, None) if family else None
+    if found is None:
+        raise ValueError(f"its tensors are of no family this version knows (architecture {info.get('architecture') or 'unknown'})")
+    return found
+
+
+def gguf_info(path: Path) -> dict[str, Any]:
+    """A GGUF file's architecture, tensor names and quantization types, without reading its weights."""
+    with open(path, "rb") as fh:
+        if fh.read(4) != GGUF_MAGIC:
+            raise ValueError("not a GGUF file")
+    try:
+        from gguf import GGUFReader
+    except ImportError as exc:
+        raise ValueError("reading GGUF files needs the gguf package (pip install gguf)") from exc
+    reader = GGUFReader(str(path), "r")
+    field = reader.fields.get("general.architecture")
+    arch = bytes(field.parts[field.data[0]]).decode() if field is not None else None
+    types = sorted({t.tensor_type.name for t in reader.tensors})
+    return {"architecture": arch, "tensors": [t.name for t in reader.tensors], "types": types}
 
 
 def check_model_folder(entry: str, folder: Path) -> Problem | None:
@@ -312,14 +349,16 @@ def weight_variants(folder: Path) -> set[str | None]:
 def _resolve_checkpoint(
     model_id: str, path: Path, config: str | None, hashes: HashCache, where: str
 ) -> tuple[Resolved | None, Problem | None]:
-    if path.suffix not in (".safetensors", ".ckpt"):
+    """A single file: a whole SD/SDXL pipeline, or a DiT transformer (.safetensors in its original layout, or GGUF)."""
+    if path.suffix not in (".safetensors", ".ckpt", ".gguf"):
         return None, Problem(
-            f"{where}.source", f"{path} is not a .safetensors or .ckpt checkpoint", "give a checkpoint file or a diffusers folder"
+            f"{where}.source", f"{path} is not a .safetensors, .gguf or .ckpt checkpoint", "give a checkpoint file or a diffusers folder"
         )
     try:
         family, default_repo = checkpoint_family(path)
+        quantization = gguf_quantization(path) if path.suffix == ".gguf" else ""
     except (OSError, ValueError) as exc:
-        return None, Problem(f"{where}.source", f"{path.name} is not a readable .safetensors file ({exc})", "re-download the checkpoint")
+        return None, Problem(f"{where}.source", f"{path.name} cannot be read as a checkpoint ({exc})", "re-download the checkpoint")
     repo = config or default_repo
     if repo is None:
         return None, Problem(
@@ -337,11 +376,30 @@ def _resolve_checkpoint(
             f"the single-file checkpoint needs the configs of '{repo}', which are not on disk (nothing is downloaded)",
             hint or "set config to a diffusers pipeline folder (its weights are not needed)",
         )
-    family = folder_family(folder) if config else family
+    if config:
+        folder_is = folder_family(folder)
+        if FAMILIES[family].single_file == "pipeline":
+            family = folder_is  # the config decides which pipeline a whole-pipeline file becomes
+        elif FAMILIES[folder_is].pipeline != FAMILIES[family].pipeline:
+            return None, Problem(
+                f"{where}.config",
+                f"{path.name} is a {label(family)} transformer but {folder} is a {label(folder_is)} pipeline",
+                f"set config to a {label(family)} diffusers folder",
+            )
+    mode = FAMILIES[family].single_file
+    if mode is None:
+        return None, Problem(f"{where}.source", f"single {label(family)} files are not loaded by this version", "use its diffusers folder")
     sha = hashes.file_sha256(path)
     if config:  # another config can mean another pipeline from the same weights
         sha = hashlib.sha256(f"{sha}:{hashes.tree_sha256(folder)}".encode()).hexdigest()
-    return Resolved(model_id, "single_file", path, sha256=sha, config=folder, family=family), None
+    kind = "single_file" if mode == "pipeline" else "transformer_file"
+    return Resolved(model_id, kind, path, sha256=sha, config=folder, family=family, quantization=quantization), None
+
+
+def gguf_quantization(path: Path) -> str:
+    """'gguf:Q8_0' (the quantized types of a GGUF file's tensors; the float ones left as they are)."""
+    quantized = [t for t in gguf_info(path)["types"] if t not in ("F32", "F16", "BF16")]
+    return "gguf:" + "+".join(quantized) if quantized else "gguf"
 
 
 def resolve_lora(lora_id: str, source: str, weight_name: str | None, hashes: HashCache) -> tuple[Resolved | None, Problem | None]:

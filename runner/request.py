@@ -39,7 +39,7 @@ class Limits:
 
 @dataclass(frozen=True)
 class FieldSpec:
-    kind: str  # str | int | float | bool | strengths | loras | seed | optional_str | any
+    kind: str  # str | int | float | bool | strengths | loras | seed | optional_str | optional_int | optional_float | any
     default: Any = None
     doc: str = ""
 
@@ -79,10 +79,16 @@ FIELDS: dict[str, FieldSpec] = {
     "vae": FieldSpec("optional_str", None),
     "highres_fix": FieldSpec("bool", False),
     "safety_checker_type": FieldSpec("optional_str", None),
+    # fields of the flow-matching families (runner/families.py says which family takes which); unset: the pipeline's default
+    "true_cfg_scale": FieldSpec("optional_float", None, "real CFG on Flux.1 and Qwen-Image (with negative_prompt)"),
+    "max_sequence_length": FieldSpec("optional_int", None, "prompt tokens of the T5 / LLM text encoder"),
+    "shift": FieldSpec("optional_float", None, "flow-matching timestep shift, fixed (no resolution-dependent shift)"),
 }
 
 # Fields that never change the pixels: left out of the image id.
 NOT_IN_ID = frozenset({"samples", "webhook", "track_id", "base64", "temp"})
+# Fields left out of the id (and of derived seeds) while unset, so adding them kept every earlier id.
+OMITTED_WHEN_UNSET = frozenset({"true_cfg_scale", "max_sequence_length", "shift"})
 # Secrets the API carries in the body; never stored.
 SECRET_FIELDS = frozenset({"key", "api_key"})
 
@@ -184,9 +190,13 @@ def _parse_value(spec: FieldSpec, value: Any) -> Any:
         if value is None or (isinstance(value, str) and value.strip().lower() in ("", "null", "none")):
             return None
         return str(value)
-    if spec.kind == "int":
+    if spec.kind in ("optional_int", "optional_float") and (
+        value is None or (isinstance(value, str) and value.strip().lower() in ("", "null", "none"))
+    ):
+        return None
+    if spec.kind in ("int", "optional_int"):
         return parse_int(value)
-    if spec.kind == "float":
+    if spec.kind in ("float", "optional_float"):
         return parse_float(value)
     if spec.kind == "bool":
         return parse_bool(value)
@@ -264,7 +274,18 @@ def _check_limits(req: dict[str, Any], lim: Limits) -> list[Problem]:
     return problems + lora_problems(req["lora_model"], req["lora_strength"], lim)
 
 
-LIMITED_FIELDS = ("prompt", "width", "height", "samples", "num_inference_steps", "guidance_scale", "clip_skip")
+LIMITED_FIELDS = (
+    "prompt",
+    "width",
+    "height",
+    "samples",
+    "num_inference_steps",
+    "guidance_scale",
+    "clip_skip",
+    "true_cfg_scale",
+    "max_sequence_length",
+    "shift",
+)
 
 
 def field_limit_problems(name: str, v: Any, lim: Limits) -> list[Problem]:
@@ -288,6 +309,14 @@ def field_limit_problems(name: str, v: Any, lim: Limits) -> list[Problem]:
         ]
     if name == "clip_skip" and not lim.min_clip_skip <= v <= lim.max_clip_skip:
         return [Problem("clip_skip", f"{v} is outside {lim.min_clip_skip}..{lim.max_clip_skip}", "1 means the last CLIP layer")]
+    if v is None:
+        return []
+    if name == "true_cfg_scale" and not 1 <= v <= lim.max_guidance:
+        return [Problem(name, f"{format_number(v)} is outside 1..{format_number(lim.max_guidance)}", "use for example 4 (1 turns it off)")]
+    if name == "max_sequence_length" and not 1 <= v <= 1024:
+        return [Problem(name, f"{v} is outside 1..1024", "use for example 512")]
+    if name == "shift" and not 0 < v <= 100:
+        return [Problem(name, f"{format_number(v)} must be above 0 (and at most 100)", "use for example 3")]
     return []
 
 
@@ -345,6 +374,8 @@ def to_api_fields(req: Mapping[str, Any]) -> dict[str, Any]:
             out[name] = str(v)
         elif name in ("lora_model", "lora_strength"):
             out[name] = v or None  # the provider takes null for "no LoRA"
+        elif name in OMITTED_WHEN_UNSET and v is None:
+            continue
         else:
             out[name] = v
     return out

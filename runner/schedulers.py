@@ -52,6 +52,18 @@ NOT_GENERATORS: dict[str, NotAGenerator] = {
 
 GENERATORS: tuple[str, ...] = tuple(n for n in SPEC_SCHEDULERS if n not in NOT_GENERATORS)
 
+# The flow-matching families (Flux, SD3, Qwen-Image, ...) take their own samplers, and the spec's multistep solvers
+# with flow sigmas (diffusers' use_flow_sigmas, prediction_type flow_prediction); the other spec names map or are refused.
+FLOW_SCHEDULERS: tuple[str, ...] = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+FLOW_SIGMA_SCHEDULERS: tuple[str, ...] = (
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
+)
+FLOW_GENERATORS: tuple[str, ...] = FLOW_SCHEDULERS + FLOW_SIGMA_SCHEDULERS
+FLOW_EQUIVALENTS = {"EulerDiscreteScheduler": "FlowMatchEulerDiscreteScheduler", "HeunDiscreteScheduler": "FlowMatchHeunDiscreteScheduler"}
+
 # Scheduler options of the request that only some schedulers have (set where the config has the key).
 OPTION_FIELDS = {"use_karras_sigmas": "use_karras_sigmas", "algorithm_type": "algorithm_type"}
 
@@ -63,11 +75,18 @@ class SchedulerChoice:
     note: str = ""  # why `used` differs from `requested`, or a warning
 
 
-def choose(name: str, substitute: bool) -> tuple[SchedulerChoice | None, str]:
-    """Decide which scheduler class runs for a requested name.
+def choose(name: str, substitute: bool, flow: bool = False, family: str = "") -> tuple[SchedulerChoice | None, str]:
+    """Decide which scheduler class runs for a requested name (`flow`: for a flow-matching family, named `family`).
 
     Returns (choice, "") or (None, error text with the fix).
     """
+    if flow:
+        return _choose_flow(name, substitute, family)
+    if name in FLOW_SCHEDULERS:
+        return (
+            None,
+            f"{name} is for flow-matching models (Flux, SD3, Qwen-Image, ...); {family or 'this model'} takes the spec's schedulers",
+        )
     if name in NOT_GENERATORS:
         info = NOT_GENERATORS[name]
         if substitute:
@@ -78,21 +97,60 @@ def choose(name: str, substitute: bool) -> tuple[SchedulerChoice | None, str]:
         )
     if name in GENERATORS:
         return SchedulerChoice(name, name), ""
-    hint = did_you_mean(name, SPEC_SCHEDULERS)
+    hint = did_you_mean(name, SPEC_SCHEDULERS + FLOW_SCHEDULERS)
     return None, f"unknown scheduler '{name}'; {hint or 'use one of ' + ', '.join(GENERATORS)}"
 
 
-def load_scheduler(name: str, base_config: Any, options: dict[str, Any] | None = None) -> Any:
-    """A diffusers scheduler of class `name` built from the pipeline's scheduler config."""
+FLOW_TAKES = (
+    "FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, "
+    "or DPMSolverMultistep/DPMSolverSinglestep/UniPCMultistep/DEISMultistepScheduler with flow sigmas"
+)
+
+
+def _choose_flow(name: str, substitute: bool, family: str) -> tuple[SchedulerChoice | None, str]:
+    if name in FLOW_GENERATORS:
+        return SchedulerChoice(name, name), ""
+    target = FLOW_EQUIVALENTS.get(name)
+    if target and substitute:
+        return SchedulerChoice(name, target, f"{name} on {family} models (flow-matching) ran {target}"), ""
+    if target:
+        return (
+            None,
+            f"{name} is not a flow-matching sampler; use {target} (or set engine.substitute_schedulers=true to run it and record it)",
+        )
+    if name in SPEC_SCHEDULERS:
+        return None, f"{name} does not run {family} models (flow-matching); use {FLOW_TAKES}"
+    hint = did_you_mean(name, SPEC_SCHEDULERS + FLOW_SCHEDULERS)
+    return None, f"unknown scheduler '{name}'; {hint or 'use ' + FLOW_TAKES}"
+
+
+def load_scheduler(
+    name: str, base_config: Any, options: dict[str, Any] | None = None, *, flow: bool = False, shift: float | None = None
+) -> Any:
+    """A diffusers scheduler of class `name` built from the pipeline's scheduler config.
+
+    For a flow-matching model (`flow`), the spec's multistep solvers run with flow sigmas; `shift` fixes the
+    timestep shift (and turns off the resolution-dependent one, which would override it).
+    """
     import diffusers
 
     cls = getattr(diffusers, name)
     accepted = inspect.signature(cls.__init__).parameters  # follows register_to_config's wrapper
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     for field_name, key in OPTION_FIELDS.items():
         value = (options or {}).get(field_name)
         if value not in (None, False) and key in accepted:
             kwargs[key] = value
+    if flow and name in FLOW_SIGMA_SCHEDULERS:
+        kwargs |= {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
+        base_shift = dict(base_config).get("shift")
+        if shift is not None or base_shift is not None:
+            kwargs["flow_shift"] = float(shift if shift is not None else base_shift)
+    if shift is not None:
+        if "shift" in accepted:
+            kwargs["shift"] = float(shift)
+        if "use_dynamic_shifting" in accepted:
+            kwargs["use_dynamic_shifting"] = False
     return cls.from_config(base_config, **kwargs)
 
 

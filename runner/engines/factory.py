@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from runner.engines.base import Capabilities, Engine
-from runner.schedulers import GENERATORS, SPEC_SCHEDULERS
+from runner.schedulers import FLOW_SCHEDULERS, GENERATORS, SPEC_SCHEDULERS
 
 LOCAL_CAPABILITIES = Capabilities(
     kind="local",
-    schedulers=frozenset(GENERATORS),
+    schedulers=frozenset(GENERATORS + FLOW_SCHEDULERS),  # which of them a model takes is its family's (validate.py)
     not_applied={
         "enhance_prompt": "prompt enhancement is the provider's own model; the prompt is used as written",
         "multi_lingual": "no translation model is loaded; the prompt is used as written",
@@ -53,4 +53,3 @@ def create_engine(kind: str, *, keep_adapters: bool = False, **kwargs: Any) -> E
         policy = Policy(**{f.name: kwargs[f.name] for f in fields(Policy) if f.name in kwargs})
         return RemoteEngine(policy=policy, keep_adapters=keep_adapters, **kwargs)
     raise KeyError(kind)
-

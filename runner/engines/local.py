@@ -16,6 +16,7 @@ pixels are copied back while the next batch is already queued, so the GPU does n
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 import warnings
@@ -32,6 +33,7 @@ from PIL import Image
 
 from runner.engines.base import ImageResult, QueueState
 from runner.engines.fuse import FusedBlends
+from runner.families import FAMILIES, Family
 from runner.registry import Registry, safetensors_keys, weight_variants
 from runner.request import optional, split_loras, split_strengths
 from runner.schedulers import OPTION_FIELDS, load_scheduler, supports_option
@@ -57,6 +59,9 @@ SEED_GROUP_KEYS = [
     "embeddings_model",
     "pipeline_used",
     "upscale",
+    "true_cfg_scale",
+    "max_sequence_length",
+    "shift",
 ]
 
 
@@ -95,16 +100,17 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def lora_weights(path: Path) -> str | dict[str, torch.Tensor]:
+def lora_weights(path: Path, fold_alphas: bool = True) -> str | dict[str, torch.Tensor]:
     """What load_lora_weights gets: the file, or for kohya/A1111 files their tensors with each `.alpha` folded in.
 
-    diffusers 0.42 with transformers 5 drops the alphas of text-encoder (`lora_te_*`) modules (its
-    alpha keys keep a `text_model.` prefix the flattened CLIPTextModel no longer has), so those
+    diffusers 0.42 with transformers 5 drops the alphas of SD/SDXL text-encoder (`lora_te_*`) modules
+    (its alpha keys keep a `text_model.` prefix the flattened CLIPTextModel no longer has), so those
     modules would get the wrong scale. up * alpha/rank with no alpha is the same LoRA for every module.
+    The families whose converters read the alphas themselves (Flux's kohya, ...) get the file (`fold_alphas`).
     """
     from safetensors.torch import load_file
 
-    keys = safetensors_keys(path) if path.suffix == ".safetensors" else []
+    keys = safetensors_keys(path) if fold_alphas and path.suffix == ".safetensors" else []
     if not any(k.endswith(".alpha") for k in keys) or not any(".lora_down." in k for k in keys):
         return str(path)
     tensors = load_file(str(path))
@@ -122,6 +128,14 @@ def lora_weights(path: Path) -> str | dict[str, torch.Tensor]:
 
 
 LATENT_DECODE = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # pipelines whose VAE decode runs here
+
+# engine.quantize: diffusers' PipelineQuantizationConfig backend and its arguments, for the denoiser (CUDA only)
+QUANTIZE = {
+    "bnb-4bit": ("bitsandbytes_4bit", {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "compute"}),
+    "bnb-8bit": ("bitsandbytes_8bit", {"load_in_8bit": True}),
+    "torchao-int8": ("torchao", {"quant_type": "int8wo"}),
+}
+OFFLOAD = ("none", "model", "sequential")  # engine.offload: diffusers' enable_model_cpu_offload / enable_sequential_cpu_offload
 
 
 def decode_latents(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
@@ -243,8 +257,10 @@ class LoadedModel:
     """One model's pipeline and the per-seed-group switches made on it (scheduler, VAE, embeddings); a model switch drops it whole."""
 
     model_id: str
-    pipe: Any  # the diffusers pipeline (SD or SDXL)
+    pipe: Any  # the diffusers pipeline
+    family: Family  # runner/families.py: what the request fields mean for it
     variant: str  # the weight variant its weights came from ("fp16") or ""
+    quantization: str  # "" or how its denoiser's weights are stored ("gguf:Q8_0", "bnb-4bit"): blends then run unfused
     base_scheduler_config: Any  # each group's scheduler is built from the model's own config
     base_vae: Any  # the model's own VAE, put back for rows without `vae`
     scheduler_key: tuple | None = None  # (name, options) of the scheduler in the pipeline now
@@ -297,6 +313,8 @@ class LocalEngine:
         compile: bool = False,
         compile_mode: str | None = None,
         keep_adapters: bool = False,
+        offload: str = "none",
+        quantize: str = "none",
         **_: Any,
     ):
         self.registry = registry
@@ -321,6 +339,11 @@ class LocalEngine:
         # a server or a search keeps every adapter it loaded: its next request or trial likely uses it again
         # (a sweep drops each one after its last group)
         self.keep_adapters = bool(keep_adapters)
+        # cards that cannot hold a whole pipeline: components visit the GPU only while they run (CUDA only)
+        self.offload = str(offload or "none") if self.device.type == "cuda" else "none"
+        if self.offload != str(offload or "none"):
+            log.warning("engine.offload=%s needs a CUDA device; running without offload on %s", offload, self.device)
+        self.quantize = str(quantize or "none")
         self.loaded: LoadedModel | None = None
         self.adapters = Adapters()
         self._upscaler: Any = None  # the `upscaler:` pipeline, loaded by the first row that asks for it; kept across models
@@ -353,37 +376,85 @@ class LocalEngine:
             return
         self.close()
         source = self.models[model_id]
-        from diffusers import AutoPipelineForText2Image, StableDiffusionPipeline, StableDiffusionXLPipeline
+        family = FAMILIES[source.family]
+        import diffusers
 
-        log.info("loading model %s from %s", model_id, source.path)
+        pipeline_class = getattr(diffusers, family.pipeline)
+        log.info("loading model %s (%s) from %s", model_id, family.label, source.path)
         variant = None
         # SD 1.x folders may list a safety checker; sweeps never load one (the spec's safety_checker is recorded as not applied)
-        no_checker = {"safety_checker": None, "requires_safety_checker": False} if source.family == "sd" else {}
-        if source.kind == "single_file":
-            pipeline_class = StableDiffusionXLPipeline if source.family == "sdxl" else StableDiffusionPipeline
+        no_checker = {"safety_checker": None, "requires_safety_checker": False} if family.name == "sd" else {}
+        quantization = source.quantization or (self.quantize if self.quantize != "none" else "")
+        extra = no_checker | self._quantization_config(family)
+        if source.kind == "single_file":  # a whole SD/SDXL pipeline in one file
             pipe = pipeline_class.from_single_file(
                 str(source.path), config=str(source.config), local_files_only=True, torch_dtype=self.dtype, **no_checker
+            )
+        elif source.kind == "transformer_file":  # a DiT's transformer in one file; the other parts from `config:`
+            transformer = self._load_transformer_file(source.path, source.config, pipeline_class, family)
+            pipe = pipeline_class.from_pretrained(
+                str(source.config), transformer=transformer, torch_dtype=self.dtype, local_files_only=True
             )
         else:
             variant = source.variant
             if variant is None and self.dtype == torch.float16 and "fp16" in weight_variants(source.path):
                 variant = "fp16"  # half the bytes to read, and the weights the authors meant for float16
-            pipe = AutoPipelineForText2Image.from_pretrained(
-                str(source.path), torch_dtype=self.dtype, variant=variant, local_files_only=True, **no_checker
-            )
-        pipe.to(self.device)
+            pipe = pipeline_class.from_pretrained(str(source.path), torch_dtype=self.dtype, variant=variant, local_files_only=True, **extra)
+        self._place(pipe)
         pipe.set_progress_bar_config(disable=True)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # a sweep repeats the same shapes: pick the fastest convolutions once
-        if self.fast_path.channels_last:  # NHWC convolutions: cuDNN's fast layout for half precision
+        if self.fast_path.channels_last and family.denoiser == "unet":  # NHWC convolutions: cuDNN's fast layout for half precision
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
         self.loaded = LoadedModel(
-            model_id=model_id, pipe=pipe, variant=variant or "", base_scheduler_config=pipe.scheduler.config, base_vae=pipe.vae
+            model_id=model_id,
+            pipe=pipe,
+            family=family,
+            variant=variant or "",
+            quantization=quantization,
+            base_scheduler_config=pipe.scheduler.config,
+            base_vae=pipe.vae,
         )
-        self.adapters = Adapters(fuser=FusedBlends([pipe.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)]))
+        patched = [getattr(pipe, family.denoiser)] + [getattr(pipe, e.component, None) for e in family.text_encoders]
+        self.adapters = Adapters(fuser=FusedBlends(patched))
+        if quantization:
+            log.warning("model %s has quantized weights (%s): its LoRAs run unfused (fusing would not be exact)", model_id, quantization)
         if self.fast_path.compile:
             self._compile(pipe)
+
+    def _place(self, pipe: Any) -> None:
+        """The whole pipeline on the device, or (engine.offload) each component on it only while it runs:
+        `model` moves whole components (the text encoders leave the GPU once the prompt is encoded), `sequential`
+        single layers (slowest, least memory)."""
+        if self.offload == "model":
+            pipe.enable_model_cpu_offload(device=self.device)
+        elif self.offload == "sequential":
+            pipe.enable_sequential_cpu_offload(device=self.device)
+        else:
+            pipe.to(self.device)
+
+    def _quantization_config(self, family: Family) -> dict[str, Any]:
+        """engine.quantize for a diffusers folder: the denoiser loaded in 4/8 bit (bitsandbytes) or int8 (torchao)."""
+        if self.quantize == "none":
+            return {}
+        from diffusers.quantizers import PipelineQuantizationConfig
+
+        backend, kwargs = QUANTIZE[self.quantize]
+        kwargs = {k: (self.dtype if v == "compute" else v) for k, v in kwargs.items()}
+        config = PipelineQuantizationConfig(quant_backend=backend, quant_kwargs=kwargs, components_to_quantize=[family.denoiser])
+        return {"quantization_config": config}
+
+    def _load_transformer_file(self, path: Path, config: Path, pipeline_class: Any, family: Family) -> Any:
+        """A transformer from one .safetensors (original layout, converted by diffusers) or GGUF file (dequantized per layer)."""
+        import diffusers
+
+        component = json.loads((config / "model_index.json").read_text())[family.denoiser]
+        transformer_class = getattr(diffusers, component[1])
+        options: dict[str, Any] = {"config": str(config), "subfolder": family.denoiser, "local_files_only": True, "torch_dtype": self.dtype}
+        if path.suffix == ".gguf":
+            options["quantization_config"] = diffusers.GGUFQuantizationConfig(compute_dtype=self.dtype)
+        return transformer_class.from_single_file(str(path), **options)
 
     def _compile(self, pipe: Any) -> None:
         """torch.compile the UNet and the VAE decoder in place (the first call of each shape pays the warm-up).
@@ -395,14 +466,15 @@ class LocalEngine:
 
         inductor.conv_1x1_as_mm = True  # diffusers' guide; its coordinate-descent tuning is left off (minutes more warm-up)
         mode = self.fast_path.compile_mode
-        log.info("compiling the UNet and the VAE decoder (mode %s); the first batch of each size warms up", mode)
-        pipe.unet.compile(mode=mode, fullgraph=False)
+        denoiser = self.loaded.family.denoiser
+        log.info("compiling the %s and the VAE decoder (mode %s); the first batch of each size warms up", denoiser, mode)
+        getattr(pipe, denoiser).compile(mode=mode, fullgraph=False)
         pipe.vae.decoder.compile(mode=mode, fullgraph=False)
 
     def _config_root(self) -> Path:
         """The diffusers folder the loaded model's configs come from."""
         source = self.models[self.loaded.model_id]
-        return source.config if source.kind == "single_file" else source.path
+        return source.config if source.kind in ("single_file", "transformer_file") else source.path
 
     def _set_vae(self, vae_id: str | None) -> None:
         """The request's `vae`: a separate AutoencoderKL, loaded once, swapped in for the model's own."""
@@ -509,10 +581,11 @@ class LocalEngine:
         for lora_id in sorted(lora_ids - adapters.loaded):
             lora = self.loras[lora_id]
             log.info("loading LoRA %s from %s", lora_id, lora.path)
-            self.pipe.load_lora_weights(lora_weights(lora.path), adapter_name=lora_id)
+            self.pipe.load_lora_weights(lora_weights(lora.path, self.loaded.family.fold_lora_alphas), adapter_name=lora_id)
             adapters.loaded.add(lora_id)
             adapters.fuser.adapters_changed()
-            if lora_id in getattr(getattr(self.pipe, "text_encoder", None), "peft_config", {}):
+            encoders = [getattr(self.pipe, e.component, None) for e in self.loaded.family.text_encoders]
+            if any(lora_id in getattr(encoder, "peft_config", {}) for encoder in encoders):
                 adapters.in_text_encoder.add(lora_id)
 
     def prepare(self, plan: pd.DataFrame) -> None:
@@ -553,7 +626,8 @@ class LocalEngine:
         strengths = split_strengths(lora_strength)
         if names:
             self._load_adapters(set(names))
-        if names and self.fast_path.fuse_loras and adapters.fuser.can_fuse(names):
+        exact = self.loaded.family.fuse and not self.loaded.quantization  # quantized weights cannot hold a blend exactly
+        if names and self.fast_path.fuse_loras and exact and adapters.fuser.can_fuse(names):
             self.pipe.disable_lora()  # peft's adapter path off: the fused base weights carry the blend
             adapters.fuser.apply(names, strengths)
             adapters.mode = "fused"
@@ -569,12 +643,12 @@ class LocalEngine:
             adapters.mode = "none"
         adapters.blend = key
 
-    def _set_scheduler(self, name: str, options: dict[str, Any]) -> None:
+    def _set_scheduler(self, name: str, options: dict[str, Any], shift: float | None) -> None:
         model = self.loaded
-        key = (name, tuple(sorted(options.items())))
+        key = (name, tuple(sorted(options.items())), shift)
         if key == model.scheduler_key:
             return
-        model.pipe.scheduler = load_scheduler(name, model.base_scheduler_config, options)
+        model.pipe.scheduler = load_scheduler(name, model.base_scheduler_config, options, flow=model.family.flow_matching, shift=shift)
         model.scheduler_key = key
 
     def _prompt_embeddings(self, group: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -679,7 +753,9 @@ class LocalEngine:
             self._load_model(group["model_id"])
             self._set_adapters(group["lora_model"], group["lora_strength"])
             self._set_scheduler(
-                group["scheduler_used"], {"use_karras_sigmas": group["use_karras_sigmas"], "algorithm_type": group["algorithm_type"]}
+                group["scheduler_used"],
+                {"use_karras_sigmas": group["use_karras_sigmas"], "algorithm_type": group["algorithm_type"]},
+                optional(group.get("shift")),
             )
             self._set_vae(optional(group.get("vae")))
             self._set_inversions(optional(group.get("embeddings_model")))
@@ -725,6 +801,9 @@ class LocalEngine:
             "variant": self.loaded.variant,
             "pipeline": type(self._pipeline(group.get("pipeline_used", "text2img"))).__name__,
             "lora_mode": self.adapters.mode,  # fused | unfused | none
+            "family": self.loaded.family.name,
+            **({"quantization": self.loaded.quantization} if self.loaded.quantization else {}),
+            **({"offload": self.offload} if self.offload != "none" else {}),
         }
 
     def _finish_all(self, items: list[Launched | ImageResult]) -> Iterator[ImageResult]:
@@ -776,13 +855,15 @@ class LocalEngine:
         """One call of the pipeline for these seeds -> (uint8 pixels N x H x W x 3 on the device, finite flag per image)."""
         n = len(seeds)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        family = self.loaded.family
         kwargs: dict[str, Any] = {
             "width": int(group["width"]),
             "height": int(group["height"]),
             "num_inference_steps": int(group["num_inference_steps"]),
-            "guidance_scale": float(group["guidance_scale"]),
             "generator": generators,
         }
+        if family.guidance != "none":
+            kwargs["guidance_scale"] = float(group["guidance_scale"])
         embeddings = self._prompt_embeddings(group)
         if embeddings is not None:
             positive, negative = embeddings
@@ -790,9 +871,15 @@ class LocalEngine:
             kwargs["negative_prompt_embeds"] = negative.repeat(n, 1, 1)
         else:
             kwargs["prompt"] = [group["prompt"]] * n
-            kwargs["negative_prompt"] = [group["negative_prompt"]] * n
-            if int(group["clip_skip"]) > 1:
+            if family.negative_prompt:  # "" is a negative too: Qwen-Image's default true_cfg_scale runs CFG against it
+                kwargs["negative_prompt"] = [group["negative_prompt"] or ""] * n
+            if family.clip_skip and int(group["clip_skip"]) > 1:
                 kwargs["clip_skip"] = int(group["clip_skip"]) - 1
+        # the flow families' own fields, where set (validation refused them on families without them)
+        if (true_cfg := optional(group.get("true_cfg_scale"))) is not None:
+            kwargs["true_cfg_scale"] = float(true_cfg)
+        if (length := optional(group.get("max_sequence_length"))) is not None:
+            kwargs["max_sequence_length"] = int(length)
         mode = group.get("pipeline_used", "text2img")
         pipe = self._pipeline(mode)
         upscale = bool(group.get("upscale") and self.registry.upscaler is not None)
@@ -832,6 +919,8 @@ class LocalEngine:
             "channels_last": str(self.fast_path.channels_last).lower(),
             "compile": str(self.fast_path.compile).lower(),
             "batch_size": "auto" if self.batches.auto else str(self.batches.size),
+            "offload": self.offload,
+            "quantize": self.quantize,
         }
 
     def close(self) -> None:

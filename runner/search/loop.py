@@ -23,7 +23,7 @@ from runner.errors import UserError
 from runner.plan import with_ids
 from runner.prepare import PreparedSweep, check_rows, registry_entries
 from runner.registry import HashCache
-from runner.search.prepare import build_requests, images_per_trial, plain, prepare_search_or_fail, search_grid
+from runner.search.prepare import build_requests, images_per_trial, plain, prepare_search_or_fail, search_given, search_grid
 from runner.search.record import write_search_files
 from runner.search.spec import GivenTrial, SearchSpec, budget_grid, grid_settings, trial_params, trial_request
 from runner.sweep import Summary, SweepSession
@@ -227,7 +227,8 @@ class Search:
             self.announce(study, record)
 
     def check(self, plans: list[pd.DataFrame]):
-        return check_rows(pd.concat(plans, ignore_index=True), self.cfg, self.caps, self.entries, self.hash_cache)
+        given = search_given(self.cfg, self.spec)
+        return check_rows(pd.concat(plans, ignore_index=True), self.cfg, self.caps, self.entries, self.hash_cache, given=given)
 
     def make_and_judge(self, trials: list[tuple[int, Any]], label: str = "trial") -> list[TrialResult]:
         """Rows for each trial, one engine workload for all of them, their scores, and each trial's objective."""

@@ -11,7 +11,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from runner.errors import UserError
-from runner.plan import PlanError, build_plan
+from runner.plan import PlanError, build_plan, given_fields
 from runner.prepare import (
     PreparedSweep,
     check_rows,
@@ -36,6 +36,11 @@ def plain(node: Any) -> dict[str, Any]:
 def search_grid(cfg: DictConfig, spec: SearchSpec) -> dict[str, Any]:
     """The grid every trial is expanded over: the sweep's own axes (prompts...) and the search's seeds."""
     return {**plain(cfg.sweep.grid), "seed": list(spec.seeds)}
+
+
+def search_given(cfg: DictConfig, spec: SearchSpec) -> frozenset[str]:
+    """The fields a search sets (its base, its grid, its space); the others take the model family's defaults."""
+    return given_fields(plain(cfg.sweep.base), search_grid(cfg, spec)) | given_fields({p.name: None for p in spec.params}, {})
 
 
 def build_requests(cfg: DictConfig, spec: SearchSpec, requests: list[dict[str, Any]]) -> tuple[list[pd.DataFrame], list[list[str]]]:
@@ -82,7 +87,7 @@ def prepare_search(cfg: DictConfig) -> tuple[PreparedSweep, SearchSpec | None]:
     built = [plan for plan, found in zip(plans, plan_problems) if not found and not plan.empty]
     if not built:
         return PreparedSweep(name, empty, None, None, _in_search_terms(lines, spec)), spec
-    rows = check_rows(pd.concat(built, ignore_index=True), cfg, caps, registry_entries(cfg))
+    rows = check_rows(pd.concat(built, ignore_index=True), cfg, caps, registry_entries(cfg), given=search_given(cfg, spec))
     scorers, score_problems = score_entries(cfg)
     engine_problems = engine_setting_problems(cfg) if caps.kind == "local" else remote_setting_problems(cfg)
     problems = _in_search_terms(lines + rows.problems, spec) + score_problems + engine_problems
