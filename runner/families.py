@@ -292,7 +292,6 @@ CHECKPOINTS = (
     ("double_blocks.0.img_attn.qkv.weight", "flux", "black-forest-labs/FLUX.1-dev"),
     ("model.diffusion_model.double_blocks.0.img_attn.qkv.weight", "flux", "black-forest-labs/FLUX.1-dev"),
     ("txt_in.weight", "qwen-image", "Qwen/Qwen-Image"),
-    ("model.diffusion_model.txt_in.weight", "qwen-image", "Qwen/Qwen-Image"),
     ("noise_refiner.", "z-image", "Tongyi-MAI/Z-Image-Turbo"),
     ("model.diffusion_model.noise_refiner.", "z-image", "Tongyi-MAI/Z-Image-Turbo"),
 )

@@ -54,7 +54,7 @@ GENERATORS: tuple[str, ...] = tuple(n for n in SPEC_SCHEDULERS if n not in NOT_G
 
 # The flow-matching families (Flux, SD3, Qwen-Image, ...) take their own samplers, and the spec's multistep solvers
 # with flow sigmas (diffusers' use_flow_sigmas, prediction_type flow_prediction); the other spec names map or are refused.
-FLOW_SCHEDULERS: tuple[str, ...] = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+FLOW_SCHEDULERS: tuple[str, ...] = ("FlowMatchEulerDiscreteScheduler",)
 FLOW_SIGMA_SCHEDULERS: tuple[str, ...] = (
     "DPMSolverMultistepScheduler",
     "DPMSolverSinglestepScheduler",
@@ -62,7 +62,11 @@ FLOW_SIGMA_SCHEDULERS: tuple[str, ...] = (
     "DEISMultistepScheduler",
 )
 FLOW_GENERATORS: tuple[str, ...] = FLOW_SCHEDULERS + FLOW_SIGMA_SCHEDULERS
-FLOW_EQUIVALENTS = {"EulerDiscreteScheduler": "FlowMatchEulerDiscreteScheduler", "HeunDiscreteScheduler": "FlowMatchHeunDiscreteScheduler"}
+FLOW_EQUIVALENTS = {"EulerDiscreteScheduler": "FlowMatchEulerDiscreteScheduler"}
+# flow samplers diffusers has that its text-to-image pipelines cannot drive (they pass custom sigmas to set_timesteps)
+FLOW_UNRUNNABLE = {
+    "FlowMatchHeunDiscreteScheduler": "takes no custom sigmas, which diffusers 0.42's flow pipelines pass to set_timesteps",
+}
 
 # Scheduler options of the request that only some schedulers have (set where the config has the key).
 OPTION_FIELDS = {"use_karras_sigmas": "use_karras_sigmas", "algorithm_type": "algorithm_type"}
@@ -98,18 +102,19 @@ def choose(name: str, substitute: bool, flow: bool = False, family: str = "") ->
     if name in GENERATORS:
         return SchedulerChoice(name, name), ""
     hint = did_you_mean(name, SPEC_SCHEDULERS + FLOW_SCHEDULERS)
-    return None, f"unknown scheduler '{name}'; {hint or 'use one of ' + ', '.join(GENERATORS)}"
+    return None, f"unknown scheduler '{name}'; {hint or 'use one of ' + ', '.join(GENERATORS)}"  # noqa: E501
 
 
 FLOW_TAKES = (
-    "FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, "
-    "or DPMSolverMultistep/DPMSolverSinglestep/UniPCMultistep/DEISMultistepScheduler with flow sigmas"
+    "FlowMatchEulerDiscreteScheduler, or DPMSolverMultistep/DPMSolverSinglestep/UniPCMultistep/DEISMultistepScheduler with flow sigmas"
 )
 
 
 def _choose_flow(name: str, substitute: bool, family: str) -> tuple[SchedulerChoice | None, str]:
     if name in FLOW_GENERATORS:
         return SchedulerChoice(name, name), ""
+    if name in FLOW_UNRUNNABLE:
+        return None, f"{name} {FLOW_UNRUNNABLE[name]}; use {FLOW_TAKES}"
     target = FLOW_EQUIVALENTS.get(name)
     if target and substitute:
         return SchedulerChoice(name, target, f"{name} on {family} models (flow-matching) ran {target}"), ""

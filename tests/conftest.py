@@ -88,3 +88,14 @@ def sdxl_dir(tmp_path_factory) -> Path:
         str(root / "xl_emb.safetensors"),
     )
     return root
+
+
+@pytest.fixture(scope="session")
+def family_world(tmp_path_factory):
+    """Tiny models of every family (runner/families.py) with two LoRAs each, built on first use (tests/family_world.py)."""
+    import torch
+
+    from family_world import FamilyWorld
+
+    torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and two xdist workers share the cores
+    return FamilyWorld(tmp_path_factory.mktemp("family-world"))

@@ -29,6 +29,18 @@ def lora_layers(models: Iterable[nn.Module]) -> list[nn.Module]:
     return [m for model in models if model is not None for m in model.modules() if isinstance(m, LoraLayer)]
 
 
+def plain_float(module: nn.Module) -> bool:
+    """A Linear or Conv2d holding float weights: quantized ones (GGUF's GGUFLinear subclasses nn.Linear, bitsandbytes'
+    Linear4bit too) store packed bytes a delta cannot be added to."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module) in (nn.Linear, nn.Conv2d)
+        and isinstance(weight, torch.Tensor)
+        and weight.is_floating_point()
+        and not hasattr(weight, "quant_type")
+    )
+
+
 def unit_scale(layer: nn.Module, name: str) -> float:
     """peft's scale of an adapter at strength 1 (alpha / r, or alpha / sqrt(r) with rsLoRA)."""
     r, alpha = layer.r[name], layer.lora_alpha[name]
@@ -83,7 +95,7 @@ class FusedBlends:
                 if name in layer.lora_A and (
                     layer.use_dora.get(name, False)
                     or getattr(layer, "lora_bias", {}).get(name, False)
-                    or not isinstance(layer.get_base_layer(), (nn.Linear, nn.Conv2d))
+                    or not plain_float(layer.get_base_layer())
                 ):
                     return False
         return True

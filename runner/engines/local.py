@@ -161,6 +161,25 @@ def decode_latents(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
     return image
 
 
+@contextlib.contextmanager
+def library_warnings() -> Iterator[list[str]]:
+    """diffusers' warnings while a LoRA loads, kept instead of printed: keys it could not place mean a LoRA dropped in part."""
+    logger = logging.getLogger("diffusers")
+    saved = (logger.level, logger.handlers[:], logger.propagate)
+    said: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    logger.handlers, logger.propagate = [Keep()], False
+    logger.setLevel(logging.WARNING)
+    try:
+        yield said
+    finally:
+        logger.level, logger.handlers, logger.propagate = saved[0], saved[1], saved[2]
+
+
 def to_pixels(decoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[-1, 1] NCHW -> (uint8 NHWC, finite flag per image) on the device.
 
@@ -581,11 +600,20 @@ class LocalEngine:
         for lora_id in sorted(lora_ids - adapters.loaded):
             lora = self.loras[lora_id]
             log.info("loading LoRA %s from %s", lora_id, lora.path)
-            self.pipe.load_lora_weights(lora_weights(lora.path, self.loaded.family.fold_lora_alphas), adapter_name=lora_id)
+            family = self.loaded.family
+            with library_warnings() as said:
+                self.pipe.load_lora_weights(lora_weights(lora.path, family.fold_lora_alphas), adapter_name=lora_id)
+            encoders = [getattr(self.pipe, e.component, None) for e in family.text_encoders]
+            patched = [m for m in [getattr(self.pipe, family.denoiser), *encoders] if lora_id in getattr(m, "peft_config", {})]
+            unplaced = [line for line in said if "unexpected keys" in line.lower()]
+            if not patched or unplaced:  # diffusers only warns: the LoRA, or part of it, would be silently dropped
+                if patched:
+                    self.pipe.delete_adapters([lora_id])
+                detail = unplaced[0].splitlines()[0][:300] if unplaced else f"none of its keys name {family.label} layers"
+                raise ValueError(f"LoRA {lora_id} ({lora.path.name}) does not fit this {family.label} model: {detail}")
             adapters.loaded.add(lora_id)
             adapters.fuser.adapters_changed()
-            encoders = [getattr(self.pipe, e.component, None) for e in self.loaded.family.text_encoders]
-            if any(lora_id in getattr(encoder, "peft_config", {}) for encoder in encoders):
+            if any(encoder in patched for encoder in encoders):
                 adapters.in_text_encoder.add(lora_id)
 
     def prepare(self, plan: pd.DataFrame) -> None:
