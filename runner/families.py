@@ -288,6 +288,8 @@ CHECKPOINTS = (
     ("conditioner.embedders.1.model.", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0"),
     ("cond_stage_model.model.", "sd", "stabilityai/stable-diffusion-2-1"),
     ("cond_stage_model.transformer.", "sd", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+    ("joint_blocks.", "sd3", "stabilityai/stable-diffusion-3.5-large"),
+    ("model.diffusion_model.joint_blocks.", "sd3", "stabilityai/stable-diffusion-3.5-large"),
     ("distilled_guidance_layer.", "chroma", "lodestones/Chroma"),
     ("double_blocks.0.img_attn.qkv.weight", "flux", "black-forest-labs/FLUX.1-dev"),
     ("model.diffusion_model.double_blocks.0.img_attn.qkv.weight", "flux", "black-forest-labs/FLUX.1-dev"),

@@ -94,7 +94,6 @@ def sdxl_dir(tmp_path_factory) -> Path:
 def family_world(tmp_path_factory):
     """Tiny models of every family (runner/families.py) with two LoRAs each, built on first use (tests/family_world.py)."""
     import torch
-
     from family_world import FamilyWorld
 
     torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and two xdist workers share the cores

@@ -161,6 +161,25 @@ def decode_latents(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
     return image
 
 
+def dequantize_stray_gguf(model: torch.nn.Module, dtype: torch.dtype) -> list[str]:
+    """GGUF tensors that diffusers leaves as packed bytes outside its GGUFLinear layers, dequantized once.
+
+    diffusers 0.42 keeps every tensor not stored F32/F16 (BF16 too) as raw bytes and decodes them only in linear
+    layers: a BF16 `x_pad_token` of a Z-Image GGUF would reach the forward as uint8 bytes and fail.
+    """
+    from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter, dequantize_gguf_tensor
+
+    fixed = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, GGUFLinear):
+            continue
+        for name, param in list(module._parameters.items()):
+            if isinstance(param, GGUFParameter):
+                module._parameters[name] = torch.nn.Parameter(dequantize_gguf_tensor(param).to(dtype), requires_grad=False)
+                fixed.append(f"{module_name}.{name}".lstrip("."))
+    return fixed
+
+
 @contextlib.contextmanager
 def library_warnings() -> Iterator[list[str]]:
     """diffusers' warnings while a LoRA loads, kept instead of printed: keys it could not place mean a LoRA dropped in part."""
@@ -471,9 +490,13 @@ class LocalEngine:
         component = json.loads((config / "model_index.json").read_text())[family.denoiser]
         transformer_class = getattr(diffusers, component[1])
         options: dict[str, Any] = {"config": str(config), "subfolder": family.denoiser, "local_files_only": True, "torch_dtype": self.dtype}
-        if path.suffix == ".gguf":
-            options["quantization_config"] = diffusers.GGUFQuantizationConfig(compute_dtype=self.dtype)
-        return transformer_class.from_single_file(str(path), **options)
+        if path.suffix != ".gguf":
+            return transformer_class.from_single_file(str(path), **options)
+        options["quantization_config"] = diffusers.GGUFQuantizationConfig(compute_dtype=self.dtype)
+        transformer = transformer_class.from_single_file(str(path), **options)
+        if stray := dequantize_stray_gguf(transformer, self.dtype):
+            log.info("GGUF tensors outside linear layers dequantized once: %s", ", ".join(stray))
+        return transformer
 
     def _compile(self, pipe: Any) -> None:
         """torch.compile the UNet and the VAE decoder in place (the first call of each shape pays the warm-up).
