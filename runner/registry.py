@@ -358,7 +358,9 @@ def _resolve_checkpoint(
         family, default_repo = checkpoint_family(path)
         quantization = gguf_quantization(path) if path.suffix == ".gguf" else ""
     except (OSError, ValueError) as exc:
-        return None, Problem(f"{where}.source", f"{path.name} cannot be read as a checkpoint ({exc})", "re-download the checkpoint")
+        return None, Problem(
+            f"{where}.source", f"{path.name} cannot be read as a checkpoint: {exc}", "use a checkpoint of a family README lists"
+        )
     repo = config or default_repo
     if repo is None:
         return None, Problem(
