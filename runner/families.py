@@ -323,6 +323,26 @@ LORA_MARKERS = (
 )
 SDXL_LORA_MARKERS = ("lora_te2_", "text_encoder_2.", "te2.")  # SD LoRA keys for SDXL's second text encoder
 
+FLUX_LIKE = ("flux", "flux-schnell", "chroma")
+# LoRA keys diffusers 0.42's loaders drop without an error (the rest of the LoRA applies): the plan says so.
+# (families, key fragments, what is dropped)
+DROPPED_LORA_KEYS = (
+    (
+        FLUX_LIKE,
+        (
+            "lora_unet_img_in",
+            "lora_unet_txt_in",
+            "lora_unet_time_in",
+            "lora_unet_vector_in",
+            "lora_unet_guidance_in",
+            "lora_unet_final_layer",
+        ),
+        "its input, embedding and final layers (kohya lora_unet_img_in/txt_in/time_in/vector_in/guidance_in/final_layer)",
+    ),
+    (FLUX_LIKE, ("lora_te2_",), "its T5 text-encoder layers (lora_te2_)"),
+    (FLUX_LIKE, ("dora_scale",), "its DoRA magnitudes (dora_scale): it runs as a plain LoRA"),
+)
+
 RUNNABLE = tuple(FAMILIES)  # every family of the table runs on the local engine
 
 

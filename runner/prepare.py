@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from runner.engines.base import Capabilities
 from runner.engines.factory import capabilities
 from runner.errors import Problem, UserError
-from runner.families import label
+from runner.families import DROPPED_LORA_KEYS, label
 from runner.plan import Identity, PlanError, build_plan, given_fields, shadowed_base_fields, summarize, with_ids
 from runner.registry import (
     CROSS_ATTENTION_WIDTHS,
@@ -26,6 +26,7 @@ from runner.registry import (
     lora_fit,
     model_cross_attention_width,
     resolve_all,
+    safetensors_keys,
 )
 from runner.request import FIELDS, Limits, split_loras
 from runner.scores import ScoreProblem, requested_scorers
@@ -189,6 +190,24 @@ def prompt_warnings(plan: pd.DataFrame) -> list[str]:
     return lines
 
 
+def dropped_lora_warnings(plan: pd.DataFrame, registry: Registry) -> list[str]:
+    """Lines for LoRA weights diffusers drops without an error on a model's family (DROPPED_LORA_KEYS): never silently."""
+    blends = plan[["model_id", "lora_model"]].drop_duplicates()
+    pairs = {(m, lora) for m, blend in zip(blends["model_id"], blends["lora_model"]) for lora in split_loras(blend)}
+    lines = []
+    for model_id, lora_id in sorted(pairs):
+        model, lora = registry.models.get(model_id), registry.loras.get(lora_id)
+        if model is None or lora is None or lora.path.suffix != ".safetensors" or not lora.path.exists():
+            continue
+        keys = safetensors_keys(lora.path)
+        for families, fragments, what in DROPPED_LORA_KEYS:
+            if model.family in families and any(f in k for k in keys for f in fragments):
+                lines.append(
+                    f"loras.{lora_id}: diffusers drops {what} on {label(model.family)} models ('{model_id}'); the rest of the LoRA applies"
+                )
+    return lines
+
+
 def wanted_files(plan: pd.DataFrame) -> dict[str, set[str]]:
     """Registry name -> the ids the plan names."""
 
@@ -294,7 +313,8 @@ def check_rows(
         given=given,
     )
     problems = [str(p) for p in registry.problems] + problems_fit + checked.problems
-    return CheckedRows(checked.plan, registry, identity, problems, checked.warnings, duplicates)
+    warnings = checked.warnings + (dropped_lora_warnings(plan, registry) if caps.kind == "local" else [])
+    return CheckedRows(checked.plan, registry, identity, problems, warnings, duplicates)
 
 
 def prepare_request(raw: dict[str, Any], cfg: DictConfig, hashes: HashCache | None = None) -> CheckedRows | list[str]:

@@ -262,3 +262,26 @@ def test_the_flow_fields_change_the_pixels_and_enter_the_ids_only_when_set(famil
     assert image_id(unset, prepared.identity) == first["id"]  # as if the fields did not exist: earlier sweeps keep their ids
     shifted = prepared.plan.iloc[2].to_dict()
     assert image_id({**shifted, "shift": None}, prepared.identity) != shifted["id"]
+
+
+def test_lora_weights_diffusers_drops_without_an_error_are_said_in_the_plan(family_world, workspace, tmp_path):
+    """kohya Flux files' img_in/final_layer and T5 (lora_te2_) weights are dropped by diffusers' converter: said once."""
+    from safetensors.numpy import save_file
+
+    names = [
+        "lora_unet_double_blocks_0_img_attn_qkv",
+        "lora_unet_img_in",
+        "lora_unet_final_layer_linear",
+        "lora_te2_encoder_block_0_layer_0_SelfAttention_q",
+    ]
+    tensors = {f"{n}.{part}.weight": np.zeros((2, 2), dtype=np.float32) for n in names for part in ("lora_down", "lora_up")}
+    save_file(tensors, str(tmp_path / "kohya.safetensors"))
+    model = family_world.get("flux")
+    kohya = f"+loras.k={{source: '{tmp_path / 'kohya.safetensors'}'}}"
+    prepared = prepare_sweep(plain_config(workspace, model, kohya, "+sweep.grid.lora_model=[k]"))
+    assert prepared.ok, prepared.problems
+    assert [w for w in prepared.warnings if w.startswith("loras.k:")] == [
+        "loras.k: diffusers drops its input, embedding and final layers (kohya lora_unet_img_in/txt_in/time_in/vector_in/guidance_in/"
+        "final_layer) on Flux.1 models ('m'); the rest of the LoRA applies",
+        "loras.k: diffusers drops its T5 text-encoder layers (lora_te2_) on Flux.1 models ('m'); the rest of the LoRA applies",
+    ]
