@@ -217,9 +217,15 @@ def wanted_files(plan: pd.DataFrame) -> dict[str, set[str]]:
     return {"models": names("model_id"), "loras": names("lora_model"), "vaes": names("vae"), "embeddings": names("embeddings_model")}
 
 
+def local_limits(cfg: DictConfig) -> Limits:
+    """The API's limits, widened where local models go beyond them: guidance_scale from 0 (distilled models run
+    without CFG: Z-Image Turbo at 0), sides up to 2048 (SDXL's 832x1216, Flux's 2 megapixels)."""
+    return Limits(max_lora_strength=float(cfg.validation.max_lora_strength), min_guidance=0.0, max_size=2048)
+
+
 def engine_and_limits(cfg: DictConfig) -> tuple[Capabilities | None, Limits, list[str]]:
     """The engine's capabilities and the request limits a sweep or search is checked against, or why they cannot be had."""
-    limits = Limits(max_lora_strength=float(cfg.validation.max_lora_strength))
+    limits = local_limits(cfg) if cfg.engine.kind == "local" else Limits(max_lora_strength=float(cfg.validation.max_lora_strength))
     try:
         caps = capabilities(cfg.engine.kind)
     except KeyError:
@@ -323,7 +329,7 @@ def prepare_request(raw: dict[str, Any], cfg: DictConfig, hashes: HashCache | No
     `serve` calls this for every request: the same parsing, limits, registry and validation as a
     sweep's plan, so the server and the CLI refuse the same things with the same words.
     """
-    limits = Limits(max_lora_strength=float(cfg.validation.max_lora_strength))
+    limits = local_limits(cfg)
     try:
         built = build_plan(raw, {}, default_model_id=cfg.model.id, limits=limits)
     except PlanError as exc:

@@ -69,8 +69,11 @@ def validate_plan(
         row = {k: _native(v) for k, v in plan.iloc[int(first)][keys].items()}
         row_notes: list[str] = []
         row_problems: list[Problem] = []
-        family = FAMILIES[(families or {}).get(row["model_id"], "sd")] if local else None
-        if family is not None:
+        family_name = (families or {}).get(row["model_id"])
+        family = FAMILIES[family_name] if local and family_name else None
+        if local and family is None:  # an unresolved model (its own line says why): no family to check against
+            choice, error = SchedulerChoice(row["scheduler"], row["scheduler"]), ""
+        elif family is not None:
             choice, error = choose(row["scheduler"], substitute_schedulers, flow=family.flow_matching, family=family.label)
             row_problems += family_row_problems(row, family)
         elif row["scheduler"] in caps.schedulers:
@@ -103,6 +106,8 @@ def validate_plan(
             if family.guidance == "none" and "guidance_scale" in given:
                 cfg = " (its CFG is true_cfg_scale)" if family.true_cfg else ""
                 not_applied["guidance_scale"] = f"{family.label} models have no guidance input{cfg}"
+        elif local:
+            group_pipelines.append("text2img")
         for name, why in not_applied.items():
             if row.get(name) not in (None, False, "", 0):
                 note = f"{name} not applied: {why}"

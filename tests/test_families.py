@@ -285,3 +285,37 @@ def test_lora_weights_diffusers_drops_without_an_error_are_said_in_the_plan(fami
         "final_layer) on Flux.1 models ('m'); the rest of the LoRA applies",
         "loras.k: diffusers drops its T5 text-encoder layers (lora_te2_) on Flux.1 models ('m'); the rest of the LoRA applies",
     ]
+
+
+# sweeps/ for real models, with their conf/model files: (model config, family, model ids, LoRA ids -> a tiny LoRA)
+EXAMPLES = {
+    "flux-dev-strengths": ("flux-dev", "flux", ["flux-dev", "flux-dev-q8", "flux-dev-file"], {"my-style": "a", "my-style-e8": "b"}),
+    "qwen-image-blend": ("qwen-image", "qwen-image", ["qwen-image", "qwen-image-q8"], {"lightning": "a", "my-char": "b"}),
+    "z-image-turbo": ("z-image", "z-image", ["z-image-turbo"], {"my-style": "a"}),
+}
+
+
+@pytest.mark.parametrize("sweep", sorted(EXAMPLES))
+def test_the_example_sweeps_for_real_models_are_valid_for_their_family(sweep, family_world, workspace):
+    """With the real files missing, only the missing files are said; with the tiny model of the family in their place,
+    the plan is clean (the example's fields, sizes and scheduler fit the family)."""
+    model_config, family, model_ids, loras = EXAMPLES[sweep]
+    missing = prepare_sweep(workspace.config(f"model={model_config}", f"sweep={sweep}"))
+    assert missing.problems and all("does not exist" in p or "not in the local Hugging Face cache" in p for p in missing.problems)
+    tiny = family_world.get(family)
+    swaps = [f"models.{m}={{source: '{tiny.folder}'}}" for m in model_ids]
+    swaps += [f"loras.{name}.source={tiny.loras[lora]}" for name, lora in loras.items()]
+    prepared = prepare_sweep(workspace.config(f"model={model_config}", f"sweep={sweep}", "tracking=none", *swaps))
+    assert prepared.ok, prepared.problems
+    assert prepared.registry.models[model_ids[0]].family == family
+
+
+def test_the_illustrious_example_is_valid_for_an_sdxl_single_file(sdxl_dir, workspace):
+    swaps = [
+        f"models.illustrious={{source: '{sdxl_dir / 'tiny-xl.safetensors'}', config: '{sdxl_dir / 'tiny-xl'}'}}",
+        f"loras.char-a.source={sdxl_dir / 'xl_lora.safetensors'}",
+        f"loras.detail.source={sdxl_dir / 'xl_te2_only.safetensors'}",
+    ]
+    prepared = prepare_sweep(workspace.config("model=illustrious", "sweep=illustrious-loras", "tracking=none", *swaps))
+    assert prepared.ok, prepared.problems
+    assert prepared.registry.models["illustrious"].family == "sdxl"

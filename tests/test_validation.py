@@ -45,7 +45,7 @@ BAD_REQUESTS = [
     (["sweep.base.width=100"], "width: 100 must be a multiple of 8"),
     (["sweep.base.height=2048"], "height: 2048 must be a multiple of 8 in 8..1024"),
     (["sweep.base.samples=5"], "samples: 5 is outside 1..4"),
-    (["sweep.base.guidance_scale=25"], "guidance_scale: 25 is outside 1..20"),
+    (["sweep.base.guidance_scale=25"], "guidance_scale: 25 is outside 0..20"),
     (["sweep.base.clip_skip=9"], "clip_skip: 9 is outside 1..8"),
     (["sweep.grid.scheduler=[EulerDiscrete]"], "did you mean 'EulerDiscreteScheduler'"),
     (["sweep.grid.scheduler=[DDIMInverseScheduler]"], "scheduler: DDIMInverseScheduler inverts an image"),
@@ -172,7 +172,7 @@ def test_workers_without_ray_installed_is_one_line_with_the_install_command(work
 
 
 def test_every_problem_is_reported_at_once(workspace, small_sweep):
-    lines = refused(workspace, small_sweep, "sweep.base.width=100", "sweep.base.clip_skip=0", "sweep.base.guidance_scale=0.5")
+    lines = refused(workspace, small_sweep, "sweep.base.width=100", "sweep.base.clip_skip=0", "sweep.base.guidance_scale=25")
     assert [line.split(":")[0] for line in lines] == ["width", "guidance_scale", "clip_skip"]
 
 
@@ -266,7 +266,7 @@ def check_refused_by_cli(ws, command, *overrides, lines):
 
 
 def test_plan_exits_2_with_one_error_line_per_problem(workspace, small_sweep):
-    overrides = ["sweep.base.width=100", "sweep.base.clip_skip=0", "sweep.base.guidance_scale=0.5"]
+    overrides = ["sweep.base.width=100", "sweep.base.clip_skip=0", "sweep.base.guidance_scale=25"]
     lines = refused(workspace, small_sweep, *overrides)
     assert len(lines) == 3
     check_refused_by_cli(workspace, "plan", f"sweep={small_sweep}", *overrides, lines=lines)
