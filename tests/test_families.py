@@ -319,3 +319,20 @@ def test_the_illustrious_example_is_valid_for_an_sdxl_single_file(sdxl_dir, work
     prepared = prepare_sweep(workspace.config("model=illustrious", "sweep=illustrious-loras", "tracking=none", *swaps))
     assert prepared.ok, prepared.problems
     assert prepared.registry.models["illustrious"].family == "sdxl"
+
+
+@pytest.mark.parametrize("family", ["qwen-image", "z-image", "flux2"])
+def test_a_lora_with_the_diffusion_model_prefix_runs_as_its_diffusers_twin(family, family_world, workspace, tmp_path):
+    """ComfyUI / musubi-style keys (`diffusion_model.<module>.lora_A`), converted by the family's loader: the same pixels."""
+    from safetensors.torch import load_file, save_file
+
+    model = family_world.get(family)
+    twin = tmp_path / "comfy.safetensors"
+    save_file({"diffusion_model." + k.removeprefix("transformer."): v for k, v in load_file(str(model.loras["b"])).items()}, str(twin))
+    path = workspace.sweep("twins", {**SWEEP, "grid": {"lora_model": ["b", "comfy"], "seed": [1]}})
+    workspace.run(
+        f"sweep={path}", "sweep.name=twins", "tracking=none", *model.overrides, f"+loras.comfy={{source: '{twin}'}}"
+    ).assert_all_ok()
+    rows, pixels = sweep_images(workspace.outputs, "twins")
+    first, second = (pixels(rows.loc[rows["lora_model"] == name, "id"].item()) for name in ("b", "comfy"))
+    assert np.array_equal(first, second)
