@@ -336,3 +336,13 @@ def test_a_lora_with_the_diffusion_model_prefix_runs_as_its_diffusers_twin(famil
     rows, pixels = sweep_images(workspace.outputs, "twins")
     first, second = (pixels(rows.loc[rows["lora_model"] == name, "id"].item()) for name in ("b", "comfy"))
     assert np.array_equal(first, second)
+
+
+def test_lora_sweep_run_on_the_command_line_runs_a_dit_model(family_world, workspace):
+    """The same as the in-process runs above, once as a user types it: exit 0, the family named, every image made."""
+    model = family_world.get("z-image")
+    path = workspace.sweep("cli", {**SWEEP, "grid": {"lora_model": ["a", "b"], "seed": [1, 2]}})
+    result = workspace.cli("run", f"sweep={path}", "sweep.name=cli", "tracking=none", *model.overrides)
+    assert result.code == 0, result.err
+    assert "models: m (Z-Image)" in result.out and "done: 4 ok, 0 failed" in result.out
+    assert len(list((workspace.outputs / "cli" / "images").glob("*.png"))) == 4

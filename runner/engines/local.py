@@ -199,12 +199,12 @@ def library_warnings() -> Iterator[list[str]]:
         logger.level, logger.handlers, logger.propagate = saved[0], saved[1], saved[2]
 
 
-def to_pixels(decoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[-1, 1] NCHW -> (uint8 NHWC, finite flag per image) on the device.
+def to_pixels(decoded: torch.Tensor, unit: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """[-1, 1] NCHW (or [0, 1] with `unit`: a pipeline's own "pt" output) -> (uint8 NHWC, finite flag per image) on the device.
 
     The same numbers as diffusers' postprocess followed by our rounding, with 4x fewer bytes to copy back."""
     finite = torch.isfinite(decoded).flatten(1).all(dim=1)
-    images = (decoded / 2 + 0.5).clamp(0, 1).float()
+    images = (decoded if unit else decoded / 2 + 0.5).clamp(0, 1).float()
     pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     return pixels, finite
 
@@ -935,11 +935,16 @@ class LocalEngine:
         pipe = self._pipeline(mode)
         upscale = bool(group.get("upscale") and self.registry.upscaler is not None)
         with torch.inference_mode():
-            if mode == "text2img" and not upscale and type(pipe).__name__ in LATENT_DECODE:
+            if mode == "text2img" and not upscale:
                 if self.device.type == "cuda":
                     kwargs["callback_on_step_end"] = LaunchThrottle()
-                latents = pipe(**kwargs, output_type="latent").images
-                return to_pixels(decode_latents(pipe, latents))
+                if type(pipe).__name__ in LATENT_DECODE:
+                    latents = pipe(**kwargs, output_type="latent").images
+                    return to_pixels(decode_latents(pipe, latents))
+                # the DiTs decode with their own VAE inside the call; "pt" keeps the images on the device, so
+                # the copy to the host overlaps the next batch as for SD (the same pixels as "np": [0, 1] floats)
+                images = pipe(**kwargs, output_type="pt").images
+                return to_pixels(images, unit=True)
             images = pipe(**kwargs, output_type="np").images
         if upscale:
             images = self._upscale(group, images, seeds)
