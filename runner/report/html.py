@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from runner.families import label
 from runner.plan import summarize
 
 SORT_SCRIPT = """
@@ -96,6 +97,15 @@ def ranking_section(ranking: pd.DataFrame, rank_by: str | None, scores: list[str
     return f"<h2 id='ranking'>Ranking</h2>{note}{table}"
 
 
+def _with_family(model_id: str, ok: pd.DataFrame) -> str:
+    """'fluxy (Flux.1)': the family the engine ran the model as (each image's meta.family), where it is known."""
+    column = ok.get("meta.family")
+    if column is None:
+        return model_id
+    families = column[ok["model_id"] == model_id].dropna().unique()
+    return f"{model_id} ({', '.join(label(f) for f in families)})" if len(families) else model_id
+
+
 def write_html(
     root: Path,
     *,
@@ -144,7 +154,7 @@ def write_html(
             [
                 ("images", f"{len(plan)} planned: {len(ok)} ok, {len(failed)} failed; {state}"),
                 ("axes", axes),
-                ("models", _e(", ".join(info["models"]))),
+                ("models", _e(", ".join(_with_family(m, ok) for m in info["models"]))),
                 ("blends", str(info["blends"])),
                 ("scores", _e(", ".join(scores) or "none")),
                 ("report written", time.strftime("%Y-%m-%d %H:%M:%S")),
