@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import UserError
-from runner.request import FIELDS, split_loras, split_strengths
+from runner.request import FIELDS, optional, split_loras, split_strengths
 from runner.tracking_sql import BulkRunWriter, RunRows
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def request_params(row: Mapping[str, Any]) -> dict[str, str]:
     """Every request field as the API would take it, plus one `lora_strength.<id>` per LoRA."""
     params = {}
     for name, spec in FIELDS.items():
-        value = row.get(name)
+        value = optional(row.get(name))  # an unset field is "", not "nan"
         if spec.kind == "bool":
             value = "yes" if value else "no"
         params[name] = "" if value is None else str(value)

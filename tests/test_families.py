@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from family_world import TINY_OF, hand_merged
-from helpers import assert_complete, sweep_images
+from helpers import assert_complete, mlflow_runs, sweep_images
 
 from runner.families import FAMILIES, family_of_pipeline, label
 from runner.prepare import describe_plan, prepare_sweep
@@ -95,6 +95,9 @@ def test_a_lora_sweep_runs_on_every_family_like_sd(family, family_world, workspa
     assert f"models: m ({label(family)})" in result.out
     assert_complete(workspace, "fam", 12)
     assert f"m ({label(family)})" in (workspace.outputs / "fam" / "report.html").read_text()
+    _, children = mlflow_runs(workspace.outputs, "fam")
+    assert set(children["tags.meta.family"]) == {family} and set(children["params.model_id"]) == {"m"}
+    assert set(children["params.true_cfg_scale"].fillna("")) == {""}, "an unset field is logged empty, not 'nan'"
     rows, pixels = sweep_images(workspace.outputs, "fam")
     assert set(rows["meta.lora_mode"]) == {"fused"} and set(rows["meta.family"]) == {family}
     images = {r["id"]: pixels(r["id"]) for _, r in rows.iterrows()}
