@@ -27,6 +27,7 @@ from runner.search.prepare import build_requests, images_per_trial, plain, prepa
 from runner.search.record import write_search_files
 from runner.search.spec import GivenTrial, SearchSpec, budget_grid, grid_settings, trial_params, trial_request
 from runner.sweep import Summary, SweepSession
+from runner.validate import apply_family_defaults
 from runner.world.assets import copy_demo_world_if
 
 
@@ -113,6 +114,8 @@ class Search:
         self.entries = registry_entries(cfg)
         self.hash_cache = HashCache(Path(cfg.paths.outputs) / ".cache" / "hashes.json")
         self.identity = prepared.identity  # the probes named every file the space can reach
+        self.families = {k: v.family for k, v in prepared.registry.models.items()} if prepared.registry else {}
+        self.given = search_given(cfg, spec)
         self.plan = pd.DataFrame()  # every row a trial of this search has needed; grows with the trials
         self.done: list[TrialResult] = []  # trials told in this run
         self.logged: set[int] = set()  # trial numbers with their MLflow run
@@ -230,6 +233,12 @@ class Search:
         given = search_given(self.cfg, self.spec)
         return check_rows(pd.concat(plans, ignore_index=True), self.cfg, self.caps, self.entries, self.hash_cache, given=given)
 
+    def trial_ids(self, plan: pd.DataFrame) -> list[str]:
+        """The ids of a trial's rows as check_rows gives them (with the model family's defaults for unset fields)."""
+        if self.caps.kind == "local":
+            plan = apply_family_defaults(plan, self.families, self.given)
+        return list(with_ids(plan, self.identity)[0]["id"])
+
     def make_and_judge(self, trials: list[tuple[int, Any]], label: str = "trial") -> list[TrialResult]:
         """Rows for each trial, one engine workload for all of them, their scores, and each trial's objective."""
         requests = [trial_request(self.spec, self.base, trial) for _, trial in trials]
@@ -241,7 +250,7 @@ class Search:
                 problems[k] = self.check([plans[k]]).problems
             good = [k for k in good if not problems[k]]
             checked = self.check([plans[k] for k in good]) if good else None
-        ids = {k: list(with_ids(plans[k], self.identity)[0]["id"]) for k in good}
+        ids = {k: self.trial_ids(plans[k]) for k in good}
         if checked is not None:
             new = checked.plan[~checked.plan["id"].isin(self.session.rows)]
             if len(new):
@@ -332,7 +341,7 @@ class Search:
                 continue
             request = trial_request(self.spec, self.base, GivenTrial(trial.params))
             plans, problems = build_requests(self.cfg, self.spec, [request])
-            ids = list(with_ids(plans[0], self.identity)[0]["id"]) if not problems[0] and not plans[0].empty else []
+            ids = self.trial_ids(plans[0]) if not problems[0] and not plans[0].empty else []
             params = trial_params(self.spec, request)
             if trial.state == optuna.trial.TrialState.COMPLETE:
                 record = self.judge(trial.number, params, ids, indexed)
