@@ -13,9 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from runner.schedulers import FLOW_SCHEDULERS
-
-FLOW = {"scheduler": FLOW_SCHEDULERS[0]}  # the flow families' own sampler, for requests that name none
+FLOW = {"scheduler": "FlowMatchEulerDiscreteScheduler"}  # the flow families' own sampler, for requests that name none
 
 
 @dataclass(frozen=True)
