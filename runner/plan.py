@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from runner.errors import Problem, did_you_mean
+from runner.prompts.syntax import lora_tags
 from runner.request import (
     FIELDS,
     LIMITED_FIELDS,
@@ -43,13 +44,14 @@ from runner.request import (
     canonical_strengths,
     field_limit_problems,
     format_number,
+    join_strengths,
     lora_problems,
     parse_field,
     split_loras,
     split_strengths,
 )
 
-PLAN_COLUMNS = ("id", "blend", "sample", "seed_source")
+PLAN_COLUMNS = ("id", "blend", "sample", "seed_source", "prompt_original")
 _MISSING = object()
 
 
@@ -327,7 +329,8 @@ def build_plan(
     Phases: the axes (`_grid_axes`), crossed with the strengths of each blend (`_expand_rows`), the
     baseline rows (`_with_baseline`), problems of the base request itself (`_base_problems`), every
     field but the blend parsed and checked (`_parse_fields`), the blend with its strengths
-    (`_parse_blends`), then seeds and samples (`_first_seeds`, `_plan_frame`).
+    (`_parse_blends`), the prompts' `<lora:name:weight>` tags merged into the blend (`_merge_lora_tags`), then
+    seeds and samples (`_first_seeds`, `_plan_frame`).
     """
     rows = _expand_rows(base, _grid_axes(grid), grid.get("lora_strength", _MISSING))
     if baseline:
@@ -338,6 +341,9 @@ def build_plan(
     if problems:
         return PlanResult(pd.DataFrame(), _counted(problems))
     columns = {**fields, **blends}
+    columns, tag_problems = _merge_lora_tags(columns, rows, limits)
+    if tag_problems:
+        return PlanResult(pd.DataFrame(), _counted(tag_problems))
     given, first_seed = _first_seeds(columns)
     return PlanResult(_plan_frame(columns, given, first_seed), [])
 
@@ -500,6 +506,63 @@ def _parse_blends(rows: _Rows, limits: Limits) -> tuple[dict[str, _Column], list
     return columns | {"blend": _Column(labels, pair_index)}, problems
 
 
+def _merge_lora_tags(columns: dict[str, _Column], rows: _Rows, limits: Limits) -> tuple[dict[str, _Column], list[_Found]]:
+    """`<lora:name:weight>` tags of the prompt: out of its text and into the row's blend, as the web UIs do.
+
+    Done once per distinct (prompt, blend) pair. A tag and `lora_model` naming the same LoRA, a strength that is
+    not a number, and a tag in the negative prompt are problems. Baseline rows keep the clean prompt, no LoRA.
+    `prompt_original` keeps the prompt as written.
+    """
+    prompt, negative = columns["prompt"], columns["negative_prompt"]
+    problems: list[_Found] = []
+    position = list(FIELDS).index("negative_prompt")
+    for index, text in enumerate(negative.values):
+        for tag in lora_tags(text)[1] if isinstance(text, str) else []:
+            why = Problem("negative_prompt", f"'{tag.raw}' is a LoRA tag, which belongs in the prompt", "move it to the prompt")
+            problems += _report([why], negative.codes == index, 3, position)
+    parsed = [lora_tags(text) if isinstance(text, str) else (text, []) for text in prompt.values]
+    if not any(tags for _, tags in parsed):
+        return columns | {"prompt_original": _Column([None], np.zeros(len(prompt.codes), dtype=np.int64))}, problems
+    pairs = columns["lora_model"]
+    n_pairs = len(pairs.values)
+    plain = (rows.plain if len(rows.plain) == len(prompt.codes) else np.zeros(len(prompt.codes), dtype=bool)).astype(np.int64)
+    keys, inverse = np.unique((prompt.codes.astype(np.int64) * n_pairs + pairs.codes) * 2 + plain, return_inverse=True)
+    prompts, originals, loras_out, strengths_out, labels = [], [], [], [], []
+    for index, key in enumerate(keys.tolist()):
+        prompt_index, pair_index, is_plain = key // 2 // n_pairs, key // 2 % n_pairs, key % 2
+        clean, tags = parsed[prompt_index]
+        names = split_loras(pairs.values[pair_index])
+        strengths = split_strengths(columns["lora_strength"].values[pair_index]) or [1.0] * len(names)
+        found: list[Problem] = []
+        for tag in [] if is_plain else tags:
+            if tag.strength is None:
+                found.append(Problem("prompt", f"'{tag.raw}': the strength is not a number", f"write e.g. <lora:{tag.name}:0.8>"))
+            elif tag.name in names:
+                found.append(Problem("lora_model", f"LoRA '{tag.name}' is named twice: in lora_model and as '{tag.raw}'", "keep one"))
+            else:
+                names.append(tag.name)
+                strengths.append(tag.strength)
+        if tags and not is_plain:
+            found += lora_problems(",".join(names), strengths, limits)
+        if found:
+            problems += _report(found, inverse == index, 3, 0)
+        lora_text = ",".join(names) if not is_plain else pairs.values[pair_index]
+        strength_text = join_strengths(strengths) if not is_plain else columns["lora_strength"].values[pair_index]
+        prompts.append(clean)
+        originals.append(prompt.values[prompt_index] if tags else None)
+        loras_out.append(lora_text)
+        strengths_out.append(strength_text)
+        labels.append(blend_label(lora_text, strength_text))
+    merged = {
+        "prompt": _Column(prompts, inverse),
+        "prompt_original": _Column(originals, inverse),
+        "lora_model": _Column(loras_out, inverse),
+        "lora_strength": _Column(strengths_out, inverse),
+        "blend": _Column(labels, inverse),
+    }
+    return columns | merged, problems
+
+
 def _first_seeds(columns: Mapping[str, _Column]) -> tuple[np.ndarray, np.ndarray]:
     """(seed given, first seed) per row: the row's seed, or for `seed: null` one drawn from the row itself (`derived_seed`)."""
     seed = columns["seed"]
@@ -525,6 +588,7 @@ def _plan_frame(columns: Mapping[str, _Column], given: np.ndarray, first_seed: n
         "blend": columns["blend"].take(repeat),
         "sample": sample,
         "seed_source": take_column(["derived", "given"], (given if repeat is None else given[repeat]).astype(np.int64)),
+        "prompt_original": columns["prompt_original"].take(repeat),  # the prompt as written, where tags were taken out
     }
     for name in FIELDS:
         if name not in ("seed", "samples"):

@@ -18,6 +18,7 @@ from runner.engines.factory import capabilities
 from runner.errors import Problem, UserError
 from runner.families import DROPPED_LORA_KEYS, label
 from runner.plan import Identity, PlanError, build_plan, given_fields, shadowed_base_fields, summarize, with_ids
+from runner.prompts.syntax import lora_tags
 from runner.registry import (
     CROSS_ATTENTION_WIDTHS,
     HashCache,
@@ -152,7 +153,6 @@ def fit_problems(plan: pd.DataFrame, registry: Registry) -> list[str]:
 
 
 # what web-UI prompts carry that this version encodes as plain text (said per sweep, never silently)
-LORA_TAG = re.compile(r"<(?:lora|lyco):[^>]*>", re.IGNORECASE)
 WEIGHT_SYNTAX = re.compile(r"\([^()]*:\s*-?\d*\.?\d+\s*\)|\bBREAK\b")
 # CLIP's pre-tokenizer pieces (words, numbers, single symbols): BPE can only split them further, so more than
 # CLIP_TOKENS pieces means the encoder certainly drops the rest
@@ -161,20 +161,17 @@ CLIP_TOKENS = 75  # 77 with the start and end tokens
 
 
 def prompt_warnings(plan: pd.DataFrame) -> list[str]:
-    """Lines for prompt text this version does not apply as the web UIs do: `<lora:>` tags, attention weights,
-    and words past CLIP's 77 tokens (checked once per distinct text)."""
+    """Lines for prompt text this version does not apply as the web UIs do: attention weights, words past CLIP's
+    77 tokens (checked once per distinct text), and the parts of `<lora:>` tags that are not applied."""
     lines = []
+    originals = plan["prompt_original"].dropna().unique() if "prompt_original" in plan else []
+    for note in dict.fromkeys(tag.note for text in originals for tag in lora_tags(text)[1] if tag.note):
+        lines.append(f"prompt: {note}")
     for name in ("prompt", "negative_prompt"):
         if name not in plan:
             continue
         for text in (t for t in plan[name].dropna().unique() if isinstance(t, str) and t):
             short = text if len(text) <= 60 else text[:57] + "..."
-            tag = LORA_TAG.search(text)
-            if tag:
-                lines.append(
-                    f"{name}: '{tag.group(0)}' in '{short}' is encoded as text, not applied as a LoRA (tags are not parsed yet); "
-                    "set lora_model and lora_strength instead"
-                )
             weight = WEIGHT_SYNTAX.search(text)
             if weight:
                 lines.append(

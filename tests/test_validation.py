@@ -291,14 +291,20 @@ def test_an_override_hydra_cannot_parse_is_one_line_not_hydras_report(workspace,
 
 
 def test_web_ui_prompt_syntax_and_long_prompts_are_said_not_silently_dropped():
-    """Tags, attention weights and text past CLIP's 77 tokens are not applied yet: the plan says so, once per text."""
+    """Attention weights, text past CLIP's 77 tokens and a tag's second weight are not applied: the plan says so, once per text."""
     from runner.prepare import prompt_warnings
 
     long = ", ".join(["masterpiece"] * 40) + ", a yellow triangle"
-    plan = pd.DataFrame({"prompt": ["a (red:1.5) circle <lora:star:0.8>", long, "a red circle"], "negative_prompt": ["", "", "blurry"]})
+    plan = pd.DataFrame(
+        {
+            "prompt": ["a (red:1.5) circle", long, "a red circle"],
+            "prompt_original": ["a (red:1.5) circle <lora:star:0.8:0.5>", None, None],
+            "negative_prompt": ["", "", "blurry"],
+        }
+    )
     lines = prompt_warnings(plan)
     assert len(lines) == 3
-    assert lines[0].startswith("prompt: '<lora:star:0.8>' in 'a (red:1.5) circle <lora:star:0.8>' is encoded as text, not applied")
+    assert lines[0] == "prompt: the second weight of '<lora:star:0.8:0.5>' (UNet only) is not applied: one strength per LoRA"
     assert lines[1].startswith("prompt: '(red:1.5)' in ")
     assert "is over CLIP's 77 tokens; the words from about 'masterpiece, masterpiece, a yellow triangle' on" in lines[2]
     assert prompt_warnings(pd.DataFrame({"prompt": ["a red circle, (plain brackets)"], "negative_prompt": [""]})) == []
