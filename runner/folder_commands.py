@@ -21,6 +21,7 @@ from PIL import Image
 from runner.config import CONF_DIR, Config, config_yaml
 from runner.engines.factory import create_engine
 from runner.errors import UserError
+from runner.families import FAMILIES
 from runner.plan import image_id
 from runner.prepare import PreparedSweep, registry_identity, score_entries, wanted_files
 from runner.registry import SINGULAR, HashCache, resolve_all
@@ -230,7 +231,7 @@ def clean(row: dict[str, Any]) -> dict[str, Any]:
 
 def generate_batch(cfg: DictConfig, registry, rows: list[dict[str, Any]], target: str):
     """The image `target`, generated in the batch it was first made in (same members, one engine call)."""
-    family = next(iter(registry.models.values())).family if registry.models else "sd"
+    family = FAMILIES[next(iter(registry.models.values())).family if registry.models else "sd"]
     prepared = []
     for row in rows:
         row = dict(row)

@@ -213,11 +213,11 @@ def test_bad_search_sections_are_one_line_each_and_nothing_is_generated(workspac
     # the ends of a valid-looking space are checked as requests: a size the spec refuses, a scheduler that does not exist
     ends = {
         **bad,
-        "search": {"space": {"width": [64, 2048], "scheduler": ["EulerDiscreteScheduler", "EulerScheduler"]}, "objective": "clip_score"},
+        "search": {"space": {"width": [64, 4096], "scheduler": ["EulerDiscreteScheduler", "EulerScheduler"]}, "objective": "clip_score"},
     }
     lines = search_refused(workspace, ends)
     assert len(lines) == 2, lines
-    assert lines[0].startswith("search.space.width: ") and "2048" in lines[0]
+    assert lines[0].startswith("search.space.width: ") and "4096" in lines[0]
     assert lines[1].startswith("search.space.scheduler: ") and "EulerScheduler" in lines[1]
 
     capsys.readouterr()

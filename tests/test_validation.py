@@ -43,7 +43,7 @@ BAD_REQUESTS = [
     (["sweep.grid.lora_model=[sunset]", "sweep.grid.lora_strength=['0.4,0.5']"], "lora_strength: 2 strengths for 1 LoRAs"),
     (["sweep.grid.lora_strength=[1.5]"], "lora_strength: 1.5 is outside 0.1..1"),
     (["sweep.base.width=100"], "width: 100 must be a multiple of 8"),
-    (["sweep.base.height=2048"], "height: 2048 must be a multiple of 8 in 8..1024"),
+    (["sweep.base.height=4096"], "height: 4096 must be a multiple of 8 in 8..2048"),
     (["sweep.base.samples=5"], "samples: 5 is outside 1..4"),
     (["sweep.base.guidance_scale=25"], "guidance_scale: 25 is outside 0..20"),
     (["sweep.base.clip_skip=9"], "clip_skip: 9 is outside 1..8"),

@@ -743,6 +743,8 @@ class LocalEngine:
     def generate(self, rows: pd.DataFrame) -> Iterator[ImageResult]:
         if rows.empty:
             return
+        # rows of plans written before a field existed (a resumed sweep, a reproduced image) lack its column: unset
+        rows = rows.assign(**{k: None for k in SEED_GROUP_KEYS if k not in rows})
         ordered = rows.sort_values(SEED_GROUP_KEYS + ["seed"], kind="stable")
         seed_groups = [group.to_dict("records") for _, group in ordered.groupby(SEED_GROUP_KEYS, sort=False, dropna=False)]
         # how many seed_groups still need each LoRA: an adapter is deleted after its last group, so a sweep
