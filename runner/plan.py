@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from runner.errors import Problem, did_you_mean
-from runner.prompts.syntax import lora_tags
+from runner.prompts.syntax import has_weights, lora_tags
 from runner.request import (
     FIELDS,
     LIMITED_FIELDS,
@@ -50,6 +50,7 @@ from runner.request import (
     split_loras,
     split_strengths,
 )
+from runner.schedulers import canonical_scheduler
 
 PLAN_COLUMNS = ("id", "blend", "sample", "seed_source", "prompt_original")
 _MISSING = object()
@@ -72,6 +73,18 @@ class Identity:
     engine: Mapping[str, Any] = field(default_factory=dict)  # kind, device, dtype...
     # the other files a row can name: "vae:<id>", "embeddings:<id>", and "upscaler" (used when upscale is on)
     file_hashes: Mapping[str, str] = field(default_factory=dict)
+    # prompt texts over one CLIP chunk (75 tokens) for the plan's models' tokenizers: encoded in chunks since prompt
+    # encoding was added, so their ids carry the encoding (as weighted prompts' do); the others' ids are as before
+    long_prompts: frozenset[str] = frozenset()
+
+
+def prompt_encoding(prompt: Any, negative: Any, weighting: Any, identity: Identity) -> str | None:
+    """What enters the id about how the prompts were encoded: the weighting mode for rows with weights, BREAK or a
+    prompt over 75 tokens; None (nothing) for plain prompts, which encode as they always did."""
+    texts = [t for t in (prompt, negative) if isinstance(t, str) and t]
+    if any(has_weights(t) or t in identity.long_prompts for t in texts):
+        return weighting if isinstance(weighting, str) and weighting else "a1111"
+    return None
 
 
 # ---------------------------------------------------------------- axis values
@@ -283,6 +296,10 @@ def image_id(request: Mapping[str, Any], identity: Identity) -> str:
     files += ["upscaler"] if request.get("upscale") else []
     if files:  # only rows that use such files carry them, so other ids do not change when one is added
         payload["files"] = sorted([name, identity.file_hashes.get(name, "")] for name in files)
+    encoding = prompt_encoding(request.get("prompt"), request.get("negative_prompt"), request.get("prompt_weighting"), identity)
+    payload.pop("prompt_weighting", None)  # it enters only as the encoding, for the rows it changes
+    if encoding is not None:
+        payload["prompt_encoding"] = encoding
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -340,7 +357,7 @@ def build_plan(
     problems = _base_problems(base, rows.n) + field_problems + blend_problems
     if problems:
         return PlanResult(pd.DataFrame(), _counted(problems))
-    columns = {**fields, **blends}
+    columns = _scheduler_aliases({**fields, **blends})
     columns, tag_problems = _merge_lora_tags(columns, rows, limits)
     if tag_problems:
         return PlanResult(pd.DataFrame(), _counted(tag_problems))
@@ -504,6 +521,28 @@ def _parse_blends(rows: _Rows, limits: Limits) -> tuple[dict[str, _Column], list
         labels.append(blend_label(lora_model, strength_text))
     columns = {"lora_model": _Column(lora_texts, pair_index), "lora_strength": _Column(strength_texts, pair_index)}
     return columns | {"blend": _Column(labels, pair_index)}, problems
+
+
+def _scheduler_aliases(columns: dict[str, _Column]) -> dict[str, _Column]:
+    """Web-UI sampler names ("DPM++ 2M Karras", "Euler a") as the diffusers class and options they stand for, so an
+    alias and its class are one image with one id. An alias's options are added to the row's (Karras on stays on)."""
+    scheduler = columns["scheduler"]
+    mapped = [canonical_scheduler(v) if isinstance(v, str) else None for v in scheduler.values]
+    if all(m is None or (m[0] == v and not m[1]) for m, v in zip(mapped, scheduler.values)):
+        return columns
+    names = [m[0] if m else v for m, v in zip(mapped, scheduler.values)]
+    out = dict(columns)
+    out["scheduler"] = _Column(names, scheduler.codes)
+    for option in ("use_karras_sigmas", "algorithm_type"):
+        given = columns[option]
+        keys, inverse = np.unique(scheduler.codes.astype(np.int64) * len(given.values) + given.codes, return_inverse=True)
+        values = []
+        for key in keys.tolist():
+            alias = mapped[key // len(given.values)]
+            value = given.values[key % len(given.values)]
+            values.append(alias[1][option] if alias and option in alias[1] and not (option == "algorithm_type" and value) else value)
+        out[option] = _Column(values, inverse)
+    return out
 
 
 def _merge_lora_tags(columns: dict[str, _Column], rows: _Rows, limits: Limits) -> tuple[dict[str, _Column], list[_Found]]:
@@ -870,7 +909,8 @@ def with_ids(plan: pd.DataFrame, identity: Identity) -> tuple[pd.DataFrame, int]
 def _id_fragments(plan: pd.DataFrame, identity: Identity) -> list[tuple[str, list[str | None], np.ndarray | None]]:
     """The pieces of image_id's JSON text, per key in sorted order: the text of each distinct value and each row's code."""
     compact = (",", ":")
-    keys = sorted([k for k in FIELDS if k not in NOT_IN_ID and k not in ("lora_model", "lora_strength")] + ["loras", "engine", "files"])
+    excluded = ("lora_model", "lora_strength", "prompt_weighting")  # the weighting enters as prompt_encoding
+    keys = sorted([k for k in FIELDS if k not in NOT_IN_ID and k not in excluded] + ["loras", "engine", "files", "prompt_encoding"])
     fragments: list[tuple[str, list[str | None], np.ndarray | None]] = []
     for key in keys:
         if key == "engine":
@@ -893,6 +933,8 @@ def _id_fragments(plan: pd.DataFrame, identity: Identity) -> list[tuple[str, lis
             fragments.append((key, texts, codes))
         elif key == "files":
             fragments.append((key, *_files_fragments(plan, identity)))
+        elif key == "prompt_encoding":
+            fragments.append((key, *_encoding_fragments(plan, identity)))
         elif key == "model_id":
             uniques, codes = _factorize(plan["model_id"])
             texts = [json.dumps([m, identity.model_hashes.get(m, "")], separators=compact, default=str) for m in uniques]
@@ -918,6 +960,21 @@ def _hex_ids(digests: np.ndarray) -> Any:
     offsets = np.arange(0, 16 * (len(text) + 1), 16, dtype=np.int64)
     ids = pa.LargeStringArray.from_buffers(len(text), pa.py_buffer(offsets), pa.py_buffer(text))
     return pd.array(ids, dtype=pd.Series([""]).dtype)
+
+
+def _encoding_fragments(plan: pd.DataFrame, identity: Identity) -> tuple[list[str | None], np.ndarray]:
+    """prompt_encoding's JSON text per distinct (prompt, negative_prompt, prompt_weighting), None where it is absent."""
+    columns = [plan[c] if c in plan else pd.Series([None] * len(plan)) for c in ("prompt", "negative_prompt", "prompt_weighting")]
+    factors = [_factorize(c) for c in columns]
+    code, _ = _combined_codes([codes for _, codes in factors], len(plan))
+    first = np.full(int(code.max()) + 1 if len(plan) else 0, len(plan), dtype=np.int64)
+    np.minimum.at(first, code, np.arange(len(plan), dtype=np.int64))
+    texts = []
+    for row in first.tolist():
+        values = [uniques[codes[row]] for uniques, codes in factors]
+        encoding = prompt_encoding(*values, identity)
+        texts.append(None if encoding is None else json.dumps(encoding))
+    return texts, code
 
 
 def _files_fragments(plan: pd.DataFrame, identity: Identity) -> tuple[list[str | None], np.ndarray]:

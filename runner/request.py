@@ -39,7 +39,7 @@ class Limits:
 
 @dataclass(frozen=True)
 class FieldSpec:
-    kind: str  # str | int | float | bool | strengths | loras | seed | optional_str | optional_int | optional_float | any
+    kind: str  # str | int | float | bool | strengths | loras | seed | optional_str | optional_int | optional_float | mode | any
     default: Any = None
     doc: str = ""
 
@@ -83,12 +83,14 @@ FIELDS: dict[str, FieldSpec] = {
     "true_cfg_scale": FieldSpec("optional_float", None, "real CFG on Flux.1 and Qwen-Image (with negative_prompt)"),
     "max_sequence_length": FieldSpec("optional_int", None, "prompt tokens of the T5 / LLM text encoder"),
     "shift": FieldSpec("optional_float", None, "flow-matching timestep shift, fixed (no resolution-dependent shift)"),
+    "prompt_weighting": FieldSpec("mode", None, "a1111 (unset: the default) | comfy | none: how (word:1.3) weights apply"),
 }
 
 # Fields that never change the pixels: left out of the image id.
 NOT_IN_ID = frozenset({"samples", "webhook", "track_id", "base64", "temp"})
 # Fields left out of the id (and of derived seeds) while unset, so adding them kept every earlier id.
-OMITTED_WHEN_UNSET = frozenset({"true_cfg_scale", "max_sequence_length", "shift"})
+OMITTED_WHEN_UNSET = frozenset({"true_cfg_scale", "max_sequence_length", "shift", "prompt_weighting"})
+PROMPT_WEIGHTING = ("a1111", "comfy", "none")  # unset: a1111
 # Secrets the API carries in the body; never stored.
 SECRET_FIELDS = frozenset({"key", "api_key"})
 
@@ -190,6 +192,8 @@ def _parse_value(spec: FieldSpec, value: Any) -> Any:
         if value is None or (isinstance(value, str) and value.strip().lower() in ("", "null", "none")):
             return None
         return str(value)
+    if spec.kind == "mode":  # a word of a small vocabulary ("none" is one of them, not null)
+        return None if value is None or str(value).strip() == "" else str(value).strip().lower()
     if spec.kind in ("optional_int", "optional_float") and (
         value is None or (isinstance(value, str) and value.strip().lower() in ("", "null", "none"))
     ):
@@ -285,6 +289,7 @@ LIMITED_FIELDS = (
     "true_cfg_scale",
     "max_sequence_length",
     "shift",
+    "prompt_weighting",
 )
 
 
@@ -315,6 +320,8 @@ def field_limit_problems(name: str, v: Any, lim: Limits) -> list[Problem]:
         return [Problem(name, f"{format_number(v)} is outside 1..{format_number(lim.max_guidance)}", "use for example 4 (1 turns it off)")]
     if name == "max_sequence_length" and not 1 <= v <= 1024:
         return [Problem(name, f"{v} is outside 1..1024", "use for example 512")]
+    if name == "prompt_weighting" and v not in PROMPT_WEIGHTING:
+        return [Problem(name, f"unknown mode '{v}'", f"use one of {', '.join(PROMPT_WEIGHTING)} (a1111 when unset)")]
     if name == "shift" and not 0 < v <= 100:
         return [Problem(name, f"{format_number(v)} must be above 0 (and at most 100)", "use for example 3")]
     return []

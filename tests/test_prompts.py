@@ -104,3 +104,18 @@ def test_bad_tags_are_one_line_each_exit_2_and_nothing_is_made(workspace):
     base["prompt"], base["lora_model"] = "a red circle <lora:star:1>", "star"
     twice = build_plan(base, {}, default_model_id="m")
     assert twice.problems == ["lora_model: LoRA 'star' is named twice: in lora_model and as '<lora:star:1>'; keep one"]
+
+
+def test_a_web_ui_sampler_name_is_its_diffusers_class_with_the_same_id(workspace):
+    by_alias = {**BASE, "scheduler": "DPM++ 2M Karras"}
+    by_class = {**BASE, "scheduler": "DPMSolverMultistepScheduler", "use_karras_sigmas": True}
+    path = workspace.sweep(
+        "alias",
+        {"base": BASE, "grid": {"zip": {"scheduler": [by_alias["scheduler"], by_class["scheduler"]], "use_karras_sigmas": [False, True]}}},
+    )
+    prepared = prepare_sweep(workspace.config(f"sweep={path}", "tracking=none"))
+    assert prepared.ok and len(prepared.plan) == 1 and prepared.duplicates == 1
+    row = prepared.plan.iloc[0]
+    assert (row["scheduler_used"], bool(row["use_karras_sigmas"])) == ("DPMSolverMultistepScheduler", True)
+    typo = prepare_sweep(workspace.config(f"sweep={path}", "tracking=none", "sweep.grid.zip.scheduler=[DPM++ 2M Karas,DDIMScheduler]"))
+    assert any("did you mean 'DPM++ 2M Karras'?" in p for p in typo.problems), typo.problems

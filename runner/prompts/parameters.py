@@ -553,6 +553,8 @@ class _Reader:
                     value = int(as_float)
             else:
                 value = float(text)
+                if value != value or value in (float("inf"), float("-inf")):
+                    raise ValueError
         except ValueError:
             self.note(f"{key} '{_short(text, 30)}' is not {'an integer' if kind is int else 'a number'}: {field_name} is left to the sweep")
             return None
