@@ -6,7 +6,7 @@ Reads files only to hash them (the registry); expansion and validation stay pure
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -18,7 +18,7 @@ from runner.engines.factory import capabilities
 from runner.errors import Problem, UserError
 from runner.families import DROPPED_LORA_KEYS, label
 from runner.plan import Identity, PlanError, build_plan, given_fields, shadowed_base_fields, summarize, with_ids
-from runner.prompts.syntax import lora_tags
+from runner.prompts.syntax import CHUNK, lora_tags, may_be_long, token_count
 from runner.registry import (
     CROSS_ATTENTION_WIDTHS,
     HashCache,
@@ -187,6 +187,44 @@ def prompt_warnings(plan: pd.DataFrame) -> list[str]:
     return lines
 
 
+CHUNKED_FAMILIES = ("sd", "sdxl")  # the families whose CLIP prompts the engine encodes in chunks (runner/prompts/encode.py)
+
+
+def long_prompts(plan: pd.DataFrame, registry: Registry) -> frozenset[str]:
+    """The prompt texts over one CLIP chunk for the tokenizers of the plan's SD/SDXL models (they enter the ids).
+
+    Only texts that can be that long are tokenized (more than 75 characters that are not spaces), with the model's
+    own tokenizer files, or the demo world's recipe before its files exist; transformers' tokenizers need no torch.
+    """
+    texts = {t for c in ("prompt", "negative_prompt") for t in plan[c].dropna().unique() if isinstance(t, str) and may_be_long(t)}
+    models = [m for m in registry.models.values() if m.family in CHUNKED_FAMILIES]
+    if not texts or not models:
+        return frozenset()
+    found = set()
+    for tokenizer in clip_tokenizers(models):
+        found |= {t for t in texts - found if token_count(tokenizer, t) > CHUNK}
+    return frozenset(found)
+
+
+def clip_tokenizers(models: list) -> list:
+    """The first CLIP tokenizer of each distinct model folder (SDXL's two share their vocabulary)."""
+    from transformers import CLIPTokenizer
+
+    from runner.world.assets import byte_tokenizer
+
+    tokenizers, seen = [], set()
+    for model in models:
+        folder = model.config if model.kind in ("single_file", "transformer_file") else model.path
+        if folder in seen:
+            continue
+        seen.add(folder)
+        if model.builtin and not (Path(folder) / "tokenizer").exists():
+            tokenizers.append(byte_tokenizer())  # the demo world's recipe, before its files are copied
+        elif (Path(folder) / "tokenizer").exists():
+            tokenizers.append(CLIPTokenizer.from_pretrained(str(folder), subfolder="tokenizer"))
+    return tokenizers
+
+
 def dropped_lora_warnings(plan: pd.DataFrame, registry: Registry) -> list[str]:
     """Lines for LoRA weights diffusers drops without an error on a model's family (DROPPED_LORA_KEYS): never silently."""
     blends = plan[["model_id", "lora_model"]].drop_duplicates()
@@ -302,6 +340,8 @@ def check_rows(
     if caps.kind == "local":
         plan = apply_family_defaults(plan, families, given)
     identity = registry_identity(registry, cfg)
+    if caps.kind == "local":
+        identity = replace(identity, long_prompts=long_prompts(plan, registry))
     problems_fit = fit_problems(plan, registry)
     plan, duplicates = with_ids(plan, identity)
     lcm_ids = frozenset(k for k, v in {**entries["models"], **entries["loras"]}.items() if (v or {}).get("lcm"))

@@ -34,6 +34,7 @@ from PIL import Image
 from runner.engines.base import ImageResult, QueueState
 from runner.engines.fuse import FusedBlends
 from runner.families import FAMILIES, Family
+from runner.prompts.syntax import CHUNK, has_weights, may_be_long, plain_text, token_count
 from runner.registry import Registry, safetensors_keys, weight_variants
 from runner.request import optional, split_loras, split_strengths
 from runner.schedulers import OPTION_FIELDS, load_scheduler, supports_option
@@ -62,6 +63,7 @@ SEED_GROUP_KEYS = [
     "true_cfg_scale",
     "max_sequence_length",
     "shift",
+    "prompt_weighting",
 ]
 
 
@@ -127,6 +129,7 @@ def lora_weights(path: Path, fold_alphas: bool = True) -> str | dict[str, torch.
     return folded
 
 
+CHUNKED_FAMILIES = ("sd", "sdxl")  # prompts with weights or over 75 tokens encoded by runner/prompts/encode.py
 LATENT_DECODE = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # pipelines whose VAE decode runs here
 
 # engine.quantize: diffusers' PipelineQuantizationConfig backend and its arguments, for the denoiser (CUDA only)
@@ -702,28 +705,69 @@ class LocalEngine:
         model.pipe.scheduler = load_scheduler(name, model.base_scheduler_config, options, flow=model.family.flow_matching, shift=shift)
         model.scheduler_key = key
 
-    def _prompt_embeddings(self, group: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(positive, negative) embeddings of one image, cached while the text encoder is unchanged."""
-        if not hasattr(self.pipe, "encode_prompt") or type(self.pipe).__name__ != "StableDiffusionPipeline":
-            return None  # other families encode inside __call__
+    def _prompt_embeddings(self, group: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        """The prompts' embeddings as pipeline arguments, cached while the text encoders are unchanged; None: the
+        pipeline encodes the prompts itself (the DiTs, and SDXL prompts that need neither weights nor chunks)."""
+        family = self.loaded.family
+        if family.name not in CHUNKED_FAMILIES or not hasattr(self.pipe, "encode_prompt"):
+            return None
+        prompt, negative = group["prompt"], group["negative_prompt"] or ""
+        mode = optional(group.get("prompt_weighting")) or "a1111"
+        chunked = self._needs_chunks(prompt) or self._needs_chunks(negative)
+        if family.name == "sdxl" and not chunked:
+            return None
         clip_skip = int(group["clip_skip"]) - 1 or None  # the web UIs' 1 = diffusers' None
         touches_te = bool(self.adapters.in_text_encoder & set(split_loras(group["lora_model"])))
         lora_key = (group["lora_model"], group["lora_strength"]) if touches_te else None
-        key = (group["prompt"], group["negative_prompt"], clip_skip, lora_key, optional(group.get("embeddings_model")))
+        key = (prompt, negative, clip_skip, lora_key, optional(group.get("embeddings_model")), mode if chunked else None)
         cache = self.loaded.prompt_embeddings
         if key not in cache:
             if not self.fast_path.cache_prompt_embeddings:
                 cache.clear()
-            if clip_skip and not hasattr(self.pipe.text_encoder, "text_model"):
-                cache[key] = (
-                    self._encode_text(group["prompt"], clip_skip),
-                    self._encode_text(group["negative_prompt"] or "", clip_skip),
-                )
+            if chunked:
+                cache[key] = self._chunked_embeddings(prompt, negative, mode, clip_skip)
+            elif clip_skip and not hasattr(self.pipe.text_encoder, "text_model"):
+                cache[key] = {
+                    "prompt_embeds": self._encode_text(prompt, clip_skip),
+                    "negative_prompt_embeds": self._encode_text(negative, clip_skip),
+                }
             else:
-                cache[key] = self.pipe.encode_prompt(
-                    group["prompt"], self.device, 1, True, group["negative_prompt"] or None, clip_skip=clip_skip
-                )
+                positive, negative_embeds = self.pipe.encode_prompt(prompt, self.device, 1, True, negative or None, clip_skip=clip_skip)
+                cache[key] = {"prompt_embeds": positive, "negative_prompt_embeds": negative_embeds}
         return cache[key]
+
+    def _needs_chunks(self, text: str) -> bool:
+        """Weights, BREAK, or more than one chunk of tokens: the prompt goes through runner/prompts/encode.py."""
+        return bool(text) and (has_weights(text) or (may_be_long(text) and token_count(self.pipe.tokenizer, text) > CHUNK))
+
+    def _chunked_embeddings(self, prompt: str, negative: str, mode: str, clip_skip: int | None) -> dict[str, torch.Tensor]:
+        """A1111's chunked, weighted encoding on SD's CLIP (last layer, or clip_skip before it, normed) or SDXL's two
+        (their penultimate layers, pooled from the second's first chunk), the shorter side padded with empty chunks."""
+        from runner.prompts.encode import Stack, empty_chunk, encode, pad_to
+
+        pipe, sdxl = self.pipe, self.loaded.family.name == "sdxl"
+        if sdxl:
+            layer = -(clip_skip + 2) if clip_skip else -2
+            stacks = [
+                Stack(pipe.tokenizer, pipe.text_encoder, layer, False),
+                Stack(pipe.tokenizer_2, pipe.text_encoder_2, layer, False, True),
+            ]
+        else:
+            stacks = [Stack(pipe.tokenizer, pipe.text_encoder, -(clip_skip + 1) if clip_skip else None, True)]
+        with torch.inference_mode():
+            positive, pooled, chunks = encode(stacks, prompt, mode, self.device)
+            zeros = sdxl and not negative and getattr(pipe.config, "force_zeros_for_empty_prompt", False)
+            negative_embeds, negative_pooled, negative_chunks = (
+                (None, None, chunks) if zeros else encode(stacks, negative, mode, self.device)
+            )
+            total = max(chunks, negative_chunks)
+            empty = empty_chunk(stacks, self.device)
+            positive = pad_to(positive, total, empty)
+            negative_embeds = torch.zeros_like(positive) if zeros else pad_to(negative_embeds, total, empty)
+        out = {"prompt_embeds": positive, "negative_prompt_embeds": negative_embeds}
+        if sdxl:  # as SDXL's encode_prompt: an empty negative is zeros where the model's config says so
+            out |= {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": torch.zeros_like(pooled) if zeros else negative_pooled}
+        return out
 
     def _encode_text(self, text: str, clip_skip: int) -> torch.Tensor:
         """CLIP embeddings `clip_skip` layers before the last, then the final layer norm, as encode_prompt does.
@@ -919,13 +963,13 @@ class LocalEngine:
             kwargs["guidance_scale"] = float(group["guidance_scale"])
         embeddings = self._prompt_embeddings(group)
         if embeddings is not None:
-            positive, negative = embeddings
-            kwargs["prompt_embeds"] = positive.repeat(n, 1, 1)
-            kwargs["negative_prompt_embeds"] = negative.repeat(n, 1, 1)
+            kwargs |= {name: value.repeat(n, *[1] * (value.dim() - 1)) for name, value in embeddings.items()}
         else:
-            kwargs["prompt"] = [group["prompt"]] * n
+            # the families without a weighted encoder get the words without the syntax (the plan says so)
+            words = (lambda t: t) if optional(group.get("prompt_weighting")) == "none" else plain_text
+            kwargs["prompt"] = [words(group["prompt"])] * n
             if family.negative_prompt:  # "" is a negative too: Qwen-Image's default true_cfg_scale runs CFG against it
-                kwargs["negative_prompt"] = [group["negative_prompt"] or ""] * n
+                kwargs["negative_prompt"] = [words(group["negative_prompt"] or "")] * n
             if family.clip_skip and int(group["clip_skip"]) > 1:
                 kwargs["clip_skip"] = int(group["clip_skip"]) - 1
         # the flow families' own fields, where set (validation refused them on families without them)

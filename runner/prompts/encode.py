@@ -23,9 +23,8 @@ from typing import Any
 
 import torch
 
-from runner.prompts.syntax import Segment, parse_weights
+from runner.prompts.syntax import CHUNK, Segment, parse_weights
 
-CHUNK = 75  # tokens per chunk, without BOS and EOS
 COMMA_BACKTRACK = 20  # a chunk ends after the last comma of its last 20 tokens rather than inside a phrase
 MODES = ("a1111", "comfy", "none")
 
@@ -78,11 +77,6 @@ def chunk(tokenizer: Any, segments: Sequence[Segment]) -> Chunks:
     if ids or not out.ids:
         close()
     return out
-
-
-def token_count(tokenizer: Any, text: str) -> int:
-    """Tokens of a prompt's words (no BOS/EOS): over CHUNK means more than one chunk."""
-    return sum(len(tokenizer(s.text, add_special_tokens=False).input_ids) for s in parse_weights(text) if not s.is_break)
 
 
 def weighted(z: torch.Tensor, weights: torch.Tensor, mode: str, empty: torch.Tensor | None) -> torch.Tensor:

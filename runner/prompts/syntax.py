@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
+CHUNK = 75  # CLIP tokens per chunk, without BOS and EOS (77 in all)
 ROUND = 1.1  # `(word)`
 SQUARE = 1 / 1.1  # `[word]`
 
@@ -123,3 +125,13 @@ def lora_tags(text: str) -> tuple[str, list[LoraTag]]:
     if tags:  # removed as the web UIs remove them; only the spaces left are collapsed (CLIP's tokenizer does the same)
         stripped = re.sub(r"\s+", " ", stripped).strip()
     return stripped, tags
+
+
+def token_count(tokenizer: Any, text: str) -> int:
+    """CLIP tokens of a prompt's words (no BOS/EOS, without the syntax): over CHUNK, the prompt takes several chunks."""
+    return sum(len(tokenizer(s.text, add_special_tokens=False).input_ids) for s in parse_weights(text) if not s.is_break)
+
+
+def may_be_long(text: str) -> bool:
+    """Whether a prompt can be over one chunk at all: each token covers at least one character that is not a space."""
+    return sum(not c.isspace() for c in text) > CHUNK
