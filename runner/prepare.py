@@ -5,7 +5,6 @@ Reads files only to hash them (the registry); expansion and validation stay pure
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -18,7 +17,7 @@ from runner.engines.factory import capabilities
 from runner.errors import Problem, UserError
 from runner.families import DROPPED_LORA_KEYS, label
 from runner.plan import Identity, PlanError, build_plan, given_fields, shadowed_base_fields, summarize, with_ids
-from runner.prompts.syntax import CHUNK, lora_tags, may_be_long, token_count
+from runner.prompts.syntax import CHUNK, has_weights, lora_tags, may_be_long, token_count
 from runner.registry import (
     CROSS_ATTENTION_WIDTHS,
     HashCache,
@@ -152,42 +151,36 @@ def fit_problems(plan: pd.DataFrame, registry: Registry) -> list[str]:
     return problems
 
 
-# what web-UI prompts carry that this version encodes as plain text (said per sweep, never silently)
-WEIGHT_SYNTAX = re.compile(r"\([^()]*:\s*-?\d*\.?\d+\s*\)|\bBREAK\b")
-# CLIP's pre-tokenizer pieces (words, numbers, single symbols): BPE can only split them further, so more than
-# CLIP_TOKENS pieces means the encoder certainly drops the rest
-CLIP_PIECES = re.compile(r"[a-z]+|[0-9]|[^\sa-z0-9]+", re.IGNORECASE)
-CLIP_TOKENS = 75  # 77 with the start and end tokens
+def prompt_warnings(plan: pd.DataFrame, families: dict[str, str] | None = None) -> list[str]:
+    """Lines for prompt text not applied as the web UIs apply it (checked once per distinct text): the attention
+    syntax on families without a weighted encoder (runner/prompts/encode.py covers SD and SDXL: there long prompts
+    are chunked, nothing is dropped), and the parts of `<lora:>` tags that are not applied.
 
-
-def prompt_warnings(plan: pd.DataFrame) -> list[str]:
-    """Lines for prompt text this version does not apply as the web UIs do: attention weights, words past CLIP's
-    77 tokens (checked once per distinct text), and the parts of `<lora:>` tags that are not applied."""
+    `families`: model id -> family; without it every model counts as one without the weighted encoder."""
     lines = []
     originals = plan["prompt_original"].dropna().unique() if "prompt_original" in plan else []
     for note in dict.fromkeys(tag.note for text in originals for tag in lora_tags(text)[1] if tag.note):
         lines.append(f"prompt: {note}")
-    for name in ("prompt", "negative_prompt"):
-        if name not in plan:
-            continue
-        for text in (t for t in plan[name].dropna().unique() if isinstance(t, str) and t):
-            short = text if len(text) <= 60 else text[:57] + "..."
-            weight = WEIGHT_SYNTAX.search(text)
-            if weight:
-                lines.append(
-                    f"{name}: '{weight.group(0)}' in '{short}' is encoded as text (attention weights and BREAK are not parsed yet)"
-                )
-            pieces = list(CLIP_PIECES.finditer(text))
-            if len(pieces) > CLIP_TOKENS:
-                dropped = text[pieces[CLIP_TOKENS].start() :].lstrip(" ,.;")[:60]
-                lines.append(
-                    f"{name}: '{short}' is over CLIP's 77 tokens; the words from about '{dropped}' on are dropped "
-                    "(long prompts are not split into chunks yet): shorten it"
-                )
+    families = families or {}
+    unchunked = plan[[families.get(m) not in CHUNKED_FAMILIES for m in plan["model_id"]]] if "model_id" in plan else plan
+    for model_id, rows in unchunked.groupby("model_id", sort=True) if "model_id" in unchunked else [("", unchunked)]:
+        what = f"{label(families[model_id])} models ('{model_id}')" if model_id in families else "this model"
+        for name in ("prompt", "negative_prompt"):
+            for text in (t for t in rows[name].dropna().unique() if isinstance(t, str) and t) if name in rows else []:
+                short = text if len(text) <= 60 else text[:57] + "..."
+                if has_weights(text):
+                    lines.append(
+                        f"{name}: '{short}': attention weights and BREAK are not applied on {what}; "
+                        "the words are encoded without the syntax"
+                    )
     return lines
 
 
 CHUNKED_FAMILIES = ("sd", "sdxl")  # the families whose CLIP prompts the engine encodes in chunks (runner/prompts/encode.py)
+
+
+def families_of(registry: Registry) -> dict[str, str]:
+    return {k: v.family for k, v in registry.models.items()}
 
 
 def long_prompts(plan: pd.DataFrame, registry: Registry) -> frozenset[str]:
@@ -298,7 +291,11 @@ def prepare_sweep(cfg: DictConfig) -> PreparedSweep:
     scorers, score_problems = score_entries(cfg)
     engine_problems = engine_setting_problems(cfg) if caps.kind == "local" else remote_setting_problems(cfg)
     problems = rows.problems + score_problems + engine_problems
-    warnings = shadowed_base_fields(base, grid) + rows.warnings + (prompt_warnings(rows.plan) if caps.kind == "local" else [])
+    warnings = (
+        shadowed_base_fields(base, grid)
+        + rows.warnings
+        + (prompt_warnings(rows.plan, families_of(rows.registry)) if caps.kind == "local" else [])
+    )
     return PreparedSweep(name, rows.plan, rows.registry, rows.identity, problems, warnings, rows.duplicates, scorers)
 
 

@@ -119,3 +119,87 @@ def test_a_web_ui_sampler_name_is_its_diffusers_class_with_the_same_id(workspace
     assert (row["scheduler_used"], bool(row["use_karras_sigmas"])) == ("DPMSolverMultistepScheduler", True)
     typo = prepare_sweep(workspace.config(f"sweep={path}", "tracking=none", "sweep.grid.zip.scheduler=[DPM++ 2M Karas,DDIMScheduler]"))
     assert any("did you mean 'DPM++ 2M Karras'?" in p for p in typo.problems), typo.problems
+
+
+# ---------------------------------------------------------------- weighted and chunked encoding (SD's CLIP)
+
+FILLER = ", ".join(["a"] * 45)  # 45 fillers: with the demo's byte tokenizer, about 135 tokens before the scene
+
+
+def by_hand(pipe, pieces: list[tuple[str, float]], mode: str):
+    """The embeddings computed here, independently of runner/prompts: tokenise each piece, cut every 75 tokens (no
+    commas in these prompts), wrap in BOS/EOS + padding, encode each chunk, weight it, concatenate."""
+    import torch
+
+    tok, encoder = pipe.tokenizer, pipe.text_encoder
+    ids, weights = [], []
+    for text, weight in pieces:
+        piece = tok(text, add_special_tokens=False).input_ids
+        ids += piece
+        weights += [weight] * len(piece)
+    pad = tok.pad_token_id
+    chunks = [(ids[i : i + 75], weights[i : i + 75]) for i in range(0, max(len(ids), 1), 75)]
+    with torch.no_grad():
+        empty = encoder(torch.tensor([[tok.bos_token_id, tok.eos_token_id] + [pad] * 75])).last_hidden_state
+        out = []
+        for chunk_ids, chunk_weights in chunks:
+            row = [tok.bos_token_id, *chunk_ids, tok.eos_token_id] + [pad] * (75 - len(chunk_ids))
+            w = torch.tensor([1.0, *chunk_weights, 1.0] + [1.0] * (75 - len(chunk_ids))).view(1, -1, 1)
+            z = encoder(torch.tensor([row])).last_hidden_state
+            if mode == "a1111":
+                weighted = z * w
+                z = weighted * (z.mean() / weighted.mean())
+            else:
+                z = (z - empty) * w + empty
+            out.append(z)
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("mode", ["a1111", "comfy"])
+@pytest.mark.parametrize(
+    "prompt, pieces",
+    [
+        (
+            "a (red:1.5) circle on a [blue] background",
+            [("a ", 1), ("red", 1.5), (" circle on a ", 1), ("blue", 1 / 1.1), (" background", 1)],
+        ),
+        (FILLER + " ((red)) circle", [(FILLER + " ", 1), ("red", 1.21), (" circle", 1)]),
+    ],
+)
+def test_the_engines_embeddings_equal_a_computation_by_hand(mode, prompt, pieces, assets_dir):
+    from diffusers import StableDiffusionPipeline
+    from helpers import demo_engine
+
+    engine = demo_engine(assets_dir)
+    engine._load_model("tiny-sd")
+    group = {"prompt": prompt, "negative_prompt": "", "clip_skip": 1, "lora_model": "", "lora_strength": "", "prompt_weighting": mode}
+    got = engine._prompt_embeddings(group)
+    pipe = StableDiffusionPipeline.from_pretrained(assets_dir / "tiny-sd", safety_checker=None)
+    expected = by_hand(pipe, pieces, mode)
+    assert got["prompt_embeds"].shape == expected.shape
+    assert np.allclose(got["prompt_embeds"].numpy(), expected.numpy(), atol=1e-5)
+    chunks = expected.shape[1] // 77
+    assert got["negative_prompt_embeds"].shape == expected.shape, "the negative is padded to as many chunks"
+    assert chunks == (1 if len(prompt) < 75 else 2)
+
+
+def test_words_past_77_tokens_change_the_image_and_break_changes_the_chunks(workspace):
+    """45 fillers + a scene: the scene after token 77 is encoded (before, everything there was dropped)."""
+    base = {**BASE, "width": 128, "height": 128, "num_inference_steps": 12, "scheduler": "EulerDiscreteScheduler"}
+    prompts = [FILLER + " a red circle on a blue background", FILLER + " a yellow triangle on a purple background"]
+    path = workspace.sweep("long", {"base": base, "grid": {"prompt": [*prompts, "a red circle BREAK on a blue background"]}})
+    result = workspace.run(f"sweep={path}", "sweep.name=long", "tracking=none")
+    result.assert_all_ok()
+    assert "over CLIP's 77 tokens" not in result.out
+    rows, pixels = sweep_images(workspace.outputs, "long")
+    red, yellow, broken = (
+        pixels(rows.loc[rows["prompt"] == p, "id"].item()) for p in [*prompts, "a red circle BREAK on a blue background"]
+    )
+    assert np.abs(red - yellow).mean() > 10, "the scenes after the fillers decide the images"
+    border = lambda im: np.concatenate([im[:12].reshape(-1, 3), im[-12:].reshape(-1, 3)]).mean(0)  # noqa: E731
+    assert border(red)[2] - border(red)[0] > border(yellow)[2] - border(yellow)[0], "a blue background is bluer than a purple one"
+    workspace.run(
+        f"sweep={path}", "sweep.name=plain", "tracking=none", "sweep.grid.prompt=[a red circle on a blue background]"
+    ).assert_all_ok()
+    plain_rows, plain_pixels = sweep_images(workspace.outputs, "plain")
+    assert not np.array_equal(broken, plain_pixels(plain_rows["id"].item())), "BREAK starts a second chunk"

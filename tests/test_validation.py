@@ -290,21 +290,22 @@ def test_an_override_hydra_cannot_parse_is_one_line_not_hydras_report(workspace,
     check_refused_by_cli(workspace, "plan", f"sweep={small_sweep}", override, lines=refused(workspace, small_sweep, override))
 
 
-def test_web_ui_prompt_syntax_and_long_prompts_are_said_not_silently_dropped():
-    """Attention weights, text past CLIP's 77 tokens and a tag's second weight are not applied: the plan says so, once per text."""
+def test_web_ui_prompt_syntax_is_said_where_it_is_not_applied():
+    """Attention weights on a family without the weighted encoder, and a tag's second weight: said once per text."""
     from runner.prepare import prompt_warnings
 
-    long = ", ".join(["masterpiece"] * 40) + ", a yellow triangle"
     plan = pd.DataFrame(
         {
-            "prompt": ["a (red:1.5) circle", long, "a red circle"],
-            "prompt_original": ["a (red:1.5) circle <lora:star:0.8:0.5>", None, None],
+            "model_id": ["flux", "sd", "sd"],
+            "prompt": ["a (red:1.5) circle", "a (red:1.5) circle", "a red circle"],
+            "prompt_original": [None, "a (red:1.5) circle <lora:star:0.8:0.5>", None],
             "negative_prompt": ["", "", "blurry"],
         }
     )
-    lines = prompt_warnings(plan)
-    assert len(lines) == 3
-    assert lines[0] == "prompt: the second weight of '<lora:star:0.8:0.5>' (UNet only) is not applied: one strength per LoRA"
-    assert lines[1].startswith("prompt: '(red:1.5)' in ")
-    assert "is over CLIP's 77 tokens; the words from about 'masterpiece, masterpiece, a yellow triangle' on" in lines[2]
-    assert prompt_warnings(pd.DataFrame({"prompt": ["a red circle, (plain brackets)"], "negative_prompt": [""]})) == []
+    lines = prompt_warnings(plan, {"flux": "flux", "sd": "sd"})
+    assert lines == [
+        "prompt: the second weight of '<lora:star:0.8:0.5>' (UNet only) is not applied: one strength per LoRA",
+        "prompt: 'a (red:1.5) circle': attention weights and BREAK are not applied on Flux.1 models ('flux'); "
+        "the words are encoded without the syntax",
+    ]
+    assert prompt_warnings(plan[plan["model_id"] == "sd"].assign(prompt_original=None), {"sd": "sd"}) == []
