@@ -34,13 +34,13 @@ from omegaconf import DictConfig, OmegaConf
 from runner import folder_commands
 from runner.config import CONF_DIR, PROJECT_ROOT, Config, register_configs, sweep_folder
 from runner.errors import UserError, did_you_mean
-from runner.prepare import describe_plan, plan_or_fail
+from runner.prepare import describe_plan, image_base_text, plan_or_fail
 from runner.run import run_sweep
 from runner.search import describe_search, is_search, prepare_search_or_fail
 from runner.server import serve
 from runner.store import atomic_write_parquet
 
-SWEEP_KEYS = ("name", "description", "base", "grid", "search", "report", "scores", "max_images")
+SWEEP_KEYS = ("name", "description", "base", "base_from", "grid", "search", "report", "scores", "max_images")
 
 USAGE = """usage: lora-sweep COMMAND [overrides...]
 
@@ -54,6 +54,8 @@ commands:
             lora-sweep report outputs/demo
   reproduce  regenerate one image from its record and say whether the pixels are identical:
             lora-sweep reproduce IMAGE_ID   (or an MLflow run id; paths.outputs=DIR to look elsewhere)
+  params     the base request an image's A1111/Forge parameters text gives, and what is not applied:
+            lora-sweep params IMAGE.png   (a sweep starts from it with sweep.base_from=IMAGE.png)
   serve   the provider's text2img HTTP API over the local engine, for engine=remote sweeps from other machines:
             LORA_SWEEP_API_KEYS=secret lora-sweep serve serve.host=0.0.0.0 serve.port=7860 [tracking=sqlite]
             (serve.* settings: lora-sweep serve --help; README, "Serving")
@@ -329,6 +331,7 @@ FOLDER_USAGE = {
     "score": "usage: lora-sweep score SWEEP_FOLDER [key=value ...]   "
     "e.g. lora-sweep score outputs/demo 'sweep.scores=[clip_score,aesthetic]'",
     "reproduce": "usage: lora-sweep reproduce IMAGE_ID|MLFLOW_RUN_ID [overrides]   e.g. lora-sweep reproduce 3f2a9c0d1e4b5a67",
+    "params": "usage: lora-sweep params IMAGE [overrides]   the request its A1111/Forge parameters text gives (sweep.base_from=IMAGE)",
 }
 
 
@@ -342,6 +345,8 @@ def folder_command(command: str, argv: list[str]) -> None:
     target = positional[0]
     if command == "report":
         folder_commands.report_folder(target)
+    elif command == "params":
+        print(image_base_text(target, compose_config(overrides)), end="")
     elif command == "score":
         folder_commands.score_folder(target, overrides)
     else:
@@ -387,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
             folder_command(command, rest)
         else:
             hint = did_you_mean(command, ["run", "plan", "sync", "serve", *FOLDER_USAGE])
-            fail([f"unknown command '{command}'; {hint or 'use run, plan, sync, serve, score, report or reproduce'}"])
+            fail([f"unknown command '{command}'; {hint or 'use run, plan, sync, serve, score, report, reproduce or params'}"])
     except UserError as exc:
         fail(exc.lines)
     except KeyboardInterrupt:

@@ -180,6 +180,7 @@ class SweepConfig:
     name: str = "???"
     description: str = ""
     base: dict[str, Any] = field(default_factory=dict)
+    base_from: str | None = None  # an image whose A1111/Forge `parameters` text starts the base request (base: wins)
     grid: dict[str, Any] = field(default_factory=dict)
     search: SearchConfig = field(default_factory=SearchConfig)  # empty space: a grid sweep
     report: ReportConfig = field(default_factory=ReportConfig)

@@ -264,12 +264,50 @@ def engine_and_limits(cfg: DictConfig) -> tuple[Capabilities | None, Limits, lis
     return caps, limits, []
 
 
+def registry_files(cfg: DictConfig) -> dict[str, dict[str, tuple[str, str]]]:
+    """Every registered model, LoRA, embedding and VAE as (sha256, file name), to match an image's hashes and names."""
+    entries = registry_entries(cfg)
+    hashes = HashCache(Path(cfg.paths.outputs) / ".cache" / "hashes.json")
+    registry = resolve_all(entries, {name: set(entries[name] or {}) for name in ("models", "loras", "vaes", "embeddings")}, hashes)
+    groups = {"models": registry.models, "loras": registry.loras, "vaes": registry.vaes, "embeddings": registry.embeddings}
+    return {kind: {k: (v.sha256, v.path.name) for k, v in group.items()} for kind, group in groups.items()}
+
+
+def image_base(cfg: DictConfig, base: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]:
+    """`sweep.base_from`: the image's A1111/Forge parameters as the base request, the sweep's own base on top.
+
+    Returns (base, lines for the plan's output: what was not matched or not applied, problems)."""
+    from runner.prompts.parameters import base_request, parse_parameters, read_parameters
+
+    path = Path(str(cfg.sweep.base_from)).expanduser()
+    try:
+        text = read_parameters(path)
+    except (OSError, ValueError) as exc:
+        return base, [], [str(Problem("sweep.base_from", f"{path} cannot be read ({exc})", "give the path of a PNG, JPEG or WebP"))]
+    if not text:
+        fix = "use an image A1111, Forge, ComfyUI or lora-sweep wrote, or set sweep.base"
+        return base, [], [str(Problem("sweep.base_from", f"{path.name} has no A1111 parameters text", fix))]
+    request, lines = base_request(parse_parameters(text), registry_files(cfg))
+    replaced = [f"from_image: {k} from {path.name} is replaced by sweep.base.{k}" for k in base if k in request and request[k] != base[k]]
+    return {**request, **base}, lines + replaced, []
+
+
+def image_base_text(image: str, cfg: DictConfig) -> str:
+    """What `lora-sweep params IMAGE` prints: the base request read from the image, then its lines."""
+    cfg.sweep.base_from = image
+    base, lines, problems = image_base(cfg, {})
+    if problems:
+        raise UserError(problems)
+    text = OmegaConf.to_yaml(OmegaConf.create({"base": base}))
+    return text + "".join(f"{line}\n" for line in lines)
+
+
 def prepare_sweep(cfg: DictConfig) -> PreparedSweep:
     name = cfg.sweep.name
     caps, limits, problems = engine_and_limits(cfg)
     if caps is None or problems:
         return PreparedSweep(name, pd.DataFrame(), None, None, problems)
-    if not cfg.sweep.base and not cfg.sweep.grid:
+    if not cfg.sweep.base and not cfg.sweep.grid and not cfg.sweep.get("base_from"):
         return PreparedSweep(
             name,
             pd.DataFrame(),
@@ -279,6 +317,11 @@ def prepare_sweep(cfg: DictConfig) -> PreparedSweep:
         )
     base = OmegaConf.to_container(cfg.sweep.base, resolve=True)
     grid = OmegaConf.to_container(cfg.sweep.grid, resolve=True)
+    from_image: list[str] = []
+    if cfg.sweep.get("base_from"):
+        base, from_image, image_problems = image_base(cfg, base)
+        if image_problems:
+            return PreparedSweep(name, pd.DataFrame(), None, None, image_problems)
     try:
         built = build_plan(base, grid, default_model_id=cfg.model.id, limits=limits, baseline=bool(cfg.sweep.report.baseline))
     except PlanError as exc:
@@ -292,7 +335,8 @@ def prepare_sweep(cfg: DictConfig) -> PreparedSweep:
     engine_problems = engine_setting_problems(cfg) if caps.kind == "local" else remote_setting_problems(cfg)
     problems = rows.problems + score_problems + engine_problems
     warnings = (
-        shadowed_base_fields(base, grid)
+        from_image
+        + shadowed_base_fields(base, grid)
         + rows.warnings
         + (prompt_warnings(rows.plan, families_of(rows.registry)) if caps.kind == "local" else [])
     )
