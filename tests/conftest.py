@@ -27,15 +27,20 @@ if XDIST_WORKERS > 1:
 # The files that take longest on 2 cores, longest first (pytest --durations=0). xdist's loadfile mode hands files to
 # its two workers in collection order (with --no-loadscope-reorder, pyproject.toml): started first, they no longer
 # leave one worker running a long file alone at the end. A stale list costs minutes, never correctness.
-LONGEST_FILES = [  # seconds on 2 cores, 2026-12-02: 132, 116, 69, 58, 49, 44, 33, 23, 18, 16, 16, 14, 14
+LONGEST_FILES = [  # longest first on 2 cores (2026-12-02; the family and prompt files measured alone, one thread)
+    "test_families.py",
     "test_ray.py",
     "test_faults.py",
     "test_serve.py",
+    "test_prompts.py",
+    "test_family_services.py",
     "test_search.py",
     "test_report.py",
     "test_remote.py",
     "test_mlflow_server.py",
     "test_sdxl.py",
+    "test_family_files.py",
+    "test_from_image.py",
     "test_world.py",
     "test_run.py",
     "test_models.py",
