@@ -51,6 +51,10 @@ class Family:
     single_file: str | None = None  # how a single .safetensors loads: "pipeline" (SD/SDXL), "transformer" (the DiTs), None: not
     checkpoint_keys: tuple[str, ...] = ()  # tensor-name prefixes of its single-file checkpoints
     gguf_architectures: tuple[str, ...] = ()  # `general.architecture` of its GGUF transformers (city96's converter)
+    # how (word:1.3) weights reach its encoders (runner/prompts/encode.py): "clip" chunked CLIP (SD, SDXL), "t5"
+    # (Flux.1: T5 weighted, CLIP's pooled from the words), "sd3" (CLIP-L/G and T5 weighted), "t5-masked" (Chroma:
+    # T5 with its attention masks); "": not applied (the LLM encoders)
+    prompt_weights: str = ""
     tested: bool = False  # a tiny model of it runs in the test suite
     memory: str = ""  # rough weights at bf16 / GGUF Q8 / 4-bit, for README's table
 
@@ -76,6 +80,7 @@ FAMILIES: dict[str, Family] = {
             text_encoder_loras=True,
             fold_lora_alphas=True,
             single_file="pipeline",
+            prompt_weights="clip",
             tested=True,
             memory="2 GB (fp16 pipeline)",
         ),
@@ -93,6 +98,7 @@ FAMILIES: dict[str, Family] = {
             text_encoder_loras=True,
             fold_lora_alphas=True,
             single_file="pipeline",
+            prompt_weights="clip",
             tested=True,
             memory="7 GB (fp16 pipeline)",
         ),
@@ -112,6 +118,7 @@ FAMILIES: dict[str, Family] = {
             lora_loader="SD3LoraLoaderMixin",
             lora_formats=("diffusers", "peft", "ai-toolkit"),
             text_encoder_loras=True,
+            prompt_weights="sd3",
             tested=True,
             memory="transformer 16 / 8.5 / 4.5 GB (3.5 large); T5 9.5 GB",
         ),
@@ -133,6 +140,7 @@ FAMILIES: dict[str, Family] = {
             text_encoder_loras=True,
             single_file="transformer",
             gguf_architectures=("flux",),
+            prompt_weights="t5",
             tested=True,
             memory="transformer 24 / 12.7 / 6.7 GB; T5 9.5 GB",
         ),
@@ -154,6 +162,7 @@ FAMILIES: dict[str, Family] = {
             text_encoder_loras=True,
             single_file="transformer",
             gguf_architectures=("flux",),
+            prompt_weights="t5",
             tested=True,
             memory="transformer 24 / 12.7 / 6.7 GB; T5 9.5 GB",
         ),
@@ -267,6 +276,7 @@ FAMILIES: dict[str, Family] = {
             lora_formats=("diffusers", "peft", "ai-toolkit"),
             single_file="transformer",
             gguf_architectures=("chroma",),
+            prompt_weights="t5-masked",
             tested=True,
             memory="transformer 17.8 / 9.5 / 5 GB; T5 9.5 GB",
         ),

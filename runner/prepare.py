@@ -15,9 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from runner.engines.base import Capabilities
 from runner.engines.factory import capabilities
 from runner.errors import Problem, UserError
-from runner.families import DROPPED_LORA_KEYS, label
+from runner.families import DROPPED_LORA_KEYS, FAMILIES, label
 from runner.plan import Identity, PlanError, build_plan, given_fields, shadowed_base_fields, summarize, with_ids
-from runner.prompts.syntax import CHUNK, has_weights, lora_tags, may_be_long, token_count
+from runner.prompts.syntax import CHUNK, has_weights, lora_tags, may_be_long, plain_text, token_count
 from runner.registry import (
     CROSS_ATTENTION_WIDTHS,
     HashCache,
@@ -162,7 +162,8 @@ def prompt_warnings(plan: pd.DataFrame, families: dict[str, str] | None = None) 
     for note in dict.fromkeys(tag.note for text in originals for tag in lora_tags(text)[1] if tag.note):
         lines.append(f"prompt: {note}")
     families = families or {}
-    unchunked = plan[[families.get(m) not in CHUNKED_FAMILIES for m in plan["model_id"]]] if "model_id" in plan else plan
+    unweighted = [families.get(m, "") in UNWEIGHTED_FAMILIES or m not in families for m in plan["model_id"]] if "model_id" in plan else []
+    unchunked = plan[unweighted] if "model_id" in plan else plan
     for model_id, rows in unchunked.groupby("model_id", sort=True) if "model_id" in unchunked else [("", unchunked)]:
         what = f"{label(families[model_id])} models ('{model_id}')" if model_id in families else "this model"
         for name in ("prompt", "negative_prompt"):
@@ -176,7 +177,53 @@ def prompt_warnings(plan: pd.DataFrame, families: dict[str, str] | None = None) 
     return lines
 
 
-CHUNKED_FAMILIES = ("sd", "sdxl")  # the families whose CLIP prompts the engine encodes in chunks (runner/prompts/encode.py)
+# the families whose CLIP prompts the engine encodes in chunks (runner/prompts/encode.py), and those whose encoders
+# take no weights at all
+CHUNKED_FAMILIES = tuple(name for name, f in FAMILIES.items() if f.prompt_weights == "clip")
+UNWEIGHTED_FAMILIES = tuple(name for name, f in FAMILIES.items() if not f.prompt_weights)
+
+
+def overflow_warnings(plan: pd.DataFrame, registry: Registry) -> list[str]:
+    """Prompts longer than a T5 or LLM text encoder's max_sequence_length (Flux.1, SD3, Chroma, Qwen-Image, ...):
+    the encoder keeps its limit, so the plan says which prompt loses which words, once per model and text. Only
+    texts that can be that long are tokenized; an LLM's chat template adds tokens of its own, so its count is a
+    lower bound (a warning is never a false alarm)."""
+    lines = []
+    for model_id, model in sorted(registry.models.items()):
+        family = FAMILIES[model.family]
+        encoder = next((e for e in family.text_encoders if e.kind != "clip"), None)
+        rows = plan[plan["model_id"] == model_id]
+        if encoder is None or rows.empty:
+            continue
+        default = family.max_sequence_length or encoder.max_tokens
+        lengths = rows["max_sequence_length"] if "max_sequence_length" in rows else [None] * len(rows)
+        pairs = {
+            (text, int(length) if length is not None and length == length else default)
+            for name in ("prompt", "negative_prompt")
+            for text, length in zip(rows[name], lengths)
+            if isinstance(text, str)
+        }
+        pairs = {(t, n) for t, n in pairs if len(t) >= n}
+        if not pairs:
+            continue
+        folder = model.config if model.kind in ("single_file", "transformer_file") else model.path
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), subfolder=encoder.component.replace("text_encoder", "tokenizer"))
+        except Exception:  # a tokenizer that cannot load here fails at run time, in one line per image
+            continue
+        what = "T5" if encoder.kind == "t5" else "text-encoder"
+        for text, length in sorted(pairs):
+            ids = tokenizer(plain_text(text)).input_ids
+            if len(ids) > length:
+                dropped = tokenizer.decode(ids[length - 1 : length + 11], skip_special_tokens=True)
+                short = text if len(text) <= 60 else text[:57] + "..."
+                lines.append(
+                    f"prompt: '{short}' is over {family.label}'s {length} {what} tokens (max_sequence_length) on '{model_id}'; "
+                    f"the words from about '{dropped}' on are dropped: shorten it or raise max_sequence_length (up to {encoder.max_tokens})"
+                )
+    return lines
 
 
 def families_of(registry: Registry) -> dict[str, str]:
@@ -397,7 +444,9 @@ def check_rows(
         given=given,
     )
     problems = [str(p) for p in registry.problems] + problems_fit + checked.problems
-    warnings = checked.warnings + (dropped_lora_warnings(plan, registry) if caps.kind == "local" else [])
+    warnings = checked.warnings + (
+        dropped_lora_warnings(plan, registry) + overflow_warnings(plan, registry) if caps.kind == "local" else []
+    )
     return CheckedRows(checked.plan, registry, identity, problems, warnings, duplicates)
 
 

@@ -138,7 +138,9 @@ def request_params(row: Mapping[str, Any]) -> dict[str, str]:
 
 def image_params(row: Mapping[str, Any]) -> dict[str, str]:
     """An image run's params: the request as the API takes it, per-LoRA strengths and the blend."""
-    return {k: str(v)[:6000] for k, v in {**request_params(row), "blend": row.get("blend", "")}.items()}
+    original = optional(row.get("prompt_original"))  # the prompt as written, where <lora:> tags were taken out
+    extra = {"blend": row.get("blend", "")} | ({"prompt_original": original} if original else {})
+    return {k: str(v)[:6000] for k, v in {**request_params(row), **extra}.items()}
 
 
 def image_tags(result: Any) -> dict[str, str]:

@@ -203,3 +203,136 @@ def test_words_past_77_tokens_change_the_image_and_break_changes_the_chunks(work
     ).assert_all_ok()
     plain_rows, plain_pixels = sweep_images(workspace.outputs, "plain")
     assert not np.array_equal(broken, plain_pixels(plain_rows["id"].item())), "BREAK starts a second chunk"
+
+
+# ---------------------------------------------------------------- weights on the DiTs' T5 (Flux.1) and CLIP + T5 (SD3)
+
+
+@pytest.mark.parametrize("mode", ["a1111", "comfy"])
+def test_flux_t5_embeddings_of_a_weighted_prompt_equal_a_computation_by_hand(mode, family_world):
+    import diffusers
+    import torch
+
+    from runner.engines.local import LocalEngine
+    from runner.registry import HashCache, Registry, resolve_model
+
+    model = family_world.get("flux")
+    resolved, _ = resolve_model("m", {"source": str(model.folder)}, HashCache(None))
+    engine = LocalEngine(registry=Registry(models={"m": resolved}), device="cpu", dtype="float32")
+    engine._load_model("m")
+    prompt = "a (red:1.5) circle on a [blue] background"
+    group = {
+        "prompt": prompt,
+        "negative_prompt": "",
+        "clip_skip": 1,
+        "lora_model": "",
+        "lora_strength": "",
+        "prompt_weighting": mode,
+        "max_sequence_length": 32,
+    }
+    got = engine._prompt_embeddings(group)
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(model.folder)
+    tok, t5 = pipe.tokenizer_2, pipe.text_encoder_2
+    ids, weights = [], []
+    for text, weight in [("a ", 1), ("red", 1.5), (" circle on a ", 1), ("blue", 1 / 1.1), (" background", 1)]:
+        piece = tok(text, add_special_tokens=False).input_ids
+        ids, weights = ids + piece, weights + [weight] * len(piece)
+    row = ids + [tok.eos_token_id] + [tok.pad_token_id] * (31 - len(ids))
+    w = torch.tensor(weights + [1.0] * (32 - len(weights))).view(1, -1, 1)
+    with torch.no_grad():
+        z = t5(torch.tensor([row]))[0]
+        if mode == "a1111":
+            expected = z * w * (z.mean() / (z * w).mean())
+        else:
+            empty = t5(torch.tensor([[tok.eos_token_id] + [tok.pad_token_id] * 31]))[0]
+            expected = (z - empty) * w + empty
+        pooled = pipe._get_clip_prompt_embeds("a red circle on a blue background", device="cpu")
+    assert np.allclose(got["prompt_embeds"].numpy(), expected.numpy(), atol=1e-5)
+    assert np.allclose(got["pooled_prompt_embeds"].numpy(), pooled.numpy(), atol=1e-6), "CLIP's pooled embedding is of the words"
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_weights_move_the_pixels_of_dit_families_and_none_reads_the_text_as_written(family, family_world, workspace):
+    model = family_world.get(family)
+    base = {"prompt": "a red circle on a blue background", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 1}
+    grid = {
+        "zip": {
+            "prompt": [
+                "a red circle on a blue background",
+                "a (red:1.8) circle on a blue background",
+                "a (red:1.8) circle on a blue background",
+            ],
+            "prompt_weighting": [None, "a1111", "none"],
+        }
+    }
+    path = workspace.sweep("w", {"base": base, "grid": grid})
+    result = workspace.run(f"sweep={path}", "sweep.name=w", "tracking=none", *model.overrides)
+    result.assert_all_ok()
+    assert "attention weights" not in result.out, "applied: nothing to warn about"
+    rows, pixels = sweep_images(workspace.outputs, "w")
+    assert len({pixels(i).tobytes() for i in rows["id"]}) == 3
+
+
+def test_a_prompt_past_t5s_max_sequence_length_is_said_with_the_words_it_loses(family_world, workspace):
+    model = family_world.get("flux")
+    long = "a red circle on a blue background " + " ".join(["with a yellow star"] * 12)
+    path = workspace.sweep("t5", {"base": {"prompt": long, "width": 64, "height": 64, "max_sequence_length": 16}})
+    prepared = prepare_sweep(workspace.config(f"sweep={path}", "tracking=none", *model.overrides))
+    assert prepared.ok, prepared.problems
+    lines = [w for w in prepared.warnings if "T5 tokens" in w]
+    assert len(lines) == 1 and lines[0].startswith(
+        "prompt: 'a red circle on a blue background with a yellow star with a y...' is over "
+        "Flux.1's 16 T5 tokens (max_sequence_length) on 'm'; the words from about '"
+    )
+
+
+def test_plain_prompts_keep_the_ids_earlier_versions_gave(workspace):
+    """The demo's 104 ids as lora-sweep gave them before prompts were parsed and the DiT fields existed (116d75d)."""
+    prepared = prepare_sweep(workspace.config("tracking=none"))
+    assert prepared.ok and len(prepared.plan) == 104
+    assert prepared.plan["id"].head(3).tolist() == ["58da0130e7921441", "bd4c61ab3fa608a5", "fff4e0344988a760"]
+
+
+def test_the_weight_on_a_word_moves_the_image_steadily_and_brackets_the_other_way(workspace):
+    """(red:w) for w = 0.5, 1, 1.5, 2 moves the circle's colour one way, step by step, and [red] (/1.1) the other way.
+
+    The direction is the demo model's: its tiny text encoder, trained on a few hundred captions, reads more weight
+    on 'red' as a darker, less saturated red (real SD models read it as more red); the test pins that the weight
+    reaches the pixels, in order, as A1111's emphasis computes it."""
+    base = {**BASE, "width": 128, "height": 128, "num_inference_steps": 20, "scheduler": "EulerDiscreteScheduler", "seed": 0}
+    prompts = [f"a (red:{w}) circle on a blue background" for w in (0.5, 1.5, 2.0)]
+    prompts += ["a red circle on a blue background", "a [red] circle on a blue background"]
+    path = workspace.sweep("weights", {"base": base, "grid": {"prompt": prompts}})
+    workspace.run(f"sweep={path}", "sweep.name=weights", "tracking=none").assert_all_ok()
+    rows, pixels = sweep_images(workspace.outputs, "weights")
+
+    def redness(prompt: str) -> float:
+        centre = pixels(rows.loc[rows["prompt"] == prompt, "id"].item())[44:84, 44:84].astype(float)
+        return float((centre[..., 0] - centre[..., 1:].mean(-1)).mean())
+
+    half, plain, one_and_half, double, less = (redness(p) for p in [prompts[0], prompts[3], prompts[1], prompts[2], prompts[4]])
+    assert half > plain > one_and_half > double, (half, plain, one_and_half, double)
+    assert less > plain, "[red] moves the other way from (red)"
+
+
+def test_an_image_runs_params_show_the_parsed_blend_and_the_prompt_as_written():
+    from runner.tracking import image_params
+
+    params = image_params(
+        {
+            "prompt": "a red circle",
+            "prompt_original": "a red circle <lora:star:0.8>",
+            "lora_model": "star",
+            "lora_strength": "0.8",
+            "blend": "star 0.8",
+        }
+    )
+    assert (params["prompt"], params["prompt_original"], params["lora_model"], params["lora_strength.star"], params["blend"]) == (
+        "a red circle",
+        "a red circle <lora:star:0.8>",
+        "star",
+        "0.8",
+        "star 0.8",
+    )
+    assert "prompt_original" not in image_params({"prompt": "a red circle", "lora_model": "", "blend": "no LoRA"})

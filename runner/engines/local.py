@@ -129,7 +129,6 @@ def lora_weights(path: Path, fold_alphas: bool = True) -> str | dict[str, torch.
     return folded
 
 
-CHUNKED_FAMILIES = ("sd", "sdxl")  # prompts with weights or over 75 tokens encoded by runner/prompts/encode.py
 LATENT_DECODE = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # pipelines whose VAE decode runs here
 
 # engine.quantize: diffusers' PipelineQuantizationConfig backend and its arguments, for the denoiser (CUDA only)
@@ -707,24 +706,30 @@ class LocalEngine:
 
     def _prompt_embeddings(self, group: dict[str, Any]) -> dict[str, torch.Tensor] | None:
         """The prompts' embeddings as pipeline arguments, cached while the text encoders are unchanged; None: the
-        pipeline encodes the prompts itself (the DiTs, and SDXL prompts that need neither weights nor chunks)."""
+        pipeline encodes the prompts itself (plain prompts on the DiTs and SDXL, and families without weights)."""
         family = self.loaded.family
-        if family.name not in CHUNKED_FAMILIES or not hasattr(self.pipe, "encode_prompt"):
-            return None
         prompt, negative = group["prompt"], group["negative_prompt"] or ""
         mode = optional(group.get("prompt_weighting")) or "a1111"
-        chunked = self._needs_chunks(prompt) or self._needs_chunks(negative)
-        if family.name == "sdxl" and not chunked:
+        if family.prompt_weights == "clip":
+            chunked = self._needs_chunks(prompt) or self._needs_chunks(negative)
+            if family.name == "sdxl" and not chunked:
+                return None
+        elif family.prompt_weights and mode != "none" and (has_weights(prompt) or has_weights(negative)):
+            chunked = True
+        else:
             return None
         clip_skip = int(group["clip_skip"]) - 1 or None  # the web UIs' 1 = diffusers' None
         touches_te = bool(self.adapters.in_text_encoder & set(split_loras(group["lora_model"])))
         lora_key = (group["lora_model"], group["lora_strength"]) if touches_te else None
-        key = (prompt, negative, clip_skip, lora_key, optional(group.get("embeddings_model")), mode if chunked else None)
+        length = optional(group.get("max_sequence_length")) or family.max_sequence_length
+        key = (prompt, negative, clip_skip, lora_key, optional(group.get("embeddings_model")), mode if chunked else None, length)
         cache = self.loaded.prompt_embeddings
         if key not in cache:
             if not self.fast_path.cache_prompt_embeddings:
                 cache.clear()
-            if chunked:
+            if family.prompt_weights != "clip":
+                cache[key] = self._weighted_dit_embeddings(prompt, negative, mode, clip_skip, int(length))
+            elif chunked:
                 cache[key] = self._chunked_embeddings(prompt, negative, mode, clip_skip)
             elif clip_skip and not hasattr(self.pipe.text_encoder, "text_model"):
                 cache[key] = {
@@ -735,6 +740,51 @@ class LocalEngine:
                 positive, negative_embeds = self.pipe.encode_prompt(prompt, self.device, 1, True, negative or None, clip_skip=clip_skip)
                 cache[key] = {"prompt_embeds": positive, "negative_prompt_embeds": negative_embeds}
         return cache[key]
+
+    def _weighted_dit_embeddings(self, prompt: str, negative: str, mode: str, clip_skip: int | None, length: int) -> dict[str, Any]:
+        """Weighted prompts on Flux.1 (T5 weighted; CLIP gives only its pooled embedding, of the words), SD3 (CLIP-L/G
+        weighted on their first chunk, zero-padded to T5's width, then T5 weighted) and Chroma (T5 with its masks)."""
+        from runner.prompts.encode import Stack, clip_first_chunk, t5_weighted
+
+        pipe, kind = self.pipe, self.loaded.family.prompt_weights
+        if kind == "t5-masked":  # Chroma: T5 only, with its attention masks
+            with torch.inference_mode():
+                (positive, mask), (negative_embeds, negative_mask) = (
+                    t5_weighted(pipe.tokenizer, pipe.text_encoder, t, mode, length, self.device, masked=True) for t in (prompt, negative)
+                )
+            dtype = positive.dtype
+            return {
+                "prompt_embeds": positive,
+                "prompt_attention_mask": mask.to(dtype),
+                "negative_prompt_embeds": negative_embeds,
+                "negative_prompt_attention_mask": negative_mask.to(dtype),
+            }
+        sd3 = kind == "sd3"
+
+        def one(text: str) -> tuple[torch.Tensor, torch.Tensor]:
+            if not sd3:
+                pooled = pipe._get_clip_prompt_embeds(plain_text(text), num_images_per_prompt=1, device=self.device)
+                return t5_weighted(pipe.tokenizer_2, pipe.text_encoder_2, text, mode, length, self.device)[0], pooled
+            layer = -(clip_skip + 2) if clip_skip else -2
+            clip_l, pooled_l = clip_first_chunk(Stack(pipe.tokenizer, pipe.text_encoder, layer, False), text, mode, self.device)
+            clip_g, pooled_g = clip_first_chunk(Stack(pipe.tokenizer_2, pipe.text_encoder_2, layer, False), text, mode, self.device)
+            clip = torch.cat([clip_l, clip_g], dim=-1)
+            if pipe.text_encoder_3 is not None:
+                t5 = t5_weighted(pipe.tokenizer_3, pipe.text_encoder_3, text, mode, length, self.device)[0]
+            else:  # SD3 without its T5: zeros, as the pipeline does
+                t5 = torch.zeros(1, length, pipe.transformer.config.joint_attention_dim, device=self.device, dtype=clip.dtype)
+            clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+            return torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat([pooled_l, pooled_g], dim=-1)
+
+        with torch.inference_mode():
+            positive, pooled = one(prompt)
+            negative_embeds, negative_pooled = one(negative)
+        return {
+            "prompt_embeds": positive,
+            "pooled_prompt_embeds": pooled,
+            "negative_prompt_embeds": negative_embeds,
+            "negative_pooled_prompt_embeds": negative_pooled,
+        }
 
     def _needs_chunks(self, text: str) -> bool:
         """Weights, BREAK, or more than one chunk of tokens: the prompt goes through runner/prompts/encode.py."""

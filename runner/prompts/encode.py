@@ -146,3 +146,44 @@ def pad_to(embeddings: torch.Tensor, chunks: int, empty: torch.Tensor) -> torch.
     """Embeddings of fewer chunks padded with empty chunks (A1111 pads the shorter of prompt and negative this way)."""
     have = embeddings.shape[1] // empty.shape[1]
     return embeddings if have >= chunks else torch.cat([embeddings, empty.repeat(1, chunks - have, 1)], dim=1)
+
+
+def t5_weighted(
+    tokenizer: Any, encoder: Any, text: str, mode: str, max_length: int, device: torch.device, masked: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T5 embeddings [1, max_length, d], attention mask [1, max_length]) of a weighted prompt: each run of text
+    tokenized on its own (as ComfyUI does), EOS, padding to max_length (as diffusers pads T5 prompts), the weights
+    applied in `mode`. `masked`: the encoder reads the tokenizer's mask (Chroma), and the mask returned keeps the
+    first padding token too, as Chroma's pipeline does. T5 reads no chunks: BREAK only separates runs; words past
+    max_length are dropped (the plan says which)."""
+    ids: list[int] = []
+    weights: list[float] = []
+    for segment in segments_for(text, mode):
+        if segment.is_break:
+            continue
+        piece = tokenizer(segment.text, add_special_tokens=False).input_ids
+        ids += piece
+        weights += [segment.weight] * len(piece)
+    ids, weights = ids[: max_length - 1], weights[: max_length - 1]
+
+    def run(tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        row = [*tokens, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * (max_length - 1 - len(tokens))
+        seen = torch.tensor([[1] * (len(tokens) + 1) + [0] * (max_length - 1 - len(tokens))], device=device)
+        z = encoder(torch.tensor([row], device=device), output_hidden_states=False, attention_mask=seen if masked else None)[0]
+        keep = (torch.arange(max_length, device=device) <= len(tokens) + 1).unsqueeze(0) if masked else seen.bool()
+        return z, keep
+
+    z, mask = run(ids)
+    empty = run([])[0] if mode == "comfy" else None
+    return weighted(z, torch.tensor([*weights] + [1.0] * (max_length - len(weights))), mode, empty), mask
+
+
+def clip_first_chunk(stack: Stack, text: str, mode: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weighted hidden states [1, 77, d], pooled embedding) of a prompt's first CLIP chunk: SD3 and Flux read 77."""
+    chunks = chunk(stack.tokenizer, segments_for(text, mode))
+    z, output = clip_hidden(stack.encoder, chunks.ids[0], stack.layer, stack.final_norm, device)
+    empty = None
+    if mode == "comfy":
+        empty, _ = clip_hidden(stack.encoder, chunk(stack.tokenizer, [Segment("", 1.0)]).ids[0], stack.layer, stack.final_norm, device)
+    pooled = output.text_embeds if hasattr(output, "text_embeds") else output.pooler_output
+    return weighted(z, torch.tensor(chunks.weights[0]), mode, empty), pooled
