@@ -296,16 +296,16 @@ def test_web_ui_prompt_syntax_is_said_where_it_is_not_applied():
 
     plan = pd.DataFrame(
         {
-            "model_id": ["flux", "sd", "sd"],
+            "model_id": ["qwen", "sd", "sd"],
             "prompt": ["a (red:1.5) circle", "a (red:1.5) circle", "a red circle"],
             "prompt_original": [None, "a (red:1.5) circle <lora:star:0.8:0.5>", None],
             "negative_prompt": ["", "", "blurry"],
         }
     )
-    lines = prompt_warnings(plan, {"flux": "flux", "sd": "sd"})
+    lines = prompt_warnings(plan, {"qwen": "qwen-image", "sd": "sd"})
     assert lines == [
         "prompt: the second weight of '<lora:star:0.8:0.5>' (UNet only) is not applied: one strength per LoRA",
-        "prompt: 'a (red:1.5) circle': attention weights and BREAK are not applied on Flux.1 models ('flux'); "
+        "prompt: 'a (red:1.5) circle': attention weights and BREAK are not applied on Qwen-Image models ('qwen'); "
         "the words are encoded without the syntax",
     ]
     assert prompt_warnings(plan[plan["model_id"] == "sd"].assign(prompt_original=None), {"sd": "sd"}) == []
