@@ -281,7 +281,8 @@ def composition_error(exc: BaseException) -> str:
 
 
 def request_overrides(argv: list[str], sweep: dict[str, Any]) -> list[str]:
-    """`sweep.base.X=v` / `sweep.grid.X=v` set a request field or axis whatever the file has there.
+    """`sweep.base.X=v` / `sweep.grid.X=v` set a request field or axis whatever the file has there;
+    `+from_image=IMAGE` is `sweep.base_from=IMAGE`.
 
     Hydra would need `+` for a field the file lacks, and cannot turn a mapping axis
     (`seed: {range: ...}`) into a list; so an axis the file has is deleted and added again.
@@ -289,6 +290,9 @@ def request_overrides(argv: list[str], sweep: dict[str, Any]) -> list[str]:
     out = []
     for arg in argv:
         key, eq, value = arg.partition("=")
+        if eq and key.lstrip("+") == "from_image":  # `+from_image=IMAGE`: the sweep starts from that image's parameters
+            out.append(f"sweep.base_from={value}")
+            continue
         parts = key.split(".")
         if not eq or parts[0] != "sweep" or len(parts) < 3 or parts[1] not in ("base", "grid"):
             out.append(arg)

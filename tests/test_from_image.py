@@ -81,3 +81,11 @@ def test_params_prints_the_request_and_an_image_without_parameters_is_one_line(w
     assert prepared.problems == [
         "sweep.base_from: bare.png has no A1111 parameters text; use an image A1111, Forge, ComfyUI or lora-sweep wrote, or set sweep.base"
     ]
+
+
+def test_from_image_on_the_command_line_is_base_from(workspace, tmp_path):
+    from helpers import cli_config
+
+    image = png_with(tmp_path / "forge.png", FORGE)
+    cfg = cli_config([*workspace.paths, f"+from_image={image}"])
+    assert cfg.sweep.base_from == str(image)
