@@ -76,13 +76,15 @@ class Identity:
     # prompt texts over one CLIP chunk (75 tokens) for the plan's models' tokenizers: encoded in chunks since prompt
     # encoding was added, so their ids carry the encoding (as weighted prompts' do); the others' ids are as before
     long_prompts: frozenset[str] = frozenset()
+    # whether this engine parses the prompt syntax itself (local); a provider does its own, and its ids stay as they were
+    parses_prompts: bool = True
 
 
 def prompt_encoding(prompt: Any, negative: Any, weighting: Any, identity: Identity) -> str | None:
     """What enters the id about how the prompts were encoded: the weighting mode for rows with weights, BREAK or a
     prompt over 75 tokens; None (nothing) for plain prompts, which encode as they always did."""
     texts = [t for t in (prompt, negative) if isinstance(t, str) and t]
-    if any(has_weights(t) or t in identity.long_prompts for t in texts):
+    if identity.parses_prompts and any(has_weights(t) or t in identity.long_prompts for t in texts):
         return weighting if isinstance(weighting, str) and weighting else "a1111"
     return None
 

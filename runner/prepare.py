@@ -98,6 +98,7 @@ def registry_identity(registry: Registry, cfg: DictConfig) -> Identity:
         lora_hashes={k: v.identity for k, v in registry.loras.items()},
         engine=engine_identity(cfg),
         file_hashes=file_hashes,
+        parses_prompts=cfg.engine.kind == "local",
     )
 
 

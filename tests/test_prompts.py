@@ -335,3 +335,15 @@ def test_an_image_runs_params_show_the_parsed_blend_and_the_prompt_as_written():
         "star 0.8",
     )
     assert "prompt_original" not in image_params({"prompt": "a red circle", "lora_model": "", "blend": "no LoRA"})
+
+
+def test_a_remote_engines_ids_do_not_change_with_the_prompt_syntax():
+    """The provider parses weights itself: its rows' ids stay what they were (no paid request made again)."""
+    from runner.plan import Identity, image_id
+
+    row = {"prompt": "a (red:1.5) circle", "negative_prompt": "", "model_id": "m", "seed": 1}
+    local, remote = Identity(), Identity(parses_prompts=False)
+    assert image_id(row, local) != image_id(row, remote)
+    assert image_id(row, remote) == image_id({**row, "prompt_weighting": None}, remote)
+    plain = {**row, "prompt": "a red circle"}
+    assert image_id(plain, local) == image_id(plain, remote)
