@@ -40,7 +40,7 @@ from runner.search import describe_search, is_search, prepare_search_or_fail
 from runner.server import serve
 from runner.store import atomic_write_parquet
 
-SWEEP_KEYS = ("name", "description", "base", "base_from", "grid", "search", "report", "scores", "max_images")
+SWEEP_KEYS = ("name", "description", "base", "base_from", "grid", "search", "report", "scores", "max_images", "trigger_mode")
 
 USAGE = """usage: lora-sweep COMMAND [overrides...]
 

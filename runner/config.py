@@ -57,6 +57,7 @@ class LoraSource:
     weight_name: str | None = None
     builtin: bool = False
     lcm: bool = False  # an LCM LoRA (LCMScheduler is meant for it)
+    trigger: str | None = None  # its trigger words (else the file's metadata says them, if it does)
 
 
 @dataclass
@@ -186,6 +187,7 @@ class SweepConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
     scores: list[str] = field(default_factory=list)  # clip_score, lora_effect, seed_spread, or a learned scorer's id
     max_images: int = 5000  # refuse larger plans unless raised
+    trigger_mode: str = "prepend"  # prepend | none: a LoRA's trigger words where the prompt has no {trigger}
 
 
 @dataclass

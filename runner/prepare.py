@@ -12,9 +12,10 @@ from typing import Any, TextIO
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from runner.checkpoints import Checkpoint, checkpoints, is_checkpoint_source, safetensors_metadata, thin, trigger_of
 from runner.engines.base import Capabilities
 from runner.engines.factory import capabilities
-from runner.errors import Problem, UserError
+from runner.errors import Problem, UserError, did_you_mean
 from runner.families import DROPPED_LORA_KEYS, FAMILIES, label
 from runner.plan import Identity, PlanError, build_plan, given_fields, shadowed_base_fields, summarize, with_ids
 from runner.prompts.syntax import CHUNK, has_weights, lora_tags, may_be_long, plain_text, token_count
@@ -45,6 +46,7 @@ class PreparedSweep:
     warnings: list[str] = field(default_factory=list)
     duplicates: int = 0
     scorers: dict[str, Any] = field(default_factory=dict)  # scorer id -> ScorerEntry, for sweep.scores
+    checkpoints: dict[str, list[str]] = field(default_factory=dict)  # a LoRA run's name -> its checkpoints' ids, in order
 
     @property
     def ok(self) -> bool:
@@ -74,6 +76,9 @@ def describe_plan(prepared: PreparedSweep, out: TextIO) -> None:
     models = prepared.registry.models if prepared.registry is not None else {}
     if models:
         print("models: " + ", ".join(f"{k} ({label(m.family)})" for k, m in sorted(models.items())), file=out)
+    for run, ids in prepared.checkpoints.items():
+        shown = ", ".join(ids) if len(ids) <= 8 else ", ".join(ids[:3] + ["..."] + ids[-3:])
+        print(f"checkpoints: {run}: {len(ids)} found ({shown})", file=out)
     for warning in prepared.warnings:
         print(f"warning: {warning}", file=out)
 
@@ -370,6 +375,16 @@ def prepare_sweep(cfg: DictConfig) -> PreparedSweep:
         base, from_image, image_problems = image_base(cfg, base)
         if image_problems:
             return PreparedSweep(name, pd.DataFrame(), None, None, image_problems)
+    if str(cfg.sweep.get("trigger_mode") or "prepend") not in ("prepend", "none"):
+        fix = "use prepend (a LoRA's trigger words before the prompt) or none; {trigger} in a prompt places them"
+        return PreparedSweep(
+            name, pd.DataFrame(), None, None, [str(Problem("sweep.trigger_mode", f"unknown mode '{cfg.sweep.trigger_mode}'", fix))]
+        )
+    configured_loras = OmegaConf.to_container(cfg.loras, resolve=True) or {}
+    runs = checkpoint_runs(configured_loras)
+    grid, run_problems = checkpoint_axis(grid, runs, configured_loras)
+    if run_problems:
+        return PreparedSweep(name, pd.DataFrame(), None, None, run_problems)
     try:
         built = build_plan(base, grid, default_model_id=cfg.model.id, limits=limits, baseline=bool(cfg.sweep.report.baseline))
     except PlanError as exc:
@@ -388,7 +403,10 @@ def prepare_sweep(cfg: DictConfig) -> PreparedSweep:
         + rows.warnings
         + (prompt_warnings(rows.plan, families_of(rows.registry)) if caps.kind == "local" else [])
     )
-    return PreparedSweep(name, rows.plan, rows.registry, rows.identity, problems, warnings, rows.duplicates, scorers)
+    plan = with_checkpoint_columns(rows.plan, runs)
+    prepared = PreparedSweep(name, plan, rows.registry, rows.identity, problems, warnings, rows.duplicates, scorers)
+    prepared.checkpoints = {name: [c.id for c in found] for name, found in runs.items()}
+    return prepared
 
 
 @dataclass
@@ -404,7 +422,88 @@ class CheckedRows:
 
 
 def registry_entries(cfg: DictConfig) -> dict[str, dict[str, Any]]:
-    return {name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("models", "loras", "vaes", "embeddings")}
+    """The registries of the config; a LoRA entry whose source is a folder or glob of checkpoints is one entry per
+    checkpoint (`mine@e4`, runner/checkpoints.py), each with the run's other keys."""
+    entries = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("models", "loras", "vaes", "embeddings")}
+    loras = dict(entries["loras"] or {})
+    for name, found in checkpoint_runs(loras).items():
+        spec = {k: v for k, v in loras.pop(name).items() if k != "source"}
+        loras |= {c.id: {**spec, "source": str(c.path)} for c in found}
+    return entries | {"loras": loras}
+
+
+def checkpoint_runs(loras: dict[str, Any]) -> dict[str, list[Checkpoint]]:
+    """The LoRA entries that stand for a training run's checkpoints, with the checkpoints found (in training order)."""
+    runs = {}
+    for name, spec in loras.items():
+        source = spec.get("source") if isinstance(spec, dict) else None
+        if isinstance(source, str) and not spec.get("weight_name") and is_checkpoint_source(source):
+            runs[name] = checkpoints(name, source)
+    return runs
+
+
+def checkpoint_axis(grid: dict[str, Any], runs: dict[str, list[Checkpoint]], loras: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """`lora_model: {checkpoints: mine, last: 3, every: 2}` -> `{each: [mine@e2, mine@e4, ...]}` (baseline kept)."""
+    spec = grid.get("lora_model")
+    if not isinstance(spec, dict) or "checkpoints" not in spec:
+        return grid, []
+    names = [spec["checkpoints"]] if isinstance(spec["checkpoints"], str) else list(spec["checkpoints"] or [])
+    ids, problems = [], []
+    for name in names:
+        if name not in runs:
+            known = ", ".join(runs) or "none (give a LoRA entry a folder or a glob as its source)"
+            hint = did_you_mean(name, runs) or f"runs of checkpoints: {known}"
+            problems.append(str(Problem("sweep.grid.lora_model.checkpoints", f"'{name}' is not a LoRA entry of checkpoints", hint)))
+        elif not runs[name]:
+            where = loras[name]["source"]
+            problems.append(str(Problem(f"loras.{name}.source", f"{where} holds no .safetensors checkpoint", "fix the folder or glob")))
+        else:
+            ids += thin([c.id for c in runs[name]], spec.get("last"), spec.get("every"))
+    rest = {k: v for k, v in spec.items() if k not in ("checkpoints", "last", "every")}
+    return {**grid, "lora_model": {**rest, "each": ids}}, problems
+
+
+def with_checkpoint_columns(plan: pd.DataFrame, runs: dict[str, list[Checkpoint]]) -> pd.DataFrame:
+    """`checkpoint_epoch` / `checkpoint_step` of rows whose blend is one checkpoint (the report's step axis)."""
+    by_id = {c.id: c for found in runs.values() for c in found}
+    if not by_id or plan.empty:
+        return plan
+    epoch = plan["lora_model"].map(lambda m: by_id[m].epoch if m in by_id else None)
+    step = plan["lora_model"].map(lambda m: by_id[m].step if m in by_id else None)
+    return plan.assign(checkpoint_epoch=epoch, checkpoint_step=step)
+
+
+def lora_triggers(entries: dict[str, Any], registry: Registry) -> dict[str, str]:
+    """Each LoRA's trigger words: its registry entry's `trigger`, else the trainer's metadata in the file."""
+    triggers = {}
+    for lora_id, resolved in registry.loras.items():
+        spec = (entries.get("loras") or {}).get(lora_id) or {}
+        given = spec.get("trigger") if isinstance(spec, dict) else None
+        found = given or (trigger_of(safetensors_metadata(resolved.path)) if resolved.path.suffix == ".safetensors" else None)
+        if found:
+            triggers[lora_id] = str(found)
+    return triggers
+
+
+def with_triggers(plan: pd.DataFrame, triggers: dict[str, str], mode: str) -> pd.DataFrame:
+    """The blend's trigger words into the prompt: where it says `{trigger}` (in blend order), else prepended
+    (`trigger_mode: prepend`, the default) or not at all (`none`). prompt_original keeps the prompt as written."""
+    if plan.empty or (not triggers and not plan["prompt"].str.contains("{trigger}", regex=False).any()):
+        return plan
+    pairs = plan[["prompt", "lora_model"]].drop_duplicates()
+    rewritten = {}
+    for prompt, blend in zip(pairs["prompt"], pairs["lora_model"]):
+        words = ", ".join(triggers[n] for n in split_loras(blend) if n in triggers)
+        if "{trigger}" in prompt:
+            rewritten[(prompt, blend)] = prompt.replace("{trigger}", words)
+        elif words and mode == "prepend":
+            rewritten[(prompt, blend)] = f"{words}, {prompt}"
+    if not rewritten:
+        return plan
+    keys = list(zip(plan["prompt"], plan["lora_model"]))
+    new = [rewritten.get(k, k[0]) for k in keys]
+    original = [o if o is not None and o == o else (p if n != p else None) for o, p, n in zip(plan["prompt_original"], plan["prompt"], new)]
+    return plan.assign(prompt=new, prompt_original=original)
 
 
 def check_rows(
@@ -428,6 +527,7 @@ def check_rows(
     families = {k: v.family for k, v in registry.models.items()}
     if caps.kind == "local":
         plan = apply_family_defaults(plan, families, given)
+    plan = with_triggers(plan, lora_triggers(entries, registry), str(cfg.sweep.get("trigger_mode") or "prepend"))
     identity = registry_identity(registry, cfg)
     if caps.kind == "local":
         identity = replace(identity, long_prompts=long_prompts(plan, registry))

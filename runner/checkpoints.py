@@ -1,0 +1,87 @@
+"""LoRA training runs as registry entries: a folder or glob of checkpoints, each its own LoRA id, and their triggers.
+
+A kohya or ai-toolkit run leaves `mine-000004.safetensors`, `mine_000001500.safetensors`, ... whose safetensors
+metadata say the epoch and step (kohya's `ss_epoch` / `ss_steps`; else the number in the file name). An entry
+`loras.mine: {source: /train/out/mine*.safetensors}` stands for all of them: `mine@e4` (an epoch), `mine@s1500`
+(a step) or `mine@4` (a number in the name), in training order, each with its own hash. Reads headers only.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+NUMBER = re.compile(r"(\d+)(?!.*\d)")  # the last number in a file name: kohya's -000004, ai-toolkit's _000001500
+TRIGGER_KEYS = ("modelspec.trigger_phrase", "trigger_word", "ss_trigger_word")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    id: str  # mine@e4, mine@s1500, mine@4
+    path: Path
+    epoch: int | None
+    step: int | None
+    trigger: str | None
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """A .safetensors file's `__metadata__` (strings), from its header only; {} when it has none."""
+    try:
+        with open(path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size)) if 0 < size < 100_000_000 else {}
+    except (OSError, ValueError):
+        return {}
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
+
+
+def is_checkpoint_source(source: str) -> bool:
+    """A glob, or a folder holding several .safetensors (a single-file folder stays a plain LoRA entry)."""
+    if any(c in source for c in "*?["):
+        return True
+    path = Path(source).expanduser()
+    return path.is_dir() and len(list(path.glob("*.safetensors"))) > 1
+
+
+def trigger_of(metadata: Mapping[str, str]) -> str | None:
+    """The trigger phrase a trainer wrote into the file (modelspec, ai-toolkit), if any."""
+    return next((metadata[k].strip() for k in TRIGGER_KEYS if metadata.get(k, "").strip()), None)
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(str(value).strip())
+    except (TypeError, ValueError):
+        return None
+
+
+def checkpoints(name: str, source: str) -> list[Checkpoint]:
+    """The checkpoints of a training run, in training order (step, then epoch, then the number in the name)."""
+    path = Path(source).expanduser()
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else sorted(Path(p) for p in glob.glob(str(path)))
+    found = []
+    for file in files:
+        metadata = safetensors_metadata(file)
+        epoch, step = _int(metadata.get("ss_epoch")), _int(metadata.get("ss_steps"))
+        number = NUMBER.search(file.stem)
+        found.append((file, epoch, step, _int(number.group(1)) if number else None, trigger_of(metadata)))
+    # the id says what orders the run: epochs where every file has one, else steps, else the number in the name
+    kind = "e" if all(f[1] is not None for f in found) else "s" if all(f[2] is not None for f in found) else ""
+    out = []
+    for file, epoch, step, number, trigger in found:
+        value = {"e": epoch, "s": step}.get(kind, number)
+        label = f"{kind}{value}" if value is not None else file.stem
+        out.append(Checkpoint(f"{name}@{label}", file, epoch, step if step is not None else (number if kind == "" else None), trigger))
+    return sorted(out, key=lambda c: (c.step if c.step is not None else -1, c.epoch if c.epoch is not None else -1, c.id))
+
+
+def thin(ids: list[str], last: int | None = None, every: int | None = None) -> list[str]:
+    """`every: 2` keeps every second checkpoint counting back from the last one; `last: 3` the last three."""
+    kept = ids[::-1][:: max(1, every or 1)][::-1]
+    return kept[-last:] if last else kept

@@ -1,0 +1,96 @@
+"""A LoRA training run as one registry entry: its checkpoints as an axis, in training order, new ones generated
+alone on a rerun; trigger words from the entry or the file's metadata, where `{trigger}` says or prepended."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from runner.prepare import describe_plan, prepare_sweep
+
+BASE = {"prompt": "a red circle on a blue background", "width": 64, "height": 64, "num_inference_steps": 4, "seed": 3}
+
+
+def kohya_run(folder, assets, epochs=(1, 2, 3, 4), trigger: str | None = None):
+    """A kohya-like output folder: mine-00000N.safetensors, the demo's sunset LoRA grown with the epoch, ss_* metadata."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = load_file(str(assets / "loras" / "sunset.safetensors"))
+    for epoch in epochs:
+        metadata = {"ss_epoch": str(epoch), "ss_steps": str(250 * epoch), "ss_network_dim": "4", "ss_base_model_version": "sd_v1"}
+        if trigger:
+            metadata["modelspec.trigger_phrase"] = trigger
+        scaled = {k: (v * (0.4 + 0.2 * epoch) if ".lora_up." in k or "lora_B" in k else v) for k, v in tensors.items()}
+        save_file(scaled, str(folder / f"mine-{epoch:06d}.safetensors"), metadata=metadata)
+    return folder
+
+
+def test_a_training_run_is_an_axis_of_its_checkpoints_in_training_order(workspace, tmp_path):
+    run = kohya_run(tmp_path / "out", workspace.assets, epochs=(3, 1, 4, 2))
+    path = workspace.sweep("ckpt", {"base": BASE, "grid": {"lora_model": {"checkpoints": "mine"}, "lora_strength": [0.5, 1.0]}})
+    prepared = prepare_sweep(workspace.config(f"sweep={path}", "tracking=none", f"+loras.mine={{source: '{run}'}}"))
+    assert prepared.ok, prepared.problems
+    assert list(dict.fromkeys(prepared.plan["lora_model"])) == ["mine@e1", "mine@e2", "mine@e3", "mine@e4"]
+    assert sorted(set(prepared.plan["checkpoint_step"])) == [250, 500, 750, 1000]
+    out = io.StringIO()
+    describe_plan(prepared, out)
+    assert "checkpoints: mine: 4 found (mine@e1, mine@e2, mine@e3, mine@e4)" in out.getvalue()
+    thinned = {"lora_model": {"checkpoints": "mine", "last": 2}}
+    path = workspace.sweep("last", {"base": BASE, "grid": thinned})
+    last = prepare_sweep(workspace.config(f"sweep={path}", "tracking=none", f"+loras.mine={{source: '{run}/mine-*.safetensors'}}"))
+    assert list(last.plan["lora_model"]) == ["mine@e3", "mine@e4"], "a glob works as a folder does; last: 2 keeps the last two"
+
+
+def test_a_checkpoint_added_later_generates_only_its_images(workspace, tmp_path):
+    run = kohya_run(tmp_path / "out", workspace.assets, epochs=(1, 2))
+    path = workspace.sweep("grow", {"base": BASE, "grid": {"lora_model": {"checkpoints": "mine"}, "seed": [1, 2]}})
+    entry = f"+loras.mine={{source: '{run}'}}"
+    first = workspace.run(f"sweep={path}", "sweep.name=grow", "tracking=none", entry)
+    first.assert_all_ok()
+    assert first.summary.ok == 4
+    kohya_run(run, workspace.assets, epochs=(3,))  # training went on
+    second = workspace.run(f"sweep={path}", "sweep.name=grow", "tracking=none", entry)
+    second.assert_all_ok()
+    assert (second.summary.ok, second.summary.skipped) == (2, 4)
+
+
+def test_an_unknown_run_is_one_line(workspace, tmp_path):
+    run = kohya_run(tmp_path / "out", workspace.assets, epochs=(1, 2))
+    path = workspace.sweep("bad", {"base": BASE, "grid": {"lora_model": {"checkpoints": "mnie"}}})
+    prepared = prepare_sweep(workspace.config(f"sweep={path}", "tracking=none", f"+loras.mine={{source: '{run}'}}"))
+    assert prepared.problems == ["sweep.grid.lora_model.checkpoints: 'mnie' is not a LoRA entry of checkpoints; did you mean 'mine'?"]
+
+
+@pytest.mark.parametrize(
+    "prompt, mode, expected",
+    [
+        ("a red circle on a blue background", "prepend", "sks style, a red circle on a blue background"),
+        ("a {trigger} red circle", "prepend", "a sks style red circle"),
+        ("a {trigger} red circle", "none", "a sks style red circle"),
+        ("a red circle on a blue background", "none", "a red circle on a blue background"),
+    ],
+)
+def test_trigger_words_land_where_the_prompt_says_or_are_prepended(prompt, mode, expected, workspace, tmp_path):
+    run = kohya_run(tmp_path / "out", workspace.assets, epochs=(1, 2), trigger="sks style")
+    path = workspace.sweep("trig", {"base": {**BASE, "prompt": prompt}, "grid": {"lora_model": {"checkpoints": "mine"}}})
+    prepared = prepare_sweep(
+        workspace.config(f"sweep={path}", "tracking=none", f"+loras.mine={{source: '{run}'}}", f"sweep.trigger_mode={mode}")
+    )
+    assert prepared.ok, prepared.problems
+    assert set(prepared.plan["prompt"]) == {expected}
+    assert set(prepared.plan["prompt_original"].dropna()) == ({prompt} if expected != prompt else set())
+
+
+def test_an_entrys_trigger_wins_over_the_files_and_changes_the_id(workspace, tmp_path):
+    run = kohya_run(tmp_path / "out", workspace.assets, epochs=(1,), trigger="sks style")
+    single = run / "mine-000001.safetensors"
+    path = workspace.sweep("one", {"base": {**BASE, "lora_model": "solo"}})
+    with_entry = prepare_sweep(workspace.config(f"sweep={path}", "tracking=none", f"+loras.solo={{source: '{single}', trigger: 'ohwx'}}"))
+    from_file = prepare_sweep(workspace.config(f"sweep={path}", "tracking=none", f"+loras.solo={{source: '{single}'}}"))
+    off = prepare_sweep(
+        workspace.config(f"sweep={path}", "tracking=none", f"+loras.solo={{source: '{single}'}}", "sweep.trigger_mode=none")
+    )
+    assert with_entry.plan["prompt"].item() == "ohwx, " + BASE["prompt"]
+    assert from_file.plan["prompt"].item() == "sks style, " + BASE["prompt"]
+    assert len({with_entry.plan["id"].item(), from_file.plan["id"].item(), off.plan["id"].item()}) == 3
