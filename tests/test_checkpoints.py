@@ -94,3 +94,26 @@ def test_an_entrys_trigger_wins_over_the_files_and_changes_the_id(workspace, tmp
     assert with_entry.plan["prompt"].item() == "ohwx, " + BASE["prompt"]
     assert from_file.plan["prompt"].item() == "sks style, " + BASE["prompt"]
     assert len({with_entry.plan["id"].item(), from_file.plan["id"].item(), off.plan["id"].item()}) == 3
+
+
+def test_the_report_answers_which_checkpoint_at_which_strength(workspace, tmp_path):
+    """checkpoints.csv, the heatmap and the best checkpoint line match a recomputation from results.parquet."""
+    import pandas as pd
+
+    run = kohya_run(tmp_path / "out", workspace.assets, epochs=(1, 2, 3))
+    grid = {"lora_model": {"checkpoints": "mine"}, "lora_strength": [0.5, 1.0], "seed": [1, 2]}
+    path = workspace.sweep("best", {"base": BASE, "grid": grid, "scores": ["clip_score"]})
+    workspace.run(f"sweep={path}", "sweep.name=best", "tracking=none", f"+loras.mine={{source: '{run}'}}").assert_all_ok()
+    folder = workspace.outputs / "best"
+    table = pd.read_csv(folder / "checkpoints.csv")
+    assert sorted(table["step"].unique()) == [250, 500, 750] and sorted(table["strength"].unique()) == [0.5, 1.0]
+    plan, results = pd.read_parquet(folder / "plan.parquet"), pd.read_parquet(folder / "results.parquet")
+    joined = plan.merge(results, on="id")
+    means = joined.groupby(["lora_model", "lora_strength"])["clip_score"].mean()
+    best = means.idxmax()
+    assert (folder / "report" / "checkpoints.png").exists()
+    html = (folder / "report.html").read_text()
+    assert f"best <b>{best[0]}</b>" in html and f"at strength {float(best[1]):g}" in html
+    top = table.sort_values("clip_score_mean", ascending=False).iloc[0]
+    assert (top["checkpoint"], top["strength"]) == (best[0], float(best[1]))
+    assert abs(top["clip_score_mean"] - means.max()) < 1e-9

@@ -14,7 +14,7 @@ import pandas as pd
 
 from runner.report.grid import make_grids
 from runner.report.html import write_html
-from runner.report.ranking import default_rank_by, plot_curves, rank_cells, response_curves
+from runner.report.ranking import checkpoint_scores, default_rank_by, plot_checkpoints, plot_curves, rank_cells, response_curves
 
 
 @dataclass
@@ -62,6 +62,11 @@ def make_report(
     if not table.empty and table["strength"].nunique() > 1:
         path = plot_curves(table, curve_metrics, root / "report" / "curves.png")
         curves = [path] if path else []
+    checkpoints = checkpoint_scores(plan, results, rank_by)
+    if not checkpoints.empty:  # a training run's checkpoints: which one, at which strength (checkpoints.csv, a heatmap)
+        checkpoints.to_csv(root / "checkpoints.csv", index=False)
+        if path := plot_checkpoints(checkpoints, rank_by, root / "report" / "checkpoints.png"):
+            curves = [*curves, path]
     config_text = store.config_path.read_text() if store.config_path.exists() else ""
     html = write_html(
         root,
@@ -77,6 +82,7 @@ def make_report(
         config_text=config_text,
         command=command,
         identity=store.read_identity(),
+        checkpoints=checkpoints,
     )
     return ReportFiles(html, grids, ranking, ranking_csv, curves, rank_by)
 

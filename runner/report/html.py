@@ -106,6 +106,25 @@ def _with_family(model_id: str, ok: pd.DataFrame) -> str:
     return f"{model_id} ({', '.join(label(f) for f in families)})" if len(families) else model_id
 
 
+def checkpoint_section(table: pd.DataFrame | None, rank_by: str | None) -> str:
+    """The best checkpoint and strength of each training run, with its interval (checkpoints.csv has them all)."""
+    if table is None or table.empty or rank_by is None:
+        return ""
+    lines = []
+    for run, rows in table.groupby("run", sort=False):
+        best = rows.sort_values(f"{rank_by}_mean", ascending=False).iloc[0]
+        lines.append(
+            f"<li><b>{_e(run)}</b>: best <b>{_e(best['checkpoint'])}</b> (step {int(best['step'])}) at strength "
+            f"{best['strength']:g}: {rank_by} {_num(best[f'{rank_by}_mean'])} [{_num(best['ci_low'])}, {_num(best['ci_high'])}] "
+            f"over {int(best['images'])} images, of {rows['checkpoint'].nunique()} checkpoints</li>"
+        )
+    return (
+        "<h2 id='checkpoints'>Checkpoints</h2><ul>"
+        + "".join(lines)
+        + "</ul><p class='muted'>All of them: checkpoints.csv; the heatmap and curves are with the response curves.</p>"
+    )
+
+
 def write_html(
     root: Path,
     *,
@@ -121,6 +140,7 @@ def write_html(
     config_text: str,
     command: str,
     identity: dict,
+    checkpoints: pd.DataFrame | None = None,
 ) -> Path:
     """report.html: what the sweep is, how far it got, the ranking, curves and grids, the files and how to reproduce it."""
     info = summarize(plan)
@@ -163,6 +183,7 @@ def write_html(
         f"<p class='muted'>Files (sha256 prefix):</p><ul>{files}</ul>" if files else "",
         search_section(root, table),
         ranking_section(ranking, rank_by, scores),
+        checkpoint_section(checkpoints, rank_by),
         "<h2 id='curves'>Response curves</h2>",
         "".join(f"<p><img class='plot' src='{_e(p.relative_to(root).as_posix())}' alt='response curves'></p>" for p in curves)
         or "<p class='muted'>No curves: they need scores and LoRAs at more than one strength.</p>",

@@ -131,3 +131,70 @@ def plot_curves(curves: pd.DataFrame, metrics: list[str], path: Path) -> Path | 
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def checkpoint_scores(plan: pd.DataFrame, results: pd.DataFrame, rank_by: str | None) -> pd.DataFrame:
+    """Per training run, checkpoint step and strength: the mean of `rank_by` over seeds and prompts, with its 95%
+    bootstrap interval (rows whose blend is one checkpoint of a run; plan column checkpoint_step)."""
+    if rank_by is None or rank_by not in results or "checkpoint_step" not in plan:
+        return pd.DataFrame()
+    table = plan[plan["checkpoint_step"].notna()].merge(results[["id", "status", rank_by]], on="id")
+    table = table[table["status"] == "ok"]
+    if table.empty:
+        return pd.DataFrame()
+    table = table.assign(run=table["lora_model"].str.split("@").str[0], strength=table["lora_strength"].astype(float))
+    rng = np.random.default_rng(0)
+    rows = []
+    for (run, step, checkpoint, strength), group in table.groupby(["run", "checkpoint_step", "lora_model", "strength"], sort=True):
+        values = group[rank_by].dropna().to_numpy(dtype=float)
+        low, high = bootstrap_interval(values, rng)
+        rows.append(
+            {
+                "run": run,
+                "checkpoint": checkpoint,
+                "step": int(step),
+                "strength": strength,
+                "images": len(values),
+                f"{rank_by}_mean": float(values.mean()) if len(values) else float("nan"),
+                "ci_low": low,
+                "ci_high": high,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def plot_checkpoints(table: pd.DataFrame, rank_by: str, path: Path) -> Path | None:
+    """Per run: the score as a heatmap over step x strength, and a curve over steps per strength."""
+    if table.empty:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = list(dict.fromkeys(table["run"]))
+    fig, axes = plt.subplots(len(runs), 2, figsize=(9, 3.4 * len(runs)), squeeze=False)
+    for (heat, curve), run in zip(axes, runs):
+        rows = table[table["run"] == run]
+        grid = rows.pivot_table(index="strength", columns="step", values=f"{rank_by}_mean")
+        image = heat.imshow(grid.to_numpy(), aspect="auto", origin="lower", cmap="viridis")
+        heat.set_xticks(range(len(grid.columns)), [str(c) for c in grid.columns], rotation=45, fontsize=8)
+        heat.set_yticks(range(len(grid.index)), [f"{s:g}" for s in grid.index], fontsize=8)
+        heat.set_xlabel("step")
+        heat.set_ylabel("strength")
+        heat.set_title(f"{run}: {rank_by}")
+        fig.colorbar(image, ax=heat)
+        for strength, group in rows.groupby("strength"):
+            group = group.sort_values("step")
+            low, high = group["ci_low"].to_numpy(), group["ci_high"].to_numpy()
+            mean = group[f"{rank_by}_mean"].to_numpy()
+            curve.errorbar(group["step"], mean, yerr=[mean - low, high - mean], marker="o", capsize=3, label=f"strength {strength:g}")
+        curve.set_xlabel("step")
+        curve.set_title(f"{run}: {rank_by} over steps")
+        curve.grid(alpha=0.3)
+        curve.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
