@@ -85,3 +85,46 @@ def thin(ids: list[str], last: int | None = None, every: int | None = None) -> l
     """`every: 2` keeps every second checkpoint counting back from the last one; `last: 3` the last three."""
     kept = ids[::-1][:: max(1, every or 1)][::-1]
     return kept[-last:] if last else kept
+
+
+# the network a LoRA file holds, from its key names (the first marker found)
+NETWORK_MARKERS = (("hada_w1", "LoHa"), ("lokr_w1", "LoKr"), ("oft_blocks", "OFT"), ("dora_scale", "DoRA"), (".diff", "full"))
+TOOLS = (("ss_network_module", "kohya"), ("ss_output_name", "kohya"), ("software", "ai-toolkit"), ("modelspec.architecture", "modelspec"))
+
+
+def lora_info(path: Path, keys: list[str]) -> dict[str, str]:
+    """What a LoRA file says about itself (metadata and key names): tool, base model, network, rank/alpha, training."""
+    metadata = safetensors_metadata(path) if path.suffix == ".safetensors" else {}
+    info: dict[str, str] = {}
+    tool = next((name for key, name in TOOLS if key in metadata), None)
+    if tool == "kohya" and "lycoris" in metadata.get("ss_network_module", ""):
+        tool = "LyCORIS (kohya)"
+    info["tool"] = tool or ("diffusers/peft" if any(".lora_A." in k or ".lora_B." in k for k in keys) else "unknown")
+    base = metadata.get("ss_base_model_version") or metadata.get("modelspec.architecture") or metadata.get("ss_sd_model_name")
+    if base:
+        info["base"] = base
+    network = next((name for marker, name in NETWORK_MARKERS if any(marker in k for k in keys)), None)
+    if network is None:
+        conv = "conv" in metadata.get("ss_network_args", "") or any("_conv" in k and "lora_down" in k for k in keys)
+        network = "LoCon" if conv else "LoRA"
+    info["network"] = network
+    for key, name in (("ss_network_dim", "rank"), ("ss_network_alpha", "alpha"), ("ss_epoch", "epoch"), ("ss_steps", "step")):
+        if metadata.get(key):
+            info[name] = metadata[key]
+    if metadata.get("ss_resolution"):
+        info["resolution"] = metadata["ss_resolution"].strip("()").replace(", ", "x")
+    if trigger := trigger_of(metadata):
+        info["trigger"] = trigger
+    return info
+
+
+def info_line(lora_id: str, info: Mapping[str, str]) -> str:
+    """'mine@e4: kohya, sd_v1, LoRA rank 4 alpha 1, epoch 4, step 1000, 512x512, trigger "sks style"'."""
+    parts = [info.get("tool", "unknown")]
+    parts += [info["base"]] if "base" in info else []
+    network = info.get("network", "LoRA") + "".join(f" {k} {info[k]}" for k in ("rank", "alpha") if k in info)
+    parts.append(network)
+    parts += [f"{k} {info[k]}" for k in ("epoch", "step") if k in info]
+    parts += [info["resolution"]] if "resolution" in info else []
+    parts += [f'trigger "{info["trigger"]}"'] if "trigger" in info else []
+    return f"{lora_id}: " + ", ".join(parts)

@@ -12,7 +12,16 @@ from typing import Any, TextIO
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from runner.checkpoints import Checkpoint, checkpoints, is_checkpoint_source, safetensors_metadata, thin, trigger_of
+from runner.checkpoints import (
+    Checkpoint,
+    checkpoints,
+    info_line,
+    is_checkpoint_source,
+    lora_info,
+    safetensors_metadata,
+    thin,
+    trigger_of,
+)
 from runner.engines.base import Capabilities
 from runner.engines.factory import capabilities
 from runner.errors import Problem, UserError, did_you_mean
@@ -76,6 +85,10 @@ def describe_plan(prepared: PreparedSweep, out: TextIO) -> None:
     models = prepared.registry.models if prepared.registry is not None else {}
     if models:
         print("models: " + ", ".join(f"{k} ({label(m.family)})" for k, m in sorted(models.items())), file=out)
+    loras = prepared.registry.loras if prepared.registry is not None else {}
+    for lora_id, lora in sorted(loras.items()):
+        if not lora.builtin and lora.path.exists() and lora.path.suffix == ".safetensors":
+            print("lora " + info_line(lora_id, lora_info(lora.path, safetensors_keys(lora.path))), file=out)
     for run, ids in prepared.checkpoints.items():
         shown = ", ".join(ids) if len(ids) <= 8 else ", ".join(ids[:3] + ["..."] + ids[-3:])
         print(f"checkpoints: {run}: {len(ids)} found ({shown})", file=out)

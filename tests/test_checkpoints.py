@@ -18,7 +18,15 @@ def kohya_run(folder, assets, epochs=(1, 2, 3, 4), trigger: str | None = None):
     folder.mkdir(parents=True, exist_ok=True)
     tensors = load_file(str(assets / "loras" / "sunset.safetensors"))
     for epoch in epochs:
-        metadata = {"ss_epoch": str(epoch), "ss_steps": str(250 * epoch), "ss_network_dim": "4", "ss_base_model_version": "sd_v1"}
+        metadata = {
+            "ss_epoch": str(epoch),
+            "ss_steps": str(250 * epoch),
+            "ss_network_dim": "4",
+            "ss_network_alpha": "1",
+            "ss_base_model_version": "sd_v1",
+            "ss_network_module": "networks.lora",
+            "ss_resolution": "(512, 512)",
+        }
         if trigger:
             metadata["modelspec.trigger_phrase"] = trigger
         scaled = {k: (v * (0.4 + 0.2 * epoch) if ".lora_up." in k or "lora_B" in k else v) for k, v in tensors.items()}
@@ -36,6 +44,7 @@ def test_a_training_run_is_an_axis_of_its_checkpoints_in_training_order(workspac
     out = io.StringIO()
     describe_plan(prepared, out)
     assert "checkpoints: mine: 4 found (mine@e1, mine@e2, mine@e3, mine@e4)" in out.getvalue()
+    assert "lora mine@e4: kohya, sd_v1, LoRA rank 4 alpha 1, epoch 4, step 1000, 512x512" in out.getvalue().splitlines()
     thinned = {"lora_model": {"checkpoints": "mine", "last": 2}}
     path = workspace.sweep("last", {"base": BASE, "grid": thinned})
     last = prepare_sweep(workspace.config(f"sweep={path}", "tracking=none", f"+loras.mine={{source: '{run}/mine-*.safetensors'}}"))
