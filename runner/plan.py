@@ -548,13 +548,14 @@ def _scheduler_aliases(columns: dict[str, _Column]) -> dict[str, _Column]:
 
 
 def _merge_lora_tags(columns: dict[str, _Column], rows: _Rows, limits: Limits) -> tuple[dict[str, _Column], list[_Found]]:
-    """`<lora:name:weight>` tags of the prompt: out of its text and into the row's blend, as the web UIs do.
+    """`<lora:name:weight>` tags of the prompt: out of its text and into the row's blend, as the web UIs do, and each
+    row's `lora_strength_te` as one value per LoRA (a tag's `:te:unet` pair sets it apart from lora_strength).
 
-    Done once per distinct (prompt, blend) pair. A tag and `lora_model` naming the same LoRA, a strength that is
-    not a number, and a tag in the negative prompt are problems. Baseline rows keep the clean prompt, no LoRA.
-    `prompt_original` keeps the prompt as written.
+    Done once per distinct (prompt, blend, te strengths). A tag and `lora_model` naming the same LoRA, a strength that
+    is not a number, a tag in the negative prompt and te strengths that do not fit the blend are problems. Baseline
+    rows keep the clean prompt, no LoRA. `prompt_original` keeps the prompt as written.
     """
-    prompt, negative = columns["prompt"], columns["negative_prompt"]
+    prompt, negative, te = columns["prompt"], columns["negative_prompt"], columns["lora_strength_te"]
     problems: list[_Found] = []
     position = list(FIELDS).index("negative_prompt")
     for index, text in enumerate(negative.values):
@@ -562,19 +563,30 @@ def _merge_lora_tags(columns: dict[str, _Column], rows: _Rows, limits: Limits) -
             why = Problem("negative_prompt", f"'{tag.raw}' is a LoRA tag, which belongs in the prompt", "move it to the prompt")
             problems += _report([why], negative.codes == index, 3, position)
     parsed = [lora_tags(text) if isinstance(text, str) else (text, []) for text in prompt.values]
-    if not any(tags for _, tags in parsed):
+    if not any(tags for _, tags in parsed) and all(v is None for v in te.values):
         return columns | {"prompt_original": _Column([None], np.zeros(len(prompt.codes), dtype=np.int64))}, problems
     pairs = columns["lora_model"]
-    n_pairs = len(pairs.values)
+    n_pairs, n_te = len(pairs.values), len(te.values)
     plain = (rows.plain if len(rows.plain) == len(prompt.codes) else np.zeros(len(prompt.codes), dtype=bool)).astype(np.int64)
-    keys, inverse = np.unique((prompt.codes.astype(np.int64) * n_pairs + pairs.codes) * 2 + plain, return_inverse=True)
-    prompts, originals, loras_out, strengths_out, labels = [], [], [], [], []
-    for index, key in enumerate(keys.tolist()):
-        prompt_index, pair_index, is_plain = key // 2 // n_pairs, key // 2 % n_pairs, key % 2
+    key = ((prompt.codes.astype(np.int64) * n_pairs + pairs.codes) * n_te + te.codes) * 2 + plain
+    keys, inverse = np.unique(key, return_inverse=True)
+    prompts, originals, loras_out, strengths_out, te_out, labels = [], [], [], [], [], []
+    for index, code in enumerate(keys.tolist()):
+        is_plain, code = code % 2, code // 2
+        te_index, code = code % n_te, code // n_te
+        prompt_index, pair_index = code // n_pairs, code % n_pairs
         clean, tags = parsed[prompt_index]
         names = split_loras(pairs.values[pair_index])
         strengths = split_strengths(columns["lora_strength"].values[pair_index]) or [1.0] * len(names)
+        te_given = split_strengths(te.values[te_index])
         found: list[Problem] = []
+        if te_given and not names:
+            found.append(Problem("lora_strength_te", "is set but lora_model is empty", "set lora_model or drop lora_strength_te"))
+        elif te_given and len(te_given) not in (1, len(names)):
+            found.append(
+                Problem("lora_strength_te", f"{len(te_given)} strengths for {len(names)} LoRAs", "give one per LoRA, or one for all")
+            )
+        te_values = (te_given * len(names) if len(te_given) == 1 else list(te_given)) if te_given and names else list(strengths)
         for tag in [] if is_plain else tags:
             if tag.strength is None:
                 found.append(Problem("prompt", f"'{tag.raw}': the strength is not a number", f"write e.g. <lora:{tag.name}:0.8>"))
@@ -582,23 +594,35 @@ def _merge_lora_tags(columns: dict[str, _Column], rows: _Rows, limits: Limits) -
                 found.append(Problem("lora_model", f"LoRA '{tag.name}' is named twice: in lora_model and as '{tag.raw}'", "keep one"))
             else:
                 names.append(tag.name)
-                strengths.append(tag.strength)
-        if tags and not is_plain:
+                strengths.append(tag.unet if tag.unet is not None else tag.strength)
+                te_values.append(tag.strength)
+        if (tags and not is_plain) or te_given:
             found += lora_problems(",".join(names), strengths, limits)
+            low, high = limits.min_lora_strength, limits.max_lora_strength
+            found += [
+                Problem(
+                    "lora_strength_te", f"{format_number(v)} is outside {format_number(low)}..{format_number(high)}", "as lora_strength"
+                )
+                for v in te_values
+                if not low <= v <= high
+            ]
         if found:
             problems += _report(found, inverse == index, 3, 0)
+        apart = not is_plain and len(te_values) == len(strengths) and [round(a, 6) for a in te_values] != [round(b, 6) for b in strengths]
         lora_text = ",".join(names) if not is_plain else pairs.values[pair_index]
         strength_text = join_strengths(strengths) if not is_plain else columns["lora_strength"].values[pair_index]
         prompts.append(clean)
         originals.append(prompt.values[prompt_index] if tags else None)
         loras_out.append(lora_text)
         strengths_out.append(strength_text)
-        labels.append(blend_label(lora_text, strength_text))
+        te_out.append(join_strengths(te_values) if apart else None)  # equal to lora_strength: unset (the id as before)
+        labels.append(blend_label(lora_text, strength_text) + (f" (text encoders {join_strengths(te_values)})" if apart else ""))
     merged = {
         "prompt": _Column(prompts, inverse),
         "prompt_original": _Column(originals, inverse),
         "lora_model": _Column(loras_out, inverse),
         "lora_strength": _Column(strengths_out, inverse),
+        "lora_strength_te": _Column(te_out, inverse),
         "blend": _Column(labels, inverse),
     }
     return columns | merged, problems

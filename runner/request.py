@@ -39,7 +39,7 @@ class Limits:
 
 @dataclass(frozen=True)
 class FieldSpec:
-    kind: str  # str | int | float | bool | strengths | loras | seed | optional_str | optional_int | optional_float | mode | any
+    kind: str  # str | int | float | bool | strengths | strengths_opt | loras | seed | optional_str | optional_int | optional_float | mode
     default: Any = None
     doc: str = ""
 
@@ -83,13 +83,14 @@ FIELDS: dict[str, FieldSpec] = {
     "true_cfg_scale": FieldSpec("optional_float", None, "real CFG on Flux.1 and Qwen-Image (with negative_prompt)"),
     "max_sequence_length": FieldSpec("optional_int", None, "prompt tokens of the T5 / LLM text encoder"),
     "shift": FieldSpec("optional_float", None, "flow-matching timestep shift, fixed (no resolution-dependent shift)"),
+    "lora_strength_te": FieldSpec("strengths_opt", None, "per LoRA, the text encoders' strength (A1111's te weight); unset: lora_strength"),
     "prompt_weighting": FieldSpec("mode", None, "a1111 (unset: the default) | comfy | none: how (word:1.3) weights apply"),
 }
 
 # Fields that never change the pixels: left out of the image id.
 NOT_IN_ID = frozenset({"samples", "webhook", "track_id", "base64", "temp"})
 # Fields left out of the id (and of derived seeds) while unset, so adding them kept every earlier id.
-OMITTED_WHEN_UNSET = frozenset({"true_cfg_scale", "max_sequence_length", "shift", "prompt_weighting"})
+OMITTED_WHEN_UNSET = frozenset({"true_cfg_scale", "max_sequence_length", "shift", "prompt_weighting", "lora_strength_te"})
 PROMPT_WEIGHTING = ("a1111", "comfy", "none")  # unset: a1111
 # Secrets the API carries in the body; never stored.
 SECRET_FIELDS = frozenset({"key", "api_key"})
@@ -192,6 +193,8 @@ def _parse_value(spec: FieldSpec, value: Any) -> Any:
         if value is None or (isinstance(value, str) and value.strip().lower() in ("", "null", "none")):
             return None
         return str(value)
+    if spec.kind == "strengths_opt":  # canonical text, one value per LoRA once the blend is known (plan.py)
+        return join_strengths(split_strengths(value)) or None if value not in (None, "") else None
     if spec.kind == "mode":  # a word of a small vocabulary ("none" is one of them, not null)
         return None if value is None or str(value).strip() == "" else str(value).strip().lower()
     if spec.kind in ("optional_int", "optional_float") and (

@@ -126,3 +126,70 @@ def test_the_report_answers_which_checkpoint_at_which_strength(workspace, tmp_pa
     top = table.sort_values("clip_score_mean", ascending=False).iloc[0]
     assert (top["checkpoint"], top["strength"]) == (best[0], float(best[1]))
     assert abs(top["clip_score_mean"] - means.max()) < 1e-9
+
+
+def test_text_encoder_and_unet_strengths_apart_equal_the_hand_merge(workspace, tmp_path):
+    """lora_strength 1 with lora_strength_te 0.3 (and A1111's <lora:both:0.3:1>, the same image and id): the UNet
+    deltas at 1 and the text encoder's at 0.3, merged by hand into the demo model, give the same pixels."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionPipeline, UniPCMultistepScheduler
+    from helpers import sweep_images
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.set_num_threads(1)
+    pipe = StableDiffusionPipeline.from_pretrained(workspace.assets / "tiny-sd", safety_checker=None)
+    torch.manual_seed(7)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=False), adapter_name="x")
+    pipe.text_encoder.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False), adapter_name="x"
+    )
+    StableDiffusionPipeline.save_lora_weights(
+        str(tmp_path),
+        unet_lora_layers=get_peft_model_state_dict(pipe.unet, adapter_name="x"),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder, adapter_name="x"),
+        weight_name="both.safetensors",
+    )
+    entry = f"+loras.both={{source: '{tmp_path / 'both.safetensors'}'}}"
+    by_fields = {**BASE, "seed": 1, "lora_model": "both", "lora_strength": 1, "lora_strength_te": 0.3}
+    by_tag = {**BASE, "seed": 1, "prompt": BASE["prompt"] + " <lora:both:0.3:1>"}
+    path = workspace.sweep("apart", {"base": by_fields})
+    tagged = workspace.sweep("tagged", {"base": by_tag})
+    assert (
+        prepare_sweep(workspace.config(f"sweep={tagged}", "tracking=none", entry)).plan["id"].tolist()
+        == prepare_sweep(workspace.config(f"sweep={path}", "tracking=none", entry)).plan["id"].tolist()
+    )
+    workspace.run(f"sweep={path}", "sweep.name=apart", "tracking=none", entry).assert_all_ok()
+    rows, pixels = sweep_images(workspace.outputs, "apart")
+    assert rows["blend"].item() == "both 1 (text encoders 0.3)"
+
+    from safetensors.torch import load_file
+
+    hand = StableDiffusionPipeline.from_pretrained(workspace.assets / "tiny-sd", safety_checker=None)
+    hand.scheduler = UniPCMultistepScheduler.from_config(hand.scheduler.config)
+    hand.set_progress_bar_config(disable=True)
+    tensors = load_file(str(tmp_path / "both.safetensors"))
+    with torch.no_grad():
+        for component, strength in (("unet", 1.0), ("text_encoder", 0.3)):
+            modules = dict(getattr(hand, component).named_modules())
+            for key, a in tensors.items():
+                if key.startswith(component + ".") and ".lora_A." in key:
+                    module = modules[key.removeprefix(component + ".").split(".lora_A.")[0]]
+                    module.weight += strength * (tensors[key.replace(".lora_A.", ".lora_B.")] @ a)
+        image = hand(
+            BASE["prompt"],
+            negative_prompt="",
+            width=64,
+            height=64,
+            num_inference_steps=4,
+            guidance_scale=7.5,
+            generator=torch.Generator("cpu").manual_seed(1),
+            output_type="np",
+        ).images[0]
+    reference = (np.clip(image, 0, 1) * 255).round().astype(np.int16)
+    assert np.abs(pixels(rows["id"].item()) - reference).max() <= 1
+    workspace.run(f"sweep={path}", "sweep.name=peft", "tracking=none", "engine.fuse_loras=false", entry).assert_all_ok()
+    peft_rows, peft_pixels = sweep_images(workspace.outputs, "peft")
+    assert set(peft_rows["meta.lora_mode"]) == {"unfused"}, "peft's per-component adapter weights"
+    assert np.abs(peft_pixels(peft_rows["id"].item()) - reference).max() <= 1

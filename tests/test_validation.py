@@ -298,13 +298,13 @@ def test_web_ui_prompt_syntax_is_said_where_it_is_not_applied():
         {
             "model_id": ["qwen", "sd", "sd"],
             "prompt": ["a (red:1.5) circle", "a (red:1.5) circle", "a red circle"],
-            "prompt_original": [None, "a (red:1.5) circle <lora:star:0.8:0.5>", None],
+            "prompt_original": [None, "a (red:1.5) circle <lora:star:0.8:x>", None],
             "negative_prompt": ["", "", "blurry"],
         }
     )
     lines = prompt_warnings(plan, {"qwen": "qwen-image", "sd": "sd"})
     assert lines == [
-        "prompt: the second weight of '<lora:star:0.8:0.5>' (UNet only) is not applied: one strength per LoRA",
+        "prompt: the second weight of '<lora:star:0.8:x>' is not a number: the LoRA runs at one strength",
         "prompt: 'a (red:1.5) circle': attention weights and BREAK are not applied on Qwen-Image models ('qwen'); "
         "the words are encoded without the syntax",
     ]

@@ -74,10 +74,13 @@ class FusedBlends:
     """Writes one blend at a time into the base weights of the given models, and restores them exactly."""
 
     def __init__(self, models: Sequence[nn.Module]):
+        """`models`: the denoiser first, then the text encoders (whose layers take the text-encoder strengths)."""
         self.models = [m for m in models if m is not None]
+        self._denoiser = self.models[0] if self.models else None
         self._pristine: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(weight) -> (weight, loaded copy)
         self._touched: set[int] = set()  # weights holding a blend now
         self._layers: list[nn.Module] | None = None
+        self._text_layers: set[int] = set()  # ids of the LoRA layers in the text encoders
 
     def adapters_changed(self) -> None:
         """Call after loading or deleting adapters: the LoRA layers are looked up again."""
@@ -86,6 +89,8 @@ class FusedBlends:
     def layers(self) -> list[nn.Module]:
         if self._layers is None:
             self._layers = lora_layers(self.models)
+            denoiser = {id(m) for m in lora_layers([self._denoiser])} if self._denoiser is not None else set()
+            self._text_layers = {id(layer) for layer in self._layers if id(layer) not in denoiser}
         return self._layers
 
     def can_fuse(self, names: Sequence[str]) -> bool:
@@ -101,12 +106,14 @@ class FusedBlends:
         return True
 
     @torch.no_grad()
-    def apply(self, names: Sequence[str], strengths: Sequence[float]) -> int:
-        """Restore, then fuse this blend (adapter names at their strengths). Returns the number of weights written."""
+    def apply(self, names: Sequence[str], strengths: Sequence[float], te_strengths: Sequence[float] | None = None) -> int:
+        """Restore, then fuse this blend (adapter names at their strengths; the text encoders' layers at
+        `te_strengths` where given). Returns the number of weights written."""
         self.restore()
         written = 0
         for layer in self.layers():
-            present = [(n, float(s)) for n, s in zip(names, strengths) if n in layer.lora_A]
+            chosen = te_strengths if te_strengths is not None and id(layer) in self._text_layers else strengths
+            present = [(n, float(s)) for n, s in zip(names, chosen) if n in layer.lora_A]
             if not present:
                 continue
             weight = layer.get_base_layer().weight

@@ -64,6 +64,7 @@ SEED_GROUP_KEYS = [
     "max_sequence_length",
     "shift",
     "prompt_weighting",
+    "lora_strength_te",
 ]
 
 
@@ -669,25 +670,36 @@ class LocalEngine:
 
     # ------------------------------------------------------------ per seed group settings
 
-    def _set_adapters(self, lora_model: str, lora_strength: str) -> None:
-        """The group's blend: fused into the base weights (fast path), or as peft adapters at their weights."""
+    def _set_adapters(self, lora_model: str, lora_strength: str, lora_strength_te: str | None = None) -> None:
+        """The group's blend: fused into the base weights (fast path), or as peft adapters at their weights; with
+        `lora_strength_te`, the text encoders' layers at those strengths and the denoiser's at lora_strength."""
         adapters = self.adapters
-        key = (lora_model, lora_strength)
+        key = (lora_model, lora_strength, lora_strength_te)
         if key == adapters.blend:
             return
         names = split_loras(lora_model)
         strengths = split_strengths(lora_strength)
+        te_strengths = split_strengths(lora_strength_te) or None
         if names:
             self._load_adapters(set(names))
         exact = self.loaded.family.fuse and not self.loaded.quantization  # quantized weights cannot hold a blend exactly
         if names and self.fast_path.fuse_loras and exact and adapters.fuser.can_fuse(names):
             self.pipe.disable_lora()  # peft's adapter path off: the fused base weights carry the blend
-            adapters.fuser.apply(names, strengths)
+            adapters.fuser.apply(names, strengths, te_strengths)
             adapters.mode = "fused"
         elif names:
             adapters.fuser.restore()
             self.pipe.enable_lora()
-            self.pipe.set_adapters(names, adapter_weights=strengths)
+            if te_strengths:  # diffusers' per-component weights: {component: weight} per adapter
+                family = self.loaded.family
+                parts = [family.denoiser, *(e.component for e in family.text_encoders)]
+                weights = [
+                    {part: (s if part == family.denoiser else t) for part in parts if getattr(self.pipe, part, None) is not None}
+                    for s, t in zip(strengths, te_strengths)
+                ]
+                self.pipe.set_adapters(names, adapter_weights=weights)
+            else:
+                self.pipe.set_adapters(names, adapter_weights=strengths)
             adapters.mode = "unfused"
         else:
             adapters.fuser.restore()
@@ -720,7 +732,7 @@ class LocalEngine:
             return None
         clip_skip = int(group["clip_skip"]) - 1 or None  # the web UIs' 1 = diffusers' None
         touches_te = bool(self.adapters.in_text_encoder & set(split_loras(group["lora_model"])))
-        lora_key = (group["lora_model"], group["lora_strength"]) if touches_te else None
+        lora_key = (group["lora_model"], group["lora_strength"], optional(group.get("lora_strength_te"))) if touches_te else None
         length = optional(group.get("max_sequence_length")) or family.max_sequence_length
         key = (prompt, negative, clip_skip, lora_key, optional(group.get("embeddings_model")), mode if chunked else None, length)
         cache = self.loaded.prompt_embeddings
@@ -898,7 +910,7 @@ class LocalEngine:
         group = batch[0]
         try:
             self._load_model(group["model_id"])
-            self._set_adapters(group["lora_model"], group["lora_strength"])
+            self._set_adapters(group["lora_model"], group["lora_strength"], optional(group.get("lora_strength_te")))
             self._set_scheduler(
                 group["scheduler_used"],
                 {"use_karras_sigmas": group["use_karras_sigmas"], "algorithm_type": group["algorithm_type"]},

@@ -103,28 +103,38 @@ def plain_text(text: str) -> str:
 @dataclass(frozen=True)
 class LoraTag:
     name: str
-    strength: float | None  # None: the strength text was not a number (a validation line)
+    strength: float | None  # A1111's first weight: the text encoders' and, alone, the whole LoRA's; None: not a number
     raw: str  # the tag as written
-    note: str = ""  # what of the tag is not applied (A1111's second, UNet-only weight)
+    note: str = ""  # what of the tag is not applied
+    unet: float | None = None  # A1111's second weight, the UNet's / transformer's (`<lora:name:te:unet>`)
 
 
 def lora_tags(text: str) -> tuple[str, list[LoraTag]]:
-    """(the text without its `<lora:...>`/`<lyco:...>` tags, the tags in order). `<lora:name>` is strength 1."""
+    """(the text without its `<lora:...>`/`<lyco:...>` tags, the tags in order). `<lora:name>` is strength 1;
+    `<lora:name:0.5:1>` is 0.5 for the text encoders and 1 for the UNet or transformer, as in A1111."""
     tags = []
     for match in LORA_TAG.finditer(text):
         _, name, first, second = match.groups()
         strength: float | None = 1.0
         if first not in (None, ""):
-            try:
-                strength = float(first)
-            except ValueError:
-                strength = None
-        note = f"the second weight of '{match.group(0)}' (UNet only) is not applied: one strength per LoRA" if second else ""
-        tags.append(LoraTag(name.strip(), strength, match.group(0), note))
+            strength = _number(first)
+        unet, note = None, ""
+        if second:
+            unet = _number(second.split("=")[-1])
+            if unet is None:
+                note = f"the second weight of '{match.group(0)}' is not a number: the LoRA runs at one strength"
+        tags.append(LoraTag(name.strip(), strength, match.group(0), note, unet))
     stripped = LORA_TAG.sub("", text)
     if tags:  # removed as the web UIs remove them; only the spaces left are collapsed (CLIP's tokenizer does the same)
         stripped = re.sub(r"\s+", " ", stripped).strip()
     return stripped, tags
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def token_count(tokenizer: Any, text: str) -> int:
