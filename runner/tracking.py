@@ -540,6 +540,13 @@ class Tracker:
         )
         self._client.set_terminated(run.info.run_id, "FINISHED" if state == "COMPLETE" else "FAILED")
 
+    def tag_parent(self, tags: Mapping[str, str]) -> None:
+        """Tags on the parent run (the best checkpoint of each training run...)."""
+        if self.parent_id is None:
+            return
+        for key, value in tags.items():
+            self._client.set_tag(self.parent_id, key, str(value)[:5000])
+
     def tag_best(self, number: int, value: float, params: Mapping[str, Any]) -> None:
         """The best trial on the parent run: its number, objective and parameters as tags."""
         if self.parent_id is None:

@@ -108,11 +108,12 @@ def test_an_entrys_trigger_wins_over_the_files_and_changes_the_id(workspace, tmp
 def test_the_report_answers_which_checkpoint_at_which_strength(workspace, tmp_path):
     """checkpoints.csv, the heatmap and the best checkpoint line match a recomputation from results.parquet."""
     import pandas as pd
+    from helpers import mlflow_runs
 
     run = kohya_run(tmp_path / "out", workspace.assets, epochs=(1, 2, 3))
     grid = {"lora_model": {"checkpoints": "mine"}, "lora_strength": [0.5, 1.0], "seed": [1, 2]}
     path = workspace.sweep("best", {"base": BASE, "grid": grid, "scores": ["clip_score"]})
-    workspace.run(f"sweep={path}", "sweep.name=best", "tracking=none", f"+loras.mine={{source: '{run}'}}").assert_all_ok()
+    workspace.run(f"sweep={path}", "sweep.name=best", f"+loras.mine={{source: '{run}'}}").assert_all_ok()
     folder = workspace.outputs / "best"
     table = pd.read_csv(folder / "checkpoints.csv")
     assert sorted(table["step"].unique()) == [250, 500, 750] and sorted(table["strength"].unique()) == [0.5, 1.0]
@@ -126,6 +127,8 @@ def test_the_report_answers_which_checkpoint_at_which_strength(workspace, tmp_pa
     top = table.sort_values("clip_score_mean", ascending=False).iloc[0]
     assert (top["checkpoint"], top["strength"]) == (best[0], float(best[1]))
     assert abs(top["clip_score_mean"] - means.max()) < 1e-9
+    parent, _ = mlflow_runs(workspace.outputs, "best")
+    assert parent["tags.best_checkpoint.mine"].item().startswith(f"{best[0]} at {float(best[1]):g}: clip_score ")
 
 
 def test_text_encoder_and_unet_strengths_apart_equal_the_hand_merge(workspace, tmp_path):

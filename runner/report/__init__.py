@@ -25,6 +25,7 @@ class ReportFiles:
     ranking_csv: Path | None = None
     curves: list[Path] = field(default_factory=list)
     rank_by: str | None = None
+    checkpoints: pd.DataFrame = field(default_factory=pd.DataFrame)  # per run, step and strength (checkpoints.csv)
 
 
 def make_report(
@@ -84,7 +85,7 @@ def make_report(
         identity=store.read_identity(),
         checkpoints=checkpoints,
     )
-    return ReportFiles(html, grids, ranking, ranking_csv, curves, rank_by)
+    return ReportFiles(html, grids, ranking, ranking_csv, curves, rank_by, checkpoints)
 
 
 __all__ = ["ReportFiles", "make_grids", "make_report"]

@@ -41,6 +41,20 @@ from runner.tracking import Tracker, open_tracker
 BACKFILL_BATCH = 256  # images logged to MLflow per call when a run catches up on what was not logged
 
 
+def best_checkpoint_tags(table: pd.DataFrame, rank_by: str | None) -> dict[str, str]:
+    """`best_checkpoint.<run>` = 'mine@e4 at 0.8' (with its score and interval) for each training run of the sweep."""
+    if table is None or table.empty or rank_by is None:
+        return {}
+    tags = {}
+    for run, rows in table.groupby("run", sort=False):
+        best = rows.sort_values(f"{rank_by}_mean", ascending=False).iloc[0]
+        tags[f"best_checkpoint.{run}"] = (
+            f"{best['checkpoint']} at {best['strength']:g}: {rank_by} {best[f'{rank_by}_mean']:.4g} "
+            f"[{best['ci_low']:.4g}, {best['ci_high']:.4g}]"
+        )
+    return tags
+
+
 class SweepSession:
     """Owns one sweep folder and its MLflow parent run from lock to summary.
 
@@ -86,6 +100,7 @@ class SweepSession:
         self.parent_tags = dict(parent_tags or {})
         self.parent_params = dict(parent_params or {})
         self.summary = Summary(self.name, self.folder, len(prepared.plan))
+        self.checkpoints = pd.DataFrame()  # the report's per-checkpoint scores, for the parent run's best_checkpoint tags
         self.rows: dict[str, dict[str, Any]] = {}  # the writer's and the back-fill's view of each image
         self.store: SweepStore | None = None
         self.tracker: Tracker | None = None
@@ -271,6 +286,7 @@ class SweepSession:
 
     def report(self, plan: pd.DataFrame, results: pd.DataFrame) -> ReportFiles:
         files = write_report(self.cfg, self.store, plan, results)
+        self.checkpoints = files.checkpoints
         s = self.summary
         s.grids, s.report, s.ranking, s.rank_by = files.grids, files.html, files.ranking, files.rank_by
         return files
@@ -309,12 +325,14 @@ class SweepSession:
                     "config": store.config_path,
                     "report": store.root / "report.html",
                     "report/ranking": store.root / "ranking.csv",
+                    "report/checkpoints": store.root / "checkpoints.csv",
                 },
                 folders={"grids": store.grids, "report/curves": store.root / "report", "search": store.root / "search"},
                 metrics={"images_ok": summary.ok, "images_failed": summary.failed, "images_per_s": summary.images_per_s},
             )
             if summary.ranking is not None:
                 self.tracker.log_ranking(summary.ranking.drop(columns=["ids"], errors="ignore"))
+            self.tracker.tag_parent(best_checkpoint_tags(self.checkpoints, summary.rank_by))
         except Exception as exc:
             summary.tracking_errors += 1
             print(f"warning: could not finish the MLflow parent run ({first_line(exc)})", file=self.out)
