@@ -109,8 +109,8 @@ class HashCache:
         self._dirty = False
 
 
-LORA_KEY_MARKERS = ("lora_A", "lora_B", "lora_down", "lora_up", "lora.down", "lora.up", ".alpha", "lora_linear_layer")
-LYCORIS_MARKERS = {"hada_w1": "LoHa", "lokr_w1": "LoKr", "oft_blocks": "OFT", ".glora_": "GLoRA"}
+LORA_KEY_MARKERS = ("lora_A", "lora_B", "lora_down", "lora_up", "lora.down", "lora.up", ".alpha", "lora_linear_layer", "hada_w1", "lokr_w1")
+LYCORIS_MARKERS = {"oft_blocks": "OFT", ".glora_": "GLoRA"}  # LyCORIS types no engine here loads (LoHa/LoKr do: engines/deltas.py)
 
 
 def safetensors_header(file: Path) -> dict[str, Any]:

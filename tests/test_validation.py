@@ -110,11 +110,11 @@ def corrupt_safetensors(ws):
     return path, "is not a readable .safetensors file"
 
 
-def lycoris_loha(ws):
-    return write_safetensors(ws.root / "loha.safetensors", ["lora_unet_down_blocks_0.hada_w1_a"]), "is a LyCORIS LoHa"
+def lycoris_oft(ws):
+    return write_safetensors(ws.root / "oft.safetensors", ["lora_unet_down_blocks_0.oft_blocks"]), "is a LyCORIS OFT"
 
 
-@pytest.mark.parametrize("make", [not_a_lora, corrupt_safetensors, lycoris_loha])
+@pytest.mark.parametrize("make", [not_a_lora, corrupt_safetensors, lycoris_oft])
 def test_bad_lora_files_are_refused_before_loading(workspace, small_sweep, make):
     path, expected = make(workspace)
     lines = refused(workspace, small_sweep, f"+loras.bad={{source: {path}}}", "sweep.grid.lora_model=[sunset,bad]")

@@ -81,6 +81,18 @@ class FusedBlends:
         self._touched: set[int] = set()  # weights holding a blend now
         self._layers: list[nn.Module] | None = None
         self._text_layers: set[int] = set()  # ids of the LoRA layers in the text encoders
+        # adapters that are weight deltas, not peft layers (LyCORIS files: engines/deltas.py): name -> module -> (delta, text encoder?)
+        self._deltas: dict[str, dict[nn.Module, tuple[torch.Tensor, bool]]] = {}
+
+    def add_deltas(self, name: str, deltas: dict[nn.Module, tuple[torch.Tensor, bool]]) -> None:
+        self._deltas[name] = deltas
+
+    def drop_deltas(self, names: Sequence[str]) -> None:
+        for name in names:
+            self._deltas.pop(name, None)
+
+    def is_delta(self, name: str) -> bool:
+        return name in self._deltas
 
     def adapters_changed(self) -> None:
         """Call after loading or deleting adapters: the LoRA layers are looked up again."""
@@ -95,6 +107,7 @@ class FusedBlends:
 
     def can_fuse(self, names: Sequence[str]) -> bool:
         """Whether every layer of these adapters is a kind this class fuses (Linear, Conv2d; no DoRA)."""
+        names = [n for n in names if n not in self._deltas]  # weight deltas always fuse
         for layer in self.layers():
             for name in names:
                 if name in layer.lora_A and (
@@ -129,6 +142,17 @@ class FusedBlends:
             weight.copy_(total.to(weight.dtype))
             self._touched.add(key)
             written += 1
+        for index, name in enumerate(names):
+            for module, (delta, in_text) in self._deltas.get(name, {}).items():
+                strength = float((te_strengths if in_text and te_strengths is not None else strengths)[index])
+                weight = module.weight
+                key = id(weight)
+                if key not in self._pristine:
+                    self._pristine[key] = (weight, weight.detach().clone())
+                base = weight.float() if key in self._touched else self._pristine[key][1].float()
+                weight.copy_((base + strength * delta.to(base.device)).to(weight.dtype))
+                self._touched.add(key)
+                written += 1
         return written
 
     @torch.no_grad()

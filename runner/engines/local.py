@@ -627,6 +627,8 @@ class LocalEngine:
             lora = self.loras[lora_id]
             log.info("loading LoRA %s from %s", lora_id, lora.path)
             family = self.loaded.family
+            if self._load_lycoris(lora_id, lora.path):
+                continue
             with library_warnings() as said:
                 self.pipe.load_lora_weights(lora_weights(lora.path, family.fold_lora_alphas), adapter_name=lora_id)
             encoders = [getattr(self.pipe, e.component, None) for e in family.text_encoders]
@@ -641,6 +643,30 @@ class LocalEngine:
             adapters.fuser.adapters_changed()
             if any(encoder in patched for encoder in encoders):
                 adapters.in_text_encoder.add(lora_id)
+
+    def _load_lycoris(self, lora_id: str, path: Path) -> bool:
+        """A LoHa/LoKr file as weight deltas (engines/deltas.py) in the fuser; False: not a LyCORIS file."""
+        from runner.engines.deltas import lycoris_deltas, lycoris_kind
+
+        kind = lycoris_kind(safetensors_keys(path)) if path.suffix == ".safetensors" else None
+        if kind is None:
+            return False
+        from safetensors.torch import load_file
+
+        family, adapters = self.loaded.family, self.adapters
+        deltas, unmatched, total = lycoris_deltas(self.pipe, load_file(str(path)))
+        if unmatched or not deltas:
+            raise ValueError(
+                f"LoRA {lora_id} ({path.name}, LyCORIS {kind}): {len(unmatched)} of its {total} modules match no layer "
+                f"of this {family.label} model (e.g. {unmatched[0] if unmatched else 'none'})"
+            )
+        adapters.fuser.add_deltas(lora_id, {layer: (delta, part != family.denoiser) for layer, (delta, part) in deltas.items()})
+        adapters.loaded.add(lora_id)
+        if any(part != family.denoiser for _, part in deltas.values()):
+            adapters.in_text_encoder.add(lora_id)
+        if not self.fast_path.fuse_loras:
+            log.warning("LoRA %s is a LyCORIS %s: it runs fused (as weight deltas) whatever engine.fuse_loras says", lora_id, kind)
+        return True
 
     def prepare(self, plan: pd.DataFrame) -> None:
         """Load the first model; adapters are loaded by the groups that need them (see generate).
@@ -662,7 +688,10 @@ class LocalEngine:
         if names and self.pipe is not None and not self.fast_path.compile:
             log.info("unloading LoRAs no later group needs: %s", ", ".join(names))
             adapters.fuser.restore()
-            self.pipe.delete_adapters(names)
+            deltas = [n for n in names if adapters.fuser.is_delta(n)]
+            adapters.fuser.drop_deltas(deltas)
+            if [n for n in names if n not in deltas]:
+                self.pipe.delete_adapters([n for n in names if n not in deltas])
             adapters.fuser.adapters_changed()
             adapters.loaded.difference_update(names)
             adapters.in_text_encoder.difference_update(names)
@@ -683,12 +712,25 @@ class LocalEngine:
         if names:
             self._load_adapters(set(names))
         exact = self.loaded.family.fuse and not self.loaded.quantization  # quantized weights cannot hold a blend exactly
+        deltas = [n for n in names if adapters.fuser.is_delta(n)]  # LyCORIS files: always fused (no peft path)
+        peft_names = [n for n in names if n not in deltas]
         if names and self.fast_path.fuse_loras and exact and adapters.fuser.can_fuse(names):
-            self.pipe.disable_lora()  # peft's adapter path off: the fused base weights carry the blend
+            if peft_names:
+                self.pipe.disable_lora()  # peft's adapter path off: the fused base weights carry the blend
             adapters.fuser.apply(names, strengths, te_strengths)
+            adapters.mode = "fused"
+        elif not peft_names and deltas:
+            adapters.fuser.apply(names, strengths, te_strengths)
+            if adapters.loaded - set(deltas):
+                self.pipe.disable_lora()
             adapters.mode = "fused"
         elif names:
             adapters.fuser.restore()
+            if deltas:
+                picked = [(n, s, t) for n, s, t in zip(names, strengths, te_strengths or strengths) if n in deltas]
+                adapters.fuser.apply([p[0] for p in picked], [p[1] for p in picked], [p[2] for p in picked] if te_strengths else None)
+                names, strengths = peft_names, [s for n, s in zip(names, strengths) if n in peft_names]
+                te_strengths = [t for n, t in zip(split_loras(lora_model), te_strengths) if n in peft_names] if te_strengths else None
             self.pipe.enable_lora()
             if te_strengths:  # diffusers' per-component weights: {component: weight} per adapter
                 family = self.loaded.family
@@ -703,7 +745,7 @@ class LocalEngine:
             adapters.mode = "unfused"
         else:
             adapters.fuser.restore()
-            if adapters.loaded:
+            if any(not adapters.fuser.is_delta(n) for n in adapters.loaded):
                 self.pipe.disable_lora()
             adapters.mode = "none"
         adapters.blend = key
