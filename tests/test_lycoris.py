@@ -116,3 +116,37 @@ def test_a_lycoris_file_blends_with_a_lora_fused_or_beside_peft(workspace, tmp_p
     (fused, fused_px), (peft, peft_px) = sweep_images(workspace.outputs, "fused"), sweep_images(workspace.outputs, "peft")
     assert set(peft["meta.lora_mode"]) == {"unfused"}
     assert np.abs(fused_px(fused["id"].item()) - peft_px(peft["id"].item())).max() <= 1
+
+
+def test_a_dora_lora_runs_as_peft_computes_it(workspace, tmp_path):
+    """DoRA (a magnitude vector per layer): not a plain weight delta, so it runs through peft's DoRA layers, unfused,
+    and equals the same adapter on the model as peft itself applies it."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = demo_pipe(workspace.assets)
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=False, use_dora=True)
+    pipe.unet.add_adapter(config, adapter_name="d")
+    StableDiffusionPipeline.save_lora_weights(
+        str(tmp_path), unet_lora_layers=get_peft_model_state_dict(pipe.unet, adapter_name="d"), weight_name="dora.safetensors"
+    )
+    path = workspace.sweep("dora", {"base": {**BASE, "lora_model": "dora", "lora_strength": 1}})
+    workspace.run(
+        f"sweep={path}", "sweep.name=dora", "tracking=none", f"+loras.dora={{source: '{tmp_path / 'dora.safetensors'}'}}"
+    ).assert_all_ok()
+    rows, pixels = sweep_images(workspace.outputs, "dora")
+    assert set(rows["meta.lora_mode"]) == {"unfused"}
+    with torch.no_grad():
+        image = pipe(
+            BASE["prompt"],
+            negative_prompt="",
+            width=64,
+            height=64,
+            num_inference_steps=4,
+            guidance_scale=7.5,
+            generator=torch.Generator("cpu").manual_seed(2),
+            output_type="np",
+        ).images[0]
+    assert np.abs(pixels(rows["id"].item()) - (np.clip(image, 0, 1) * 255).round().astype(np.int16)).max() <= 1
