@@ -128,3 +128,17 @@ def info_line(lora_id: str, info: Mapping[str, str]) -> str:
     parts += [info["resolution"]] if "resolution" in info else []
     parts += [f'trigger "{info["trigger"]}"'] if "trigger" in info else []
     return f"{lora_id}: " + ", ".join(parts)
+
+
+def tag_suggestions(path: Path, count: int = 5) -> list[str]:
+    """kohya's `ss_tag_frequency` (caption tags per dataset folder): the most frequent tags, to suggest as triggers."""
+    raw = safetensors_metadata(path).get("ss_tag_frequency")
+    try:
+        folders = json.loads(raw) if raw else {}
+    except ValueError:
+        return []
+    totals: dict[str, int] = {}
+    for tags in folders.values() if isinstance(folders, dict) else []:
+        for tag, n in (tags or {}).items():
+            totals[tag.strip()] = totals.get(tag.strip(), 0) + int(n)
+    return [t for t, _ in sorted(totals.items(), key=lambda item: (-item[1], item[0]))[:count]]

@@ -19,6 +19,7 @@ from runner.checkpoints import (
     is_checkpoint_source,
     lora_info,
     safetensors_metadata,
+    tag_suggestions,
     thin,
     trigger_of,
 )
@@ -88,7 +89,10 @@ def describe_plan(prepared: PreparedSweep, out: TextIO) -> None:
     loras = prepared.registry.loras if prepared.registry is not None else {}
     for lora_id, lora in sorted(loras.items()):
         if not lora.builtin and lora.path.exists() and lora.path.suffix == ".safetensors":
-            print("lora " + info_line(lora_id, lora_info(lora.path, safetensors_keys(lora.path))), file=out)
+            info = lora_info(lora.path, safetensors_keys(lora.path))
+            print("lora " + info_line(lora_id, info), file=out)
+            if "trigger" not in info and (tags := tag_suggestions(lora.path)):  # said, not applied: set trigger: to use one
+                print(f"  its captions' most frequent tags (trigger: suggestions, not applied): {', '.join(tags)}", file=out)
     for run, ids in prepared.checkpoints.items():
         shown = ", ".join(ids) if len(ids) <= 8 else ", ".join(ids[:3] + ["..."] + ids[-3:])
         print(f"checkpoints: {run}: {len(ids)} found ({shown})", file=out)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from runner.checkpoints import lora_info
 from runner.config import EmbeddingSource, LoraSource, ModelSource, VaeSource
 from runner.errors import Problem, closest, did_you_mean
 from runner.families import CHECKPOINTS, FAMILIES, VARIANTS, family_of_pipeline, label, lora_families
@@ -459,6 +460,14 @@ class Registry:
         for kind, group in self.files().items():
             for k, v in group.items():
                 tags |= {f"{SINGULAR[kind]}.{k}.sha256": v.sha256, f"{SINGULAR[kind]}.{k}.short_hash": v.short_hash}
+        for k, v in self.loras.items():  # what each LoRA file says about itself (runner/checkpoints.py: lora_info)
+            if v.path.suffix == ".safetensors" and v.path.exists():
+                info = lora_info(v.path, safetensors_keys(v.path))
+                tags |= {
+                    f"lora.{k}.{name}": info[name]
+                    for name in ("tool", "network", "base", "trigger", "rank", "epoch", "step")
+                    if name in info
+                }
         return tags
 
 

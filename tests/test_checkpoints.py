@@ -23,6 +23,7 @@ def kohya_run(folder, assets, epochs=(1, 2, 3, 4), trigger: str | None = None):
             "ss_steps": str(250 * epoch),
             "ss_network_dim": "4",
             "ss_network_alpha": "1",
+            "ss_tag_frequency": '{"10_sks": {"sks style": 12, "red circle": 30, "blue": 3}}',
             "ss_base_model_version": "sd_v1",
             "ss_network_module": "networks.lora",
             "ss_resolution": "(512, 512)",
@@ -45,6 +46,7 @@ def test_a_training_run_is_an_axis_of_its_checkpoints_in_training_order(workspac
     describe_plan(prepared, out)
     assert "checkpoints: mine: 4 found (mine@e1, mine@e2, mine@e3, mine@e4)" in out.getvalue()
     assert "lora mine@e4: kohya, sd_v1, LoRA rank 4 alpha 1, epoch 4, step 1000, 512x512" in out.getvalue().splitlines()
+    assert "  its captions' most frequent tags (trigger: suggestions, not applied): red circle, sks style, blue" in out.getvalue()
     thinned = {"lora_model": {"checkpoints": "mine", "last": 2}}
     path = workspace.sweep("last", {"base": BASE, "grid": thinned})
     last = prepare_sweep(workspace.config(f"sweep={path}", "tracking=none", f"+loras.mine={{source: '{run}/mine-*.safetensors'}}"))
@@ -127,8 +129,9 @@ def test_the_report_answers_which_checkpoint_at_which_strength(workspace, tmp_pa
     top = table.sort_values("clip_score_mean", ascending=False).iloc[0]
     assert (top["checkpoint"], top["strength"]) == (best[0], float(best[1]))
     assert abs(top["clip_score_mean"] - means.max()) < 1e-9
-    parent, _ = mlflow_runs(workspace.outputs, "best")
+    parent, children = mlflow_runs(workspace.outputs, "best")
     assert parent["tags.best_checkpoint.mine"].item().startswith(f"{best[0]} at {float(best[1]):g}: clip_score ")
+    assert set(children["tags.lora.mine@e2.network"].dropna()) == {"LoRA"} and set(children["tags.lora.mine@e2.tool"].dropna()) == {"kohya"}
 
 
 def test_text_encoder_and_unet_strengths_apart_equal_the_hand_merge(workspace, tmp_path):
