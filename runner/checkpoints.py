@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 NUMBER = re.compile(r"(\d+)(?!.*\d)")  # the last number in a file name: kohya's -000004, ai-toolkit's _000001500
+LYCORIS_FACTORS = ((".hada_w1_a", "LoHa"), (".lokr_w1", "LoKr"))
 TRIGGER_KEYS = ("modelspec.trigger_phrase", "trigger_word", "ss_trigger_word")
 
 
@@ -29,16 +30,33 @@ class Checkpoint:
     trigger: str | None
 
 
+def raw_header(file: Path) -> dict[str, Any]:
+    """A .safetensors file's JSON header, `__metadata__` included; ValueError when it is not one."""
+    with open(file, "rb") as fh:
+        size_bytes = fh.read(8)
+        if len(size_bytes) != 8:
+            raise ValueError("file is too short")
+        size = int.from_bytes(size_bytes, "little")
+        if size <= 0 or size > 100_000_000 or size > file.stat().st_size - 8:
+            raise ValueError("header size is invalid")
+        header = json.loads(fh.read(size))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    return header
+
+
 def safetensors_metadata(path: Path) -> dict[str, str]:
     """A .safetensors file's `__metadata__` (strings), from its header only; {} when it has none."""
     try:
-        with open(path, "rb") as fh:
-            size = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(size)) if 0 < size < 100_000_000 else {}
+        metadata = raw_header(path).get("__metadata__")
     except (OSError, ValueError):
         return {}
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
     return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
+
+
+def lycoris_kind(keys: list[str]) -> str | None:
+    """'LoHa' or 'LoKr' when a file holds those LyCORIS factors (engines/deltas.py loads them), else None."""
+    return next((kind for marker, kind in LYCORIS_FACTORS if any(marker in k for k in keys)), None)
 
 
 def is_checkpoint_source(source: str) -> bool:
@@ -88,7 +106,7 @@ def thin(ids: list[str], last: int | None = None, every: int | None = None) -> l
 
 
 # the network a LoRA file holds, from its key names (the first marker found)
-NETWORK_MARKERS = (("hada_w1", "LoHa"), ("lokr_w1", "LoKr"), ("oft_blocks", "OFT"), ("dora_scale", "DoRA"), (".diff", "full"))
+NETWORK_MARKERS = (("oft_blocks", "OFT"), ("dora_scale", "DoRA"), ("lora_magnitude_vector", "DoRA"), (".diff", "full"))
 TOOLS = (("ss_network_module", "kohya"), ("ss_output_name", "kohya"), ("software", "ai-toolkit"), ("modelspec.architecture", "modelspec"))
 
 
@@ -99,11 +117,12 @@ def lora_info(path: Path, keys: list[str]) -> dict[str, str]:
     tool = next((name for key, name in TOOLS if key in metadata), None)
     if tool == "kohya" and "lycoris" in metadata.get("ss_network_module", ""):
         tool = "LyCORIS (kohya)"
-    info["tool"] = tool or ("diffusers/peft" if any(".lora_A." in k or ".lora_B." in k for k in keys) else "unknown")
+    peft_keys = any(".lora_A." in k or ".lora_B." in k for k in keys)
+    info["tool"] = tool or ("diffusers/peft" if peft_keys else "LyCORIS" if lycoris_kind(keys) else "unknown")
     base = metadata.get("ss_base_model_version") or metadata.get("modelspec.architecture") or metadata.get("ss_sd_model_name")
     if base:
         info["base"] = base
-    network = next((name for marker, name in NETWORK_MARKERS if any(marker in k for k in keys)), None)
+    network = lycoris_kind(keys) or next((name for marker, name in NETWORK_MARKERS if any(marker in k for k in keys)), None)
     if network is None:
         conv = "conv" in metadata.get("ss_network_args", "") or any("_conv" in k and "lora_down" in k for k in keys)
         network = "LoCon" if conv else "LoRA"

@@ -10,7 +10,7 @@ Validation and the engine look things up here instead of branching per family.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 FLOW = {"scheduler": "FlowMatchEulerDiscreteScheduler"}  # the flow families' own sampler, for requests that name none
@@ -49,7 +49,6 @@ class Family:
     fold_lora_alphas: bool = False  # kohya `.alpha`s folded into the up weights before loading (see engines/local.py)
     fuse: bool = True  # blends fuse exactly into the denoiser's base weights (fuse.py); False: peft's adapter path
     single_file: str | None = None  # how a single .safetensors loads: "pipeline" (SD/SDXL), "transformer" (the DiTs), None: not
-    checkpoint_keys: tuple[str, ...] = ()  # tensor-name prefixes of its single-file checkpoints
     gguf_architectures: tuple[str, ...] = ()  # `general.architecture` of its GGUF transformers (city96's converter)
     # how (word:1.3) weights reach its encoders (runner/prompts/encode.py): "clip" chunked CLIP (SD, SDXL), "t5"
     # (Flux.1: T5 weighted, CLIP's pooled from the words), "sd3" (CLIP-L/G and T5 weighted), "t5-masked" (Chroma:
@@ -62,6 +61,67 @@ class Family:
 CLIP_L = TextEncoder("text_encoder", "clip", 77)
 CLIP_G = TextEncoder("text_encoder_2", "clip", 77)
 FLUX_FORMATS = ("diffusers", "peft", "ai-toolkit", "kohya", "xlabs", "bfl")
+
+FLUX = Family(
+    "flux",
+    "Flux.1",
+    "FluxPipeline",
+    ("FluxPipeline",),
+    "transformer",
+    (CLIP_L, TextEncoder("text_encoder_2", "t5", 512)),
+    guidance="distilled",
+    true_cfg=True,
+    max_sequence_length=512,
+    size_multiple=16,
+    defaults={"num_inference_steps": 28, "guidance_scale": 3.5} | FLOW,
+    flow_matching=True,
+    lora_loader="FluxLoraLoaderMixin",
+    lora_formats=FLUX_FORMATS,
+    text_encoder_loras=True,
+    single_file="transformer",
+    gguf_architectures=("flux",),
+    prompt_weights="t5",
+    tested=True,
+    memory="transformer 24 / 12.7 / 6.7 GB; T5 9.5 GB",
+)
+# schnell: a FluxPipeline folder whose transformer has no guidance embedding (VARIANTS); 4 steps, T5 at 256
+FLUX_SCHNELL = replace(
+    FLUX,
+    name="flux-schnell",
+    label="Flux.1 schnell",
+    index_classes=(),
+    text_encoders=(CLIP_L, TextEncoder("text_encoder_2", "t5", 256)),
+    guidance="none",
+    max_sequence_length=256,
+    defaults={"num_inference_steps": 4} | FLOW,
+)
+FLUX2_KLEIN = Family(
+    "flux2-klein",
+    "Flux.2 Klein",
+    "Flux2KleinPipeline",
+    ("Flux2KleinPipeline",),
+    "transformer",
+    (TextEncoder("text_encoder", "qwen", 512),),
+    guidance="cfg",
+    negative_prompt=False,  # negatives only as embeddings in diffusers 0.42
+    max_sequence_length=512,
+    size_multiple=16,
+    defaults={"num_inference_steps": 50, "guidance_scale": 4.0} | FLOW,
+    flow_matching=True,
+    lora_loader="Flux2LoraLoaderMixin",
+    lora_formats=("diffusers", "peft", "ai-toolkit", "kohya"),
+    tested=True,
+    memory="transformer 8 / 4.3 / 2.3 GB (4B); Qwen3 encoder 8 GB",
+)
+# a Flux2KleinPipeline folder with is_distilled (VARIANTS): no guidance, 4 steps
+FLUX2_KLEIN_DISTILLED = replace(
+    FLUX2_KLEIN,
+    name="flux2-klein-distilled",
+    label="Flux.2 Klein (distilled)",
+    index_classes=(),
+    guidance="none",
+    defaults={"num_inference_steps": 4} | FLOW,
+)
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -122,50 +182,8 @@ FAMILIES: dict[str, Family] = {
             tested=True,
             memory="transformer 16 / 8.5 / 4.5 GB (3.5 large); T5 9.5 GB",
         ),
-        Family(
-            "flux",
-            "Flux.1",
-            "FluxPipeline",
-            ("FluxPipeline",),
-            "transformer",
-            (CLIP_L, TextEncoder("text_encoder_2", "t5", 512)),
-            guidance="distilled",
-            true_cfg=True,
-            max_sequence_length=512,
-            size_multiple=16,
-            defaults={"num_inference_steps": 28, "guidance_scale": 3.5} | FLOW,
-            flow_matching=True,
-            lora_loader="FluxLoraLoaderMixin",
-            lora_formats=FLUX_FORMATS,
-            text_encoder_loras=True,
-            single_file="transformer",
-            gguf_architectures=("flux",),
-            prompt_weights="t5",
-            tested=True,
-            memory="transformer 24 / 12.7 / 6.7 GB; T5 9.5 GB",
-        ),
-        Family(
-            "flux-schnell",
-            "Flux.1 schnell",
-            "FluxPipeline",
-            (),  # a FluxPipeline folder whose transformer has no guidance embedding (see VARIANTS)
-            "transformer",
-            (CLIP_L, TextEncoder("text_encoder_2", "t5", 256)),
-            guidance="none",
-            true_cfg=True,
-            max_sequence_length=256,
-            size_multiple=16,
-            defaults={"num_inference_steps": 4} | FLOW,
-            flow_matching=True,
-            lora_loader="FluxLoraLoaderMixin",
-            lora_formats=FLUX_FORMATS,
-            text_encoder_loras=True,
-            single_file="transformer",
-            gguf_architectures=("flux",),
-            prompt_weights="t5",
-            tested=True,
-            memory="transformer 24 / 12.7 / 6.7 GB; T5 9.5 GB",
-        ),
+        FLUX,
+        FLUX_SCHNELL,
         Family(
             "flux2",
             "Flux.2",
@@ -184,42 +202,8 @@ FAMILIES: dict[str, Family] = {
             tested=True,
             memory="transformer 64 / 34 / 18 GB (dev); Mistral encoder 48 GB",
         ),
-        Family(
-            "flux2-klein",
-            "Flux.2 Klein",
-            "Flux2KleinPipeline",
-            ("Flux2KleinPipeline",),
-            "transformer",
-            (TextEncoder("text_encoder", "qwen", 512),),
-            guidance="cfg",
-            negative_prompt=False,  # negatives only as embeddings in diffusers 0.42
-            max_sequence_length=512,
-            size_multiple=16,
-            defaults={"num_inference_steps": 50, "guidance_scale": 4.0} | FLOW,
-            flow_matching=True,
-            lora_loader="Flux2LoraLoaderMixin",
-            lora_formats=("diffusers", "peft", "ai-toolkit", "kohya"),
-            tested=True,
-            memory="transformer 8 / 4.3 / 2.3 GB (4B); Qwen3 encoder 8 GB",
-        ),
-        Family(
-            "flux2-klein-distilled",
-            "Flux.2 Klein (distilled)",
-            "Flux2KleinPipeline",
-            (),  # a Flux2KleinPipeline folder with is_distilled (see VARIANTS)
-            "transformer",
-            (TextEncoder("text_encoder", "qwen", 512),),
-            guidance="none",
-            negative_prompt=False,
-            max_sequence_length=512,
-            size_multiple=16,
-            defaults={"num_inference_steps": 4} | FLOW,
-            flow_matching=True,
-            lora_loader="Flux2LoraLoaderMixin",
-            lora_formats=("diffusers", "peft", "ai-toolkit", "kohya"),
-            tested=True,
-            memory="transformer 8 / 4.3 / 2.3 GB (4B); Qwen3 encoder 8 GB",
-        ),
+        FLUX2_KLEIN,
+        FLUX2_KLEIN_DISTILLED,
         Family(
             "qwen-image",
             "Qwen-Image",
@@ -350,8 +334,6 @@ DROPPED_LORA_KEYS = (
     (FLUX_LIKE, ("lora_te2_",), "its T5 text-encoder layers (lora_te2_)"),
     (FLUX_LIKE, ("dora_scale",), "its DoRA magnitudes (dora_scale): it runs as a plain LoRA"),
 )
-
-RUNNABLE = tuple(FAMILIES)  # every family of the table runs on the local engine
 
 
 def family_of_pipeline(class_name: str) -> Family | None:

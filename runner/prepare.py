@@ -18,6 +18,7 @@ from runner.checkpoints import (
     info_line,
     is_checkpoint_source,
     lora_info,
+    lycoris_kind,
     safetensors_metadata,
     tag_suggestions,
     thin,
@@ -124,11 +125,6 @@ def registry_identity(registry: Registry, cfg: DictConfig) -> Identity:
     )
 
 
-def lycoris_network(path: Path) -> str | None:
-    keys = safetensors_keys(path) if path.suffix == ".safetensors" else []
-    return next((kind for marker, kind in (("hada_w1", "LoHa"), ("lokr_w1", "LoKr")) if any(marker in k for k in keys)), None)
-
-
 def fit_problems(plan: pd.DataFrame, registry: Registry) -> list[str]:
     """Files made for another model family (an SDXL LoRA or embedding on SD 1.x...) are refused before any image."""
     problems = []
@@ -138,13 +134,13 @@ def fit_problems(plan: pd.DataFrame, registry: Registry) -> list[str]:
         model, lora = registry.models.get(model_id), registry.loras.get(lora_id)
         if model is None or lora is None or not lora.path.exists():
             continue
-        if model.family not in ("sd", "sdxl") and lycoris_network(lora.path):
+        kind = lycoris_kind(safetensors_keys(lora.path)) if lora.path.suffix == ".safetensors" else None
+        if model.family not in ("sd", "sdxl") and kind:
             problems.append(
                 str(
                     Problem(
                         f"loras.{lora_id}",
-                        f"is a LyCORIS {lycoris_network(lora.path)}, which this version loads on SD 1.x/2.x and SDXL, "
-                        f"not {label(model.family)}",
+                        f"is a LyCORIS {kind}, which this version loads on SD 1.x/2.x and SDXL, not {label(model.family)}",
                         "use a LoRA export of it, or an SD/SDXL model",
                     )
                 )

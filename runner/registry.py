@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from runner.checkpoints import lora_info
+from runner.checkpoints import lora_info, raw_header
 from runner.config import EmbeddingSource, LoraSource, ModelSource, VaeSource
 from runner.errors import Problem, closest, did_you_mean
 from runner.families import CHECKPOINTS, FAMILIES, VARIANTS, family_of_pipeline, label, lora_families
@@ -116,16 +116,7 @@ LYCORIS_MARKERS = {"oft_blocks": "OFT", ".glora_": "GLoRA"}  # LyCORIS types no 
 
 def safetensors_header(file: Path) -> dict[str, Any]:
     """Tensor name -> {dtype, shape, ...} of a .safetensors file, read from its JSON header (no torch, no weights)."""
-    with open(file, "rb") as fh:
-        size_bytes = fh.read(8)
-        if len(size_bytes) != 8:
-            raise ValueError("file is too short")
-        size = int.from_bytes(size_bytes, "little")
-        if size <= 0 or size > 100_000_000 or size > file.stat().st_size - 8:
-            raise ValueError("header size is invalid")
-        header = json.loads(fh.read(size))
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
+    header = dict(raw_header(file))
     header.pop("__metadata__", None)
     return header
 

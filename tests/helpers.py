@@ -311,3 +311,35 @@ def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_until_healthy(f"http://127.0.0.1:{port}/health", proc, 90, "mlflow server")
     return proc
+
+
+# ---------------------------------------------------------------- the demo model as diffusers runs it (hand-merge references)
+
+
+def demo_pipeline(assets: Path):
+    """The demo's tiny SD pipeline loaded by diffusers itself, with the scheduler a sweep uses by default (UniPC)."""
+    from diffusers import StableDiffusionPipeline, UniPCMultistepScheduler
+
+    pipe = StableDiffusionPipeline.from_pretrained(assets / "tiny-sd", safety_checker=None)
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def render(pipe, prompt: str, seed: int, size: int = 64, steps: int = 4, guidance: float = 7.5):
+    """One image of `pipe` as a sweep row asks for it (empty negative, a CPU generator), as int16 pixels."""
+    import numpy as np
+    import torch
+
+    with torch.no_grad():
+        image = pipe(
+            prompt,
+            negative_prompt="",
+            width=size,
+            height=size,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="np",
+        ).images[0]
+    return (np.clip(image, 0, 1) * 255).round().astype(np.int16)

@@ -139,8 +139,8 @@ def test_text_encoder_and_unet_strengths_apart_equal_the_hand_merge(workspace, t
     deltas at 1 and the text encoder's at 0.3, merged by hand into the demo model, give the same pixels."""
     import numpy as np
     import torch
-    from diffusers import StableDiffusionPipeline, UniPCMultistepScheduler
-    from helpers import sweep_images
+    from diffusers import StableDiffusionPipeline
+    from helpers import demo_pipeline, render, sweep_images
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
@@ -172,9 +172,7 @@ def test_text_encoder_and_unet_strengths_apart_equal_the_hand_merge(workspace, t
 
     from safetensors.torch import load_file
 
-    hand = StableDiffusionPipeline.from_pretrained(workspace.assets / "tiny-sd", safety_checker=None)
-    hand.scheduler = UniPCMultistepScheduler.from_config(hand.scheduler.config)
-    hand.set_progress_bar_config(disable=True)
+    hand = demo_pipeline(workspace.assets)
     tensors = load_file(str(tmp_path / "both.safetensors"))
     with torch.no_grad():
         for component, strength in (("unet", 1.0), ("text_encoder", 0.3)):
@@ -183,17 +181,7 @@ def test_text_encoder_and_unet_strengths_apart_equal_the_hand_merge(workspace, t
                 if key.startswith(component + ".") and ".lora_A." in key:
                     module = modules[key.removeprefix(component + ".").split(".lora_A.")[0]]
                     module.weight += strength * (tensors[key.replace(".lora_A.", ".lora_B.")] @ a)
-        image = hand(
-            BASE["prompt"],
-            negative_prompt="",
-            width=64,
-            height=64,
-            num_inference_steps=4,
-            guidance_scale=7.5,
-            generator=torch.Generator("cpu").manual_seed(1),
-            output_type="np",
-        ).images[0]
-    reference = (np.clip(image, 0, 1) * 255).round().astype(np.int16)
+    reference = render(hand, BASE["prompt"], seed=1)
     assert np.abs(pixels(rows["id"].item()) - reference).max() <= 1
     workspace.run(f"sweep={path}", "sweep.name=peft", "tracking=none", "engine.fuse_loras=false", entry).assert_all_ok()
     peft_rows, peft_pixels = sweep_images(workspace.outputs, "peft")

@@ -6,21 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import sweep_images
+from helpers import demo_pipeline, render, sweep_images
 from safetensors.torch import save_file
 
 BASE = {"prompt": "a red circle on a blue background", "width": 64, "height": 64, "num_inference_steps": 4, "seed": 2}
 TARGETS = ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "up_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v"]
 TE_TARGET = "encoder.layers.0.self_attn.q_proj"
-
-
-def demo_pipe(assets):
-    from diffusers import StableDiffusionPipeline, UniPCMultistepScheduler
-
-    pipe = StableDiffusionPipeline.from_pretrained(assets / "tiny-sd", safety_checker=None)
-    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def factors(kind: str, shape: tuple[int, int], generator) -> dict[str, torch.Tensor]:
@@ -42,7 +33,7 @@ def factors(kind: str, shape: tuple[int, int], generator) -> dict[str, torch.Ten
 @pytest.mark.parametrize("kind", ["loha", "lokr", "lokr-full"])
 def test_a_lycoris_blend_equals_its_deltas_merged_by_hand(kind, workspace, tmp_path):
     torch.set_num_threads(1)
-    pipe = demo_pipe(workspace.assets)
+    pipe = demo_pipeline(workspace.assets)
     generator = torch.Generator().manual_seed(3)
     tensors, deltas = {}, {}
     unet, te = dict(pipe.unet.named_modules()), dict(pipe.text_encoder.named_modules())
@@ -61,17 +52,7 @@ def test_a_lycoris_blend_equals_its_deltas_merged_by_hand(kind, workspace, tmp_p
     with torch.no_grad():
         for layer, delta in deltas.items():
             layer.weight += 0.7 * delta
-        image = pipe(
-            BASE["prompt"],
-            negative_prompt="",
-            width=64,
-            height=64,
-            num_inference_steps=4,
-            guidance_scale=7.5,
-            generator=torch.Generator("cpu").manual_seed(2),
-            output_type="np",
-        ).images[0]
-    reference = (np.clip(image, 0, 1) * 255).round().astype(np.int16)
+    reference = render(pipe, BASE["prompt"], seed=2)
     assert np.abs(pixels(rows["id"].item()) - reference).max() <= 1
     again = workspace.run(f"sweep={path}", "sweep.name=plain", "tracking=none", "sweep.base.lora_model=", "~sweep.base.lora_strength")
     again.assert_all_ok()
@@ -104,7 +85,7 @@ def test_a_lycoris_file_of_foreign_keys_fails_its_images_in_one_line(workspace, 
 def test_a_lycoris_file_blends_with_a_lora_fused_or_beside_peft(workspace, tmp_path):
     """LoKr + the demo's sunset LoRA: fused together, and with engine.fuse_loras=false (the LoKr still as a fused delta,
     sunset through peft), within a pixel level of each other."""
-    pipe = demo_pipe(workspace.assets)
+    pipe = demo_pipeline(workspace.assets)
     generator = torch.Generator().manual_seed(5)
     layer = dict(pipe.unet.named_modules())[TARGETS[0]]
     found, _ = factors("lokr", tuple(layer.weight.shape), generator)
@@ -125,7 +106,7 @@ def test_a_dora_lora_runs_as_peft_computes_it(workspace, tmp_path):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    pipe = demo_pipe(workspace.assets)
+    pipe = demo_pipeline(workspace.assets)
     torch.manual_seed(1)
     config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=False, use_dora=True)
     pipe.unet.add_adapter(config, adapter_name="d")
@@ -138,15 +119,4 @@ def test_a_dora_lora_runs_as_peft_computes_it(workspace, tmp_path):
     ).assert_all_ok()
     rows, pixels = sweep_images(workspace.outputs, "dora")
     assert set(rows["meta.lora_mode"]) == {"unfused"}
-    with torch.no_grad():
-        image = pipe(
-            BASE["prompt"],
-            negative_prompt="",
-            width=64,
-            height=64,
-            num_inference_steps=4,
-            guidance_scale=7.5,
-            generator=torch.Generator("cpu").manual_seed(2),
-            output_type="np",
-        ).images[0]
-    assert np.abs(pixels(rows["id"].item()) - (np.clip(image, 0, 1) * 255).round().astype(np.int16)).max() <= 1
+    assert np.abs(pixels(rows["id"].item()) - render(pipe, BASE["prompt"], seed=2)).max() <= 1

@@ -20,13 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-KINDS = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "lokr_w1_a": "LoKr"}
 PREFIXES = {"unet": ("lora_unet_",), "text_encoder": ("lora_te_", "lora_te1_"), "text_encoder_2": ("lora_te2_",)}
-
-
-def lycoris_kind(keys: list[str]) -> str | None:
-    """'LoHa' or 'LoKr' when the file holds those factors, else None."""
-    return next((kind for marker, kind in KINDS.items() if any(k.endswith("." + marker) for k in keys)), None)
 
 
 def kohya_names(pipe: Any) -> dict[str, tuple[str, nn.Module]]:
@@ -60,7 +54,14 @@ def _factor(tensors: Mapping[str, torch.Tensor], module: str, name: str) -> tupl
 
 
 def module_delta(tensors: Mapping[str, torch.Tensor], module: str, shape: torch.Size) -> torch.Tensor:
-    """One module's delta at strength 1, in float32, shaped like its weight."""
+    """One module's delta at strength 1, in float32, shaped like its weight (ValueError, saying both, when it is not)."""
+    delta = _delta(tensors, module)
+    if delta.numel() != shape.numel():
+        raise ValueError(f"{module}'s factors make a {'x'.join(map(str, delta.shape))} delta for a {'x'.join(map(str, shape))} layer")
+    return delta.reshape(shape)
+
+
+def _delta(tensors: Mapping[str, torch.Tensor], module: str) -> torch.Tensor:
     alpha = tensors.get(f"{module}.alpha")
     if f"{module}.hada_t1" in tensors or f"{module}.lokr_t2" in tensors:
         raise ValueError(f"{module} uses LyCORIS' Tucker (CP) factors, which this version does not load")
@@ -69,12 +70,12 @@ def module_delta(tensors: Mapping[str, torch.Tensor], module: str, shape: torch.
         w2 = tensors[f"{module}.hada_w2_a"].float() @ tensors[f"{module}.hada_w2_b"].float().flatten(1)
         rank = tensors[f"{module}.hada_w1_b"].shape[0]
         scale = float(alpha) / rank if alpha is not None else 1.0
-        return (w1 * w2 * scale).reshape(shape)
+        return w1 * w2 * scale
     w1, rank1 = _factor(tensors, module, "w1")
     w2, rank2 = _factor(tensors, module, "w2")
     rank = rank2 or rank1
     scale = float(alpha) / rank if alpha is not None and rank else 1.0
-    return (torch.kron(w1, w2.flatten(1) if w2.dim() > 2 else w2) * scale).reshape(shape)
+    return torch.kron(w1, w2.flatten(1) if w2.dim() > 2 else w2) * scale
 
 
 def lycoris_deltas(pipe: Any, tensors: Mapping[str, torch.Tensor]) -> tuple[dict[nn.Module, tuple[torch.Tensor, str]], list[str], int]:

@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from runner.checkpoints import lycoris_kind
 from runner.engines.base import ImageResult, QueueState
 from runner.engines.fuse import FusedBlends
 from runner.families import FAMILIES, Family
@@ -646,7 +647,7 @@ class LocalEngine:
 
     def _load_lycoris(self, lora_id: str, path: Path) -> bool:
         """A LoHa/LoKr file as weight deltas (engines/deltas.py) in the fuser; False: not a LyCORIS file."""
-        from runner.engines.deltas import lycoris_deltas, lycoris_kind
+        from runner.engines.deltas import lycoris_deltas
 
         kind = lycoris_kind(safetensors_keys(path)) if path.suffix == ".safetensors" else None
         if kind is None:

@@ -31,7 +31,6 @@ TOKEN = re.compile(
 )
 BREAK = re.compile(r"\s*\bBREAK\b\s*")
 LORA_TAG = re.compile(r"<(lora|lyco):([^:>]+)(?::([^:>]*))?(?::([^>]*))?>", re.IGNORECASE)
-WEIGHT_MARKS = re.compile(r"[()\[\]]|\bBREAK\b")
 
 
 @dataclass(frozen=True)
