@@ -7,6 +7,7 @@
     lora-sweep report SWEEP_FOLDER     grids, ranking, curves and report.html from a sweep folder
     lora-sweep reproduce IMAGE_ID      regenerate one image from its record; are the pixels identical?
     lora-sweep serve  [overrides]      the text2img HTTP API over the local engine (runner/server)
+    lora-sweep compare SWEEP_FOLDER    a blind pairwise voting page on a sweep's images (runner/compare)
 
 Sweep files are the `sweep` config group: every `sweeps/*.yaml` (the project's and the current
 directory's) is registered under its file name, so `sweep=NAME` selects one and
@@ -32,6 +33,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from runner import folder_commands
+from runner.compare import compare
 from runner.config import CONF_DIR, PROJECT_ROOT, Config, register_configs, sweep_folder
 from runner.errors import UserError, did_you_mean
 from runner.prepare import describe_plan, image_base_text, plan_or_fail
@@ -59,6 +61,8 @@ commands:
   serve   the provider's text2img HTTP API over the local engine, for engine=remote sweeps from other machines:
             LORA_SWEEP_API_KEYS=secret lora-sweep serve serve.host=0.0.0.0 serve.port=7860 [tracking=sqlite]
             (serve.* settings: lora-sweep serve --help; README, "Serving")
+  compare a blind voting page on a sweep's images (two at a time, same prompt and seed; votes.jsonl; README, "Voting"):
+            lora-sweep compare outputs/demo [compare.port=7870 compare.voter=NAME]
 
 overrides use Hydra's syntax:
   lora-sweep run                                     the demo sweep on the embedded tiny model
@@ -336,11 +340,13 @@ FOLDER_USAGE = {
     "e.g. lora-sweep score outputs/demo 'sweep.scores=[clip_score,aesthetic]'",
     "reproduce": "usage: lora-sweep reproduce IMAGE_ID|MLFLOW_RUN_ID [overrides]   e.g. lora-sweep reproduce 3f2a9c0d1e4b5a67",
     "params": "usage: lora-sweep params IMAGE [overrides]   the request its A1111/Forge parameters text gives (sweep.base_from=IMAGE)",
+    "compare": "usage: lora-sweep compare SWEEP_FOLDER [compare.port=N compare.host=ADDR compare.voter=NAME ...]   "
+    "a blind pairwise voting page on http://localhost:7870/ (keys: left, right, down = tie, space = skip, u = undo)",
 }
 
 
 def folder_command(command: str, argv: list[str]) -> None:
-    """report, score and reproduce: one sweep folder (or image id) and key=value overrides, in any order."""
+    """report, score, reproduce, params and compare: one sweep folder (or image id) and key=value overrides, in any order."""
     positional = [a for a in argv if "=" not in a and not a.startswith("-")]
     overrides = [a for a in argv if "=" in a]
     if any(a in ("-h", "--help") for a in argv) or len(positional) != 1:
@@ -353,6 +359,8 @@ def folder_command(command: str, argv: list[str]) -> None:
         print(image_base_text(target, compose_config(overrides)), end="")
     elif command == "score":
         folder_commands.score_folder(target, overrides)
+    elif command == "compare":
+        compare(target, compose_config(overrides).compare)
     else:
         # the `sweep.*` overrides are for the image's own sweep folder config, which reproduce reads itself
         identical = folder_commands.reproduce(target, overrides, compose_config([o for o in overrides if not o.startswith("sweep.")]))
@@ -396,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
             folder_command(command, rest)
         else:
             hint = did_you_mean(command, ["run", "plan", "sync", "serve", *FOLDER_USAGE])
-            fail([f"unknown command '{command}'; {hint or 'use run, plan, sync, serve, score, report, reproduce or params'}"])
+            fail([f"unknown command '{command}'; {hint or 'use run, plan, sync, serve, score, report, reproduce, params or compare'}"])
     except UserError as exc:
         fail(exc.lines)
     except KeyboardInterrupt:

@@ -222,6 +222,19 @@ class ServeConfig:
 
 
 @dataclass
+class CompareConfig:
+    """`lora-sweep compare FOLDER`: the blind pairwise voting page on a sweep's images (README, "Voting")."""
+
+    host: str = "127.0.0.1"  # another address (0.0.0.0 for a network) needs tokens
+    port: int = 7870
+    tokens_env: str = "LORA_SWEEP_COMPARE_TOKENS"  # comma-separated tokens in this environment variable...
+    tokens_file: str | None = None  # ...and/or a file of sha256 hashes of tokens, one per line (as serve.api_keys_file)
+    max_body_bytes: int = 4096  # a vote is a few hundred bytes; larger bodies are refused (413) before they are read
+    voter: str = "anonymous"  # the name of votes from a page where no name was typed
+    bootstrap: int = 50  # resamples of the Bradley-Terry fit that picks the next pair (in the background)
+
+
+@dataclass
 class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -239,6 +252,7 @@ class Config:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     retry_failed: bool = False  # only run the ids that failed before
     progress: bool = True
 

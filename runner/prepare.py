@@ -557,7 +557,8 @@ def check_rows(
     families = {k: v.family for k, v in registry.models.items()}
     if caps.kind == "local":
         plan = apply_family_defaults(plan, families, given)
-    plan = with_triggers(plan, lora_triggers(entries, registry), str(cfg.sweep.get("trigger_mode") or "prepend"))
+    registry.triggers = lora_triggers(entries, registry)
+    plan = with_triggers(plan, registry.triggers, str(cfg.sweep.get("trigger_mode") or "prepend"))
     identity = registry_identity(registry, cfg)
     if caps.kind == "local":
         identity = replace(identity, long_prompts=long_prompts(plan, registry))

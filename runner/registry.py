@@ -431,6 +431,7 @@ class Registry:
     embeddings: dict[str, Resolved] = field(default_factory=dict)
     upscaler: Resolved | None = None
     problems: list[Problem] = field(default_factory=list)
+    triggers: dict[str, str] = field(default_factory=dict)  # LoRA id -> the trigger words the prompts get (entry or file)
 
     def files(self) -> dict[str, dict[str, Resolved]]:
         """Every resolved file by registry name ("models", "loras", ...), for identity, tags and hashes."""
@@ -451,15 +452,23 @@ class Registry:
         for kind, group in self.files().items():
             for k, v in group.items():
                 tags |= {f"{SINGULAR[kind]}.{k}.sha256": v.sha256, f"{SINGULAR[kind]}.{k}.short_hash": v.short_hash}
-        for k, v in self.loras.items():  # what each LoRA file says about itself (runner/checkpoints.py: lora_info)
-            if v.path.suffix == ".safetensors" and v.path.exists():
-                info = lora_info(v.path, safetensors_keys(v.path))
-                tags |= {
-                    f"lora.{k}.{name}": info[name]
-                    for name in ("tool", "network", "base", "trigger", "rank", "epoch", "step")
-                    if name in info
-                }
+        for k, info in self.lora_files().items():  # what each LoRA file says about itself (runner/checkpoints.py: lora_info)
+            tags |= {
+                f"lora.{k}.{name}": info[name] for name in ("tool", "network", "base", "trigger", "rank", "epoch", "step") if name in info
+            }
         return tags
+
+    def lora_files(self) -> dict[str, dict[str, str]]:
+        """Each LoRA file's metadata (tool, base, network, rank, alpha, epoch, step, resolution) and the trigger its
+        prompts get: the sweep folder's loras.json, the report's files table and the MLflow tags."""
+        files = {}
+        for k, v in sorted(self.loras.items()):
+            if v.path.suffix == ".safetensors" and v.path.exists():
+                info = {"file": v.path.name, **lora_info(v.path, safetensors_keys(v.path))}
+                if k in self.triggers:
+                    info["trigger"] = self.triggers[k]
+                files[k] = info
+        return files
 
 
 # the keys each registry entry may have: the fields of its dataclass in runner/config.py
@@ -558,7 +567,7 @@ def resolve_all(
                 registry.problems.append(_unknown(FIELD_OF[name], item, known, name))
                 continue
             spec = known[item]
-            if problem := check_entry(name, item, spec):
+            if problem := check_entry(name, item, spec) or (adapter_name_problem(item) if name == "loras" else None):
                 registry.problems.append(problem)
                 continue
             if spec.get("builtin") and not Path(spec["source"]).exists():  # built on first use; its recipe is its identity
@@ -575,6 +584,25 @@ def resolve_all(
             registry.problems.append(problem)
     hashes.save()
     return registry
+
+
+# peft keeps each adapter under its name in torch ModuleDicts: a name with a dot, or one of torch.nn.Module's own
+# attributes, cannot be an adapter name (torch 2.x; the list is data so that planning needs no torch)
+MODULE_ATTRIBUTES = frozenset(
+    "add_module apply bfloat16 buffers children compile cpu cuda double eval extra_repr float forward get_buffer "
+    "get_parameter get_submodule half ipu load_state_dict modules mtia named_buffers named_children named_modules "
+    "named_parameters parameters register_buffer register_module register_parameter requires_grad_ share_memory "
+    "state_dict to to_empty train training type xpu zero_grad".split()
+)
+
+
+def adapter_name_problem(lora_id: str) -> Problem | None:
+    """A LoRA id peft cannot use as its adapter name, refused before the model loads rather than mid-sweep."""
+    if "." in lora_id or lora_id in MODULE_ATTRIBUTES:
+        why = "has a dot" if "." in lora_id else f"is a name torch modules already use ({lora_id})"
+        fix = f"rename the entry, e.g. loras.{lora_id.replace('.', '_')}_lora" if "." not in lora_id else "use _ or - instead of ."
+        return Problem(f"loras.{lora_id}", f"this id {why}, and peft names the LoRA's layers by it", fix)
+    return None
 
 
 def _unknown(field: str, name: str, known: Mapping[str, Any], registry: str) -> Problem:

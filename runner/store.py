@@ -2,12 +2,14 @@
 
     outputs/<sweep>/
       config.yaml        the composed config, secrets removed
+      identity.json      each file's sha256; loras.json: what each LoRA file says about itself, its trigger
       plan.parquet       the whole plan
       results.parquet    one row per finished or failed id (temp file + rename)
       results.jsonl      the journal: one line per image as it finishes (append + fsync)
       scores.jsonl       scores per image as the scoring stage computes them (merged into results.parquet)
       images/<id>.png    complete PNGs only (temp file + rename)
       grids/             comparison grids
+      votes.jsonl        people's pairwise votes (append + fsync, never rewritten; an undo is a new line)
       .lock              the pid of the running sweep
 
 An interrupted sweep loses at most the images in flight: every finished image is in the journal,
@@ -97,6 +99,7 @@ class SweepStore:
         self.lock_path = self.root / ".lock"
         self.identity_path = self.root / "identity.json"
         self.scores_path = self.root / "scores.jsonl"
+        self.votes_path = self.root / "votes.jsonl"
         self._journal = None
         self._last_snapshot = 0.0
 
@@ -159,6 +162,16 @@ class SweepStore:
 
     def write_identity(self, identity: dict[str, dict[str, str]]) -> None:
         atomic_write_bytes(self.identity_path, json.dumps(identity, indent=1, sort_keys=True).encode())
+
+    def write_lora_files(self, files: dict[str, dict[str, str]]) -> None:
+        """loras.json: what each LoRA file says about itself and its trigger (the report's files table)."""
+        atomic_write_bytes(self.root / "loras.json", json.dumps(files, indent=1, sort_keys=True).encode())
+
+    def read_lora_files(self) -> dict[str, dict[str, str]]:
+        try:
+            return json.loads((self.root / "loras.json").read_text())
+        except (OSError, ValueError):
+            return {}
 
     # ------------------------------------------------------------ images
 
@@ -253,6 +266,32 @@ class SweepStore:
     def failed_ids(self) -> set[str]:
         results = self.read_results()
         return set(results.loc[results["status"] == "failed", "id"])
+
+    # ------------------------------------------------------------ votes
+
+    def append_vote(self, record: dict[str, Any]) -> None:
+        """One vote line, on disk (fsync) before the caller answers; several servers or threads may append at once."""
+        line = (json.dumps(record, sort_keys=True) + "\n").encode()
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.votes_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)  # one write of an O_APPEND file: lines of two writers never interleave
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def read_votes(self) -> pd.DataFrame:
+        """The votes that stand: `vote` lines minus those an `undo` line names (see VOTE_COLUMNS)."""
+        records = list(self._journal_records(self.votes_path))
+        undone = {r.get("undoes") for r in records if r.get("kind") == "undo"}
+        votes = [r for r in records if r.get("kind") == "vote" and r.get("vote") not in undone]
+        return pd.DataFrame(votes).reindex(columns=VOTE_COLUMNS) if votes else pd.DataFrame(columns=VOTE_COLUMNS)
+
+
+# A votes.jsonl line: {"kind": "vote" | "skip" | "undo", "vote": unique id of this line, "time": unix seconds,
+# "voter": name, "left"/"right": the image ids shown, "choice": "left" | "right" | "tie" (votes only),
+# "undoes": the `vote` id an undo takes back}. Images are named by id, so votes survive a re-planned sweep.
+VOTE_COLUMNS = ["vote", "time", "voter", "left", "right", "choice"]
 
 
 def locked_store(folder: str | os.PathLike, setting: str = "sweep.name") -> SweepStore:

@@ -561,6 +561,33 @@ class Tracker:
         if self.parent_id is not None and not ranking.empty:
             self._client.log_table(self.parent_id, data=ranking, artifact_file="ranking.json")
 
+    def log_human(self, ranking: Any, agreement: Any) -> None:
+        """People's votes on the parent run: tables human_ranking.json and human_agreement.json, and per cell (by its
+        place in the people's ranking, k = 1 best) metrics human.k, human.k.low, human.k.high, human.k.votes with tag
+        human.k.cell naming it (cell labels are no valid metric names); human_tau.<score> for each score's agreement."""
+        from mlflow.entities import Metric, RunTag
+
+        if self.parent_id is None or ranking.empty:
+            return
+        self._client.log_table(self.parent_id, data=ranking, artifact_file="human_ranking.json")
+        if not agreement.empty:
+            self._client.log_table(self.parent_id, data=agreement, artifact_file="human_agreement.json")
+        now = int(time.time() * 1000)
+        metrics, tags = {"human.votes": float(ranking["human_votes"].sum()) / 2}, {}
+        for k, row in enumerate(ranking.to_dict("records"), start=1):
+            metrics |= {f"human.{k}": row["human"], f"human.{k}.low": row["human_low"], f"human.{k}.high": row["human_high"]}
+            metrics[f"human.{k}.votes"] = row["human_votes"]
+            tags[f"human.{k}.cell"] = str(row["cell"])[:5000]
+        for row in agreement.to_dict("records"):
+            metrics |= {f"human_tau.{row['score']}": row["tau"], f"human_tau.{row['score']}.low": row["tau_low"]}
+            metrics[f"human_tau.{row['score']}.high"] = row["tau_high"]
+        items = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v == v]
+        for start in range(0, len(items), 1000):
+            self._client.log_batch(self.parent_id, metrics=items[start : start + 1000])
+        tag_items = [RunTag(k, v) for k, v in tags.items()]
+        for start in range(0, len(tag_items), 100):
+            self._client.log_batch(self.parent_id, tags=tag_items[start : start + 100])
+
     def _log_params(self, run_id: str, params: Mapping[str, str]) -> None:
         from mlflow.entities import Param
 

@@ -187,3 +187,55 @@ def test_text_encoder_and_unet_strengths_apart_equal_the_hand_merge(workspace, t
     peft_rows, peft_pixels = sweep_images(workspace.outputs, "peft")
     assert set(peft_rows["meta.lora_mode"]) == {"unfused"}, "peft's per-component adapter weights"
     assert np.abs(peft_pixels(peft_rows["id"].item()) - reference).max() <= 1
+
+
+def ai_toolkit_run(folder, assets, steps=(500, 1000, 1500), trigger="ohwx cat"):
+    """An ai-toolkit-like output folder: mine_000000500.safetensors ... and the final mine.safetensors, with its metadata:
+    `software` and `training_info` as JSON strings, kohya's ss_output_name / ss_base_model_version, the trigger word as
+    the one-tag ss_tag_frequency it writes for A1111."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = load_file(str(assets / "loras" / "sunset.safetensors"))
+    for i, step in enumerate(steps):
+        metadata = {
+            "software": '{"name": "ai-toolkit", "repo": "https://github.com/ostris/ai-toolkit", "version": "0.2.0"}',
+            "training_info": f'{{"step": {step}, "epoch": {i}}}',
+            "ss_base_model_version": "sd_1.5",
+            "ss_output_name": "mine",
+            "ss_tag_frequency": f'{{"1_{trigger}": {{"{trigger}": 1}}}}',
+            "format": "pt",
+        }
+        name = "mine.safetensors" if i == len(steps) - 1 else f"mine_{step:09d}.safetensors"
+        save_file({k: v * (1 + i) if "lora_B" in k else v for k, v in tensors.items()}, str(folder / name), metadata=metadata)
+    return folder
+
+
+def test_an_ai_toolkit_run_is_read_from_its_own_metadata(workspace, tmp_path):
+    run = ai_toolkit_run(tmp_path / "ait", workspace.assets)
+    path = workspace.sweep("ait", {"base": BASE, "grid": {"lora_model": {"checkpoints": "mine"}}})
+    prepared = prepare_sweep(workspace.config(f"sweep={path}", "tracking=none", f"+loras.mine={{source: '{run}'}}"))
+    assert prepared.ok, prepared.problems
+    assert list(prepared.plan["lora_model"]) == ["mine@s500", "mine@s1000", "mine@s1500"], "the final file has its step too"
+    assert list(prepared.plan["checkpoint_step"]) == [500, 1000, 1500]
+    assert set(prepared.plan["prompt"]) == {f"ohwx cat, {BASE['prompt']}"}, "ai-toolkit's trigger word is prepended"
+    out = io.StringIO()
+    describe_plan(prepared, out)
+    lines = out.getvalue().splitlines()
+    rank = next(v.shape[0] for k, v in load_file(str(run / "mine.safetensors")).items() if k.endswith("lora_A.weight"))
+    assert f'lora mine@s1500: ai-toolkit, sd_1.5, LoRA rank {rank}, epoch 2, step 1500, trigger "ohwx cat"' in lines, lines
+    assert not any("suggestions" in line for line in lines), "its trigger is its trigger, not a caption-tag suggestion"
+
+
+def test_the_report_names_each_lora_files_metadata_and_trigger(workspace, tmp_path):
+    import json
+
+    run = kohya_run(tmp_path / "out", workspace.assets, epochs=(1, 2), trigger="sks style")
+    path = workspace.sweep("about", {"base": BASE, "grid": {"lora_model": {"checkpoints": "mine"}}})
+    workspace.run(f"sweep={path}", "sweep.name=about", "tracking=none", f"+loras.mine={{source: '{run}'}}").assert_all_ok()
+    folder = workspace.outputs / "about"
+    files = json.loads((folder / "loras.json").read_text())
+    assert files["mine@e2"] | {"file": "mine-000002.safetensors"} == files["mine@e2"]
+    assert (files["mine@e2"]["trigger"], files["mine@e2"]["epoch"], files["mine@e2"]["step"]) == ("sks style", "2", "500")
+    page = (folder / "report.html").read_text()
+    row = next(r for r in page.split("<tr>") if "<b>mine@e2</b>" in r)
+    assert "mine-000002.safetensors</code>: kohya, sd_v1, LoRA rank 4 alpha 1, epoch 2, step 500, 512x512" in row
+    assert "trigger <b class='trigger'>sks style</b>" in row

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import pandas as pd
 import pytest
 from family_world import TINY_OF, hand_merged
 from helpers import assert_complete, mlflow_runs, sweep_images
@@ -215,20 +214,21 @@ def test_a_lora_for_another_family_is_refused_in_one_line(family_world, workspac
     assert any(p.startswith("loras.s: is a LoRA for SD 1.x/2.x / SDXL but model 'm' is Z-Image") for p in on_z.problems), on_z.problems
 
 
-def test_a_lora_none_of_whose_keys_fit_fails_its_images_in_one_line_and_the_sweep_goes_on(family_world, workspace, tmp_path):
-    """diffusers only warns when it places no key of a LoRA (the image would silently be the base model's)."""
+def test_a_lora_none_of_whose_keys_fit_is_one_line_before_any_image(family_world, workspace, tmp_path):
+    """diffusers only warns when it places no key of a LoRA (the image would silently be the base model's): each file is
+    matched against the loaded model before image 1."""
     from safetensors.torch import load_file, save_file
 
     model = family_world.get("flux")
     odd = tmp_path / "odd.safetensors"
     save_file({"diffusion_model." + k.removeprefix("transformer."): v for k, v in load_file(str(model.loras["b"])).items()}, str(odd))
     path = workspace.sweep("odd", {**SWEEP, "grid": {"lora_model": ["a", "odd"], "seed": [1]}})
-    result = workspace.run(f"sweep={path}", "sweep.name=odd", "tracking=none", *model.overrides, f"+loras.odd={{source: '{odd}'}}")
-    assert result.summary.ok == 1 and result.summary.failed == 1
-    results = pd.read_parquet(workspace.outputs / "odd" / "results.parquet")
-    assert set(results.loc[results["status"] == "failed", "error"]) == {
-        "ValueError: LoRA odd (odd.safetensors) does not fit this Flux.1 model: none of its keys name Flux.1 layers"
-    }
+    result = workspace.cli("run", f"sweep={path}", "sweep.name=odd", "tracking=none", *model.overrides, f"+loras.odd={{source: '{odd}'}}")
+    assert result.code == 2, result.err[-2000:]
+    errors = [line for line in result.err_lines if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: loras.odd: odd.safetensors (diffusers/peft LoRA, "), errors
+    assert "matched 0 of its" in errors[0] and "on this Flux.1 model: none of its keys name a layer of it" in errors[0], errors
+    assert not (workspace.outputs / "odd" / "images").exists()
 
 
 def test_the_flow_fields_change_the_pixels_and_enter_the_ids_only_when_set(family_world, workspace):

@@ -313,3 +313,27 @@ def test_scores_made_without_mlflow_reach_the_runs_later(workspace, small_sweep)
     results = pd.read_parquet(workspace.outputs / "small" / "results.parquet").set_index("id")
     for row in children.to_dict("records"):
         assert row["metrics.clip_score"] == pytest.approx(results.loc[row["tags.lora_sweep.id"], "clip_score"], rel=1e-5)
+
+
+def test_the_ranking_sorts_from_the_keyboard(scored, tmp_path):
+    from browser import browser
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    folder = scored[2]
+    with browser(tmp_path / "profile") as page:
+        page.get((folder / "report.html").as_uri())
+        table = page.find_element(By.ID, "ranking-table")
+        header = next(th for th in table.find_elements(By.CSS_SELECTOR, "th") if th.text == "clip_score_mean")
+        column = [th.text for th in table.find_elements(By.CSS_SELECTOR, "th")].index("clip_score_mean")
+
+        def values() -> list[float]:
+            cells = table.find_elements(By.CSS_SELECTOR, f"tbody tr td:nth-child({column + 1})")
+            return [float(c.text) for c in cells]
+
+        page.execute_script("arguments[0].focus()", header)
+        assert page.switch_to.active_element == header, "the header takes the keyboard focus"
+        header.send_keys(Keys.ENTER)
+        assert header.get_attribute("aria-sort") == "ascending" and values() == sorted(values())
+        header.send_keys(Keys.SPACE)
+        assert header.get_attribute("aria-sort") == "descending" and values() == sorted(values(), reverse=True)

@@ -64,6 +64,10 @@ class Engine(Protocol):
     def prepare(self, plan: pd.DataFrame) -> None:
         """Load what the pending rows need (pipeline, adapters); called once before generate."""
 
+    def check_loras(self, plan: pd.DataFrame) -> list[str]:
+        """One line per LoRA file of the plan whose layers the loaded model lacks (all, a part or some), before image 1."""
+        return []
+
     def generate(self, rows: pd.DataFrame) -> Iterator[ImageResult]:
         """Generate every row, yielding one result per row (failed rows included) as they finish."""
 

@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from runner.checkpoints import lycoris_kind
+from runner.checkpoints import PART_NAMES, lora_info, lora_module, lora_parts, lycoris_kind
 from runner.engines.base import ImageResult, QueueState
 from runner.engines.fuse import FusedBlends
 from runner.families import FAMILIES, Family
@@ -182,6 +182,30 @@ def dequantize_stray_gguf(model: torch.nn.Module, dtype: torch.dtype) -> list[st
                 module._parameters[name] = torch.nn.Parameter(dequantize_gguf_tensor(param).to(dtype), requires_grad=False)
                 fixed.append(f"{module_name}.{name}".lstrip("."))
     return fixed
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+class LoraMismatch(ValueError):
+    """A LoRA file whose layers this model does not have (all, a part, or some): one line naming file, format and counts."""
+
+
+def adapter_layers(module: Any, adapter: str) -> int:
+    """How many layers of a pipeline component carry the peft adapter `adapter`."""
+    if module is None or adapter not in getattr(module, "peft_config", {}):
+        return 0
+    return sum(1 for layer in module.modules() if adapter in (getattr(layer, "lora_A", None) or {}))
+
+
+def unexpected_modules(lines: list[str]) -> set[str]:
+    """The layers named by peft's "unexpected keys" warnings (diffusers logs them and goes on without those keys)."""
+    names = set()
+    for line in lines:
+        listed = line.split("found in the model:", 1)[-1].split(". Loading adapter")[0]
+        names |= {m for key in listed.split(",") if (m := lora_module(key.strip()))}
+    return names
 
 
 @contextlib.contextmanager
@@ -623,30 +647,69 @@ class LocalEngine:
             ).images
 
     def _load_adapters(self, lora_ids: set[str]) -> None:
-        adapters = self.adapters
-        for lora_id in sorted(lora_ids - adapters.loaded):
-            lora = self.loras[lora_id]
-            log.info("loading LoRA %s from %s", lora_id, lora.path)
-            family = self.loaded.family
-            if self._load_lycoris(lora_id, lora.path):
-                continue
-            with library_warnings() as said:
+        for lora_id in sorted(lora_ids - self.adapters.loaded):
+            self._load_adapter(lora_id)
+
+    def _load_adapter(self, lora_id: str) -> None:
+        """One LoRA as a peft adapter (or LyCORIS deltas), refused in one line when its layers are not all placed."""
+        adapters, lora, family = self.adapters, self.loras[lora_id], self.loaded.family
+        log.info("loading LoRA %s from %s", lora_id, lora.path)
+        if self._load_lycoris(lora_id, lora.path):
+            return
+        error = ""
+        with library_warnings() as said:
+            try:
                 self.pipe.load_lora_weights(lora_weights(lora.path, family.fold_lora_alphas), adapter_name=lora_id)
-            encoders = [getattr(self.pipe, e.component, None) for e in family.text_encoders]
-            patched = [m for m in [getattr(self.pipe, family.denoiser), *encoders] if lora_id in getattr(m, "peft_config", {})]
-            unplaced = [line for line in said if "unexpected keys" in line.lower()]
-            if not patched or unplaced:  # diffusers only warns: the LoRA, or part of it, would be silently dropped
-                if patched:
-                    self.pipe.delete_adapters([lora_id])
-                detail = unplaced[0].splitlines()[0][:300] if unplaced else f"none of its keys name {family.label} layers"
-                raise ValueError(f"LoRA {lora_id} ({lora.path.name}) does not fit this {family.label} model: {detail}")
-            adapters.loaded.add(lora_id)
-            adapters.fuser.adapters_changed()
-            if any(encoder in patched for encoder in encoders):
-                adapters.in_text_encoder.add(lora_id)
+            except Exception as exc:  # diffusers cannot read its keys as a format it knows for this pipeline
+                error = one_line(exc)[:200]
+        components = [family.denoiser, *(e.component for e in family.text_encoders)]
+        patched = {c: adapter_layers(getattr(self.pipe, c, None), lora_id) for c in components}
+        unplaced = [line for line in said if "unexpected keys" in line.lower()]
+        problem = self._fit_problem(lora_id, patched, unplaced, error)
+        if problem:  # diffusers only warns: the LoRA, or part of it, would be silently dropped
+            if any(patched.values()):
+                self.pipe.delete_adapters([lora_id])
+            raise LoraMismatch(problem)
+        adapters.loaded.add(lora_id)
+        adapters.fuser.adapters_changed()
+        if any(n for c, n in patched.items() if c != family.denoiser):
+            adapters.in_text_encoder.add(lora_id)
+
+    def _fit_problem(self, lora_id: str, patched: dict[str, int], unplaced: list[str], error: str = "") -> str | None:
+        """What of a loaded LoRA found no layer: the whole file, a part (its text-encoder half...), or some keys."""
+        family, path = self.loaded.family, self.loras[lora_id].path
+        parts = lora_parts(safetensors_keys(path) if path.suffix == ".safetensors" else [])
+        total = sum(len(m) for m in parts.values())
+        takes = {"denoiser"} | ({e.component for e in family.text_encoders} if family.text_encoder_loras else set())
+        # a part the family's loader takes whose layers got none of the adapter (unprefixed keys may be either)
+        dropped = [p for p in parts if p in takes and not patched.get(family.denoiser if p == "denoiser" else p)]
+        names = unexpected_modules(unplaced)
+        said = f" (diffusers: {error})" if error else ""
+        if not any(patched.values()):
+            return self._mismatch(lora_id, parts, 0, "none of its keys name a layer of it" + said)
+        if dropped:
+            reason = " and ".join(f"its {PART_NAMES.get(p, p)} part ({_count(len(parts[p]), 'module')})" for p in dropped)
+            return self._mismatch(lora_id, parts, total - sum(len(parts[p]) for p in dropped), reason + " matches no layer" + said)
+        if names:
+            reason = f"{len(names)} of its modules name no layer (e.g. {sorted(names)[0]})"
+            return self._mismatch(lora_id, parts, total - len(names), reason + said)
+        if error:
+            return self._mismatch(lora_id, parts, None, f"diffusers cannot load it ({error})")
+        return None
+
+    def _mismatch(self, lora_id: str, parts: dict[str, set[str]], matched: int | None, reason: str) -> str:
+        """`loras.mine: mine.safetensors (kohya LoRA, 264 modules: 192 UNet/transformer, 72 text encoder) matched 192 of
+        its 264 modules on this SD 1.x model: its text encoder part (72 modules) matches no layer; ...`"""
+        path, family = self.loras[lora_id].path, self.loaded.family
+        info = lora_info(path, safetensors_keys(path)) if path.suffix == ".safetensors" else {}
+        total = sum(len(m) for m in parts.values())
+        shown = ", ".join(f"{len(m)} {PART_NAMES.get(p, 'unprefixed')}" for p, m in parts.items())
+        what = f"{info.get('tool', 'unknown')} {info.get('network', 'LoRA')}" + (f", {_count(total, 'module')}: {shown}" if total else "")
+        count = f" matched {max(0, matched)} of its {total} modules on this {family.label} model" if total and matched is not None else ""
+        return f"loras.{lora_id}: {path.name} ({what}){count}: {reason}; use a LoRA made for {family.label} or drop it from the blend"
 
     def _load_lycoris(self, lora_id: str, path: Path) -> bool:
-        """A LoHa/LoKr file as weight deltas (engines/deltas.py) in the fuser; False: not a LyCORIS file."""
+        """A LoHa/LoKr file or a kohya DoRA as weight deltas (engines/deltas.py) in the fuser; False: not one of those."""
         from runner.engines.deltas import lycoris_deltas
 
         kind = lycoris_kind(safetensors_keys(path)) if path.suffix == ".safetensors" else None
@@ -655,11 +718,16 @@ class LocalEngine:
         from safetensors.torch import load_file
 
         family, adapters = self.loaded.family, self.adapters
+        if adapters.fuser.fused:  # a DoRA delta is computed from the base weights: never from a fused blend's
+            adapters.fuser.restore()
+            adapters.blend = None
         deltas, unmatched, total = lycoris_deltas(self.pipe, load_file(str(path)))
         if unmatched or not deltas:
-            raise ValueError(
-                f"LoRA {lora_id} ({path.name}, LyCORIS {kind}): {len(unmatched)} of its {total} modules match no layer "
-                f"of this {family.label} model (e.g. {unmatched[0] if unmatched else 'none'})"
+            example = f" (e.g. {unmatched[0]})" if unmatched else ""
+            raise LoraMismatch(
+                f"loras.{lora_id}: {path.name} (LyCORIS {kind}, {_count(total, 'module')}) matched {total - len(unmatched)} of its "
+                f"{total} modules on this {family.label} model: {_count(len(unmatched), 'module')} name no layer{example}; "
+                f"use a LoRA made for {family.label} or drop it from the blend"
             )
         adapters.fuser.add_deltas(lora_id, {layer: (delta, part != family.denoiser) for layer, (delta, part) in deltas.items()})
         adapters.loaded.add(lora_id)
@@ -682,6 +750,23 @@ class LocalEngine:
         if self.fast_path.compile:
             blends = plan.loc[plan["model_id"] == first, "lora_model"].unique()
             self._load_adapters({lora for blend in blends for lora in split_loras(blend)})
+
+    def check_loras(self, plan: pd.DataFrame) -> list[str]:
+        """Each LoRA of the loaded model's rows, loaded and matched against its layers (engine-side: every format
+        diffusers converts is counted after its conversion); unloaded again unless kept, so memory stays one group's."""
+        if plan.empty or self.loaded is None:
+            return []
+        blends = plan.loc[plan["model_id"] == self.loaded.model_id, "lora_model"].unique()
+        wanted = {lora for blend in blends for lora in split_loras(blend)} - self.adapters.loaded
+        problems = []
+        for lora_id in sorted(wanted):
+            try:
+                self._load_adapter(lora_id)
+            except LoraMismatch as exc:
+                problems.append(str(exc))
+        if not (self.fast_path.compile or self.keep_adapters):
+            self._unload_adapters(wanted)
+        return problems
 
     def _unload_adapters(self, lora_ids: set[str]) -> None:
         adapters = self.adapters

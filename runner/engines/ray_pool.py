@@ -95,6 +95,11 @@ class EngineWorker:
     def describe(self) -> dict[str, str]:
         return self.engine.describe()
 
+    def check_loras(self, records: list[dict[str, Any]]) -> list[str]:
+        rows = pd.DataFrame(records)
+        self.engine.prepare(rows)
+        return self.engine.check_loras(rows)
+
 
 class RayPoolEngine:
     kind = "local"
@@ -114,6 +119,11 @@ class RayPoolEngine:
 
     def prepare(self, plan: pd.DataFrame) -> None:
         """Each worker loads its pipeline in its constructor; nothing else to do up front."""
+
+    def check_loras(self, plan: pd.DataFrame) -> list[str]:
+        """One worker checks every LoRA of the plan against its model (all workers load the same files)."""
+        records = plan[["model_id", "lora_model"]].drop_duplicates().to_dict("records")
+        return self.ray.get(self.workers[0].check_loras.remote(records)) if self.workers else []
 
     def worker_pids(self) -> list[int]:
         return self.ray.get([w.pid.remote() for w in self.workers])

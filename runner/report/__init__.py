@@ -13,7 +13,9 @@ from typing import Any
 import pandas as pd
 
 from runner.report.grid import make_grids
+from runner.report.grid_page import write_grid_page
 from runner.report.html import write_html
+from runner.report.human import HumanReport, human_report, merge_human
 from runner.report.ranking import checkpoint_scores, default_rank_by, plot_checkpoints, plot_curves, rank_cells, response_curves
 
 
@@ -26,6 +28,7 @@ class ReportFiles:
     curves: list[Path] = field(default_factory=list)
     rank_by: str | None = None
     checkpoints: pd.DataFrame = field(default_factory=pd.DataFrame)  # per run, step and strength (checkpoints.csv)
+    human: HumanReport | None = None  # people's votes: their ranking, the scores' agreement with it, the voters'
 
 
 def make_report(
@@ -53,10 +56,12 @@ def make_report(
     )
     rank_by = report.get("rank_by") or default_rank_by(scores)
     ranking = rank_cells(plan, results, scores, rank_by)
+    human = human_report(plan, results, store.read_votes(), scores)
+    ranking = merge_human(ranking, human.ranking)
     ranking_csv = None
-    if not ranking.empty:
+    if not ranking.empty or not human.ranking.empty:  # votes and no scores yet: the people's ranking alone
         ranking_csv = root / "ranking.csv"
-        ranking.to_csv(ranking_csv, index=False)
+        (ranking if not ranking.empty else human.ranking).to_csv(ranking_csv, index=False)
     curve_metrics = list(dict.fromkeys([m for m in [rank_by, "lora_effect", *scores] if m and m != "seed_spread"]))
     curves = []
     table = response_curves(plan, results, curve_metrics)
@@ -84,8 +89,19 @@ def make_report(
         command=command,
         identity=store.read_identity(),
         checkpoints=checkpoints,
+        human=human,
+        lora_files=store.read_lora_files(),
     )
-    return ReportFiles(html, grids, ranking, ranking_csv, curves, rank_by, checkpoints)
+    write_grid_page(  # grid.html beside report.html: axes chosen in the page, the viewer, compare (thumbs/ once per image)
+        root,
+        plan,
+        results,
+        ranking if not ranking.empty else human.ranking,
+        scores,
+        name=name,
+        defaults={"x": grid.x, "y": grid.y, "page": grid.get("page")},
+    )
+    return ReportFiles(html, grids, ranking, ranking_csv, curves, rank_by, checkpoints, human)
 
 
 __all__ = ["ReportFiles", "make_grids", "make_report"]

@@ -11,6 +11,7 @@ import html
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -19,10 +20,16 @@ from runner.plan import summarize
 
 SORT_SCRIPT = """
 document.querySelectorAll('table.sortable th').forEach(function (th, col) {
+  th.tabIndex = 0; th.setAttribute('role', 'button'); th.title = 'sort by this column (click, Enter or Space)';
+  th.addEventListener('keydown', function (event) {
+    if (event.key === 'Enter' || event.key === ' ') { event.preventDefault(); th.click(); }
+  });
   th.addEventListener('click', function () {
     var body = th.closest('table').tBodies[0];
     var rows = Array.prototype.slice.call(body.rows);
     var up = th.dataset.dir !== 'up'; th.dataset.dir = up ? 'up' : 'down';
+    th.closest('tr').querySelectorAll('th').forEach(function (other) { other.removeAttribute('aria-sort'); });
+    th.setAttribute('aria-sort', up ? 'ascending' : 'descending');
     rows.sort(function (a, b) {
       var x = a.cells[col].dataset.v || a.cells[col].textContent, y = b.cells[col].dataset.v || b.cells[col].textContent;
       var nx = parseFloat(x), ny = parseFloat(y);
@@ -141,6 +148,8 @@ def write_html(
     command: str,
     identity: dict,
     checkpoints: pd.DataFrame | None = None,
+    human: Any = None,
+    lora_files: dict[str, dict[str, str]] | None = None,
 ) -> Path:
     """report.html: what the sweep is, how far it got, the ranking, curves and grids, the files and how to reproduce it."""
     info = summarize(plan)
@@ -150,8 +159,10 @@ def write_html(
     pending = len(plan) - len(ok) - len(failed)
     axes = ", ".join(f"{_e(k)} ({v})" for k, v in info["axes"].items()) or "none"
     kinds = {"models": "model", "loras": "LoRA", "vaes": "VAE", "embeddings": "embeddings", "upscaler": "upscaler"}
+    about = lora_files or {}
     files = "".join(
-        f"<li>{_e(kinds.get(kind, kind))} <b>{_e(k)}</b> <code>{_e(str(v)[:10])}</code></li>"
+        f"<tr><td>{_e(kinds.get(kind, kind))}</td><td><b>{_e(k)}</b></td><td><code>{_e(str(v)[:10])}</code></td>"
+        f"<td>{_lora_about(about.get(k)) if kind == 'loras' else ''}</td></tr>"
         for kind, group in identity.items()
         for k, v in group.items()
     )
@@ -165,8 +176,10 @@ def write_html(
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>{_e(name)}: lora-sweep report</title><style>{STYLE}</style></head><body>",
         f"<h1>{_e(name)}</h1><p class='muted'>{_e(description)}</p>",
-        "<p>" + ("<a href='#search'>search</a> · " if (root / "search" / "search.json").exists() else ""),
-        "<a href='#ranking'>ranking</a> · <a href='#curves'>response curves</a> · <a href='#grids'>grids</a> · "
+        "<p><a href='grid.html'><b>grid page</b></a> (choose axes, open images, compare) · "
+        + ("<a href='#search'>search</a> · " if (root / "search" / "search.json").exists() else ""),
+        "<a href='#ranking'>ranking</a> · <a href='#votes'>people's votes</a> · "
+        "<a href='#curves'>response curves</a> · <a href='#grids'>grids</a> · "
         "<a href='#failures'>failures</a> · <a href='#timings'>timings</a> · <a href='#reproduce'>reproduce</a> · "
         "<a href='#images'>all images</a></p>",
         "<h2 id='summary'>Plan</h2>",
@@ -180,10 +193,16 @@ def write_html(
                 ("report written", time.strftime("%Y-%m-%d %H:%M:%S")),
             ]
         ),
-        f"<p class='muted'>Files (sha256 prefix):</p><ul>{files}</ul>" if files else "",
+        (
+            "<table class='files'><thead><tr><th>file</th><th>id</th><th>sha256</th><th>what the file says (LoRAs)</th></tr></thead>"
+            f"<tbody>{files}</tbody></table>"
+        )
+        if files
+        else "",
         search_section(root, table),
         ranking_section(ranking, rank_by, scores),
         checkpoint_section(checkpoints, rank_by),
+        votes_section(human, root),
         "<h2 id='curves'>Response curves</h2>",
         "".join(f"<p><img class='plot' src='{_e(p.relative_to(root).as_posix())}' alt='response curves'></p>" for p in curves)
         or "<p class='muted'>No curves: they need scores and LoRAs at more than one strength.</p>",
@@ -295,6 +314,17 @@ def search_section(root: Path, table: pd.DataFrame) -> str:
     return "".join(parts)
 
 
+def _lora_about(info: dict[str, str] | None) -> str:
+    """'mine-000004.safetensors: kohya, sd_v1, LoRA rank 4 alpha 1, epoch 4, step 1000, 512x512; trigger <b>sks style</b>'."""
+    if not info:
+        return ""
+    network = info.get("network", "LoRA") + "".join(f" {k} {info[k]}" for k in ("rank", "alpha") if k in info)
+    parts = [info.get("tool", "unknown"), *([info["base"]] if "base" in info else []), network]
+    parts += [f"{k} {info[k]}" for k in ("epoch", "step") if k in info] + ([info["resolution"]] if "resolution" in info else [])
+    trigger = f"; trigger <b class='trigger'>{_e(info['trigger'])}</b>" if info.get("trigger") else "; no trigger"
+    return f"<code>{_e(info.get('file', ''))}</code>: {_e(', '.join(parts))}{trigger}"
+
+
 def images_table(table: pd.DataFrame, scores: list[str]) -> str:
     present = [s for s in scores if s in table]
     head = "".join(f"<th>{_e(c)}</th>" for c in ["id", "blend", "seed", "status", *present])
@@ -321,3 +351,55 @@ def grid_html(path: Path, root: Path) -> str:
 def failure_row(r: dict) -> str:
     error = (str(r.get("error") or "").strip().splitlines() or [""])[0]
     return f"<tr><td>{_e(r['id'])}</td><td>{_e(r['blend'])}</td><td>{_e(r['seed'])}</td><td class='error'>{_e(error)}</td></tr>"
+
+
+def votes_section(human: Any, root: Path) -> str:
+    """People's votes (runner/report/human.HumanReport): the cells by Bradley-Terry strength with intervals, how well
+    each score agrees with them and the voters with each other; without votes, how to cast some."""
+    how = f"<code>lora-sweep compare {_e(root.parent.name)}/{_e(root.name)}</code>"
+    if human is None or human.ranking.empty:
+        return f"<h2 id='votes'>People's votes</h2><p class='muted'>No votes yet: run {how} to compare images two at a time.</p>"
+    rows = "".join(
+        f"<tr data-human-cell='{_e(r['cell'])}'><td class='num'>{i}</td><td class='cell'>{_e(r['cell'])}</td>"
+        f"{_num(r['human'])}{_num(r['human_low'])}{_num(r['human_high'])}<td class='num'>{int(r['human_votes'])}</td>"
+        f"{_num(r['human_wins'], 1)}</tr>"
+        for i, r in enumerate(human.ranking.to_dict("records"), start=1)
+    )
+    head = "".join(f"<th>{c}</th>" for c in ["rank", "cell", "human", "human_low", "human_high", "votes", "wins"])
+    parts = [
+        "<h2 id='votes'>People's votes</h2>",
+        f"<p class='muted'>{human.votes} votes between cells, ranked by Bradley-Terry log-strength (mean 0; a difference of 1 "
+        "is about 73% of votes won); <code>human_low..human_high</code> is a 95% bootstrap interval over the votes, ties count "
+        f"half a win each way. Also the <code>human</code> columns of <a href='ranking.csv'>ranking.csv</a>. More votes: {how}.</p>",
+        f"<div class='scroll'><table class='sortable' id='votes-table'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>",
+    ]
+    if not human.scores.empty:
+        parts.append(
+            "<h3>Scores against people</h3><table id='agreement-table'><tr><th>score</th><th>Kendall's tau</th><th>95% interval</th>"
+            "<th>cells</th></tr>"
+            + "".join(
+                f"<tr><td>{_e(r['score'])}</td>{_num(r['tau'], 2)}<td class='num'>{_interval(r['tau_low'], r['tau_high'])}</td>"
+                f"<td class='num'>{r['cells']}</td></tr>"
+                for r in human.scores.to_dict("records")
+            )
+            + "</table><p class='muted'>Kendall's tau between each score's cell ranking (its mean per cell) and the people's: "
+            "1 the same order, 0 unrelated, -1 reversed; the interval resamples the votes.</p>"
+        )
+    if not human.voters.empty:
+        parts.append(
+            "<h3>Voters against each other</h3><table id='voters-table'><tr><th>voters</th><th>votes</th><th>cell pairs both voted</th>"
+            "<th>same choice</th><th>cells</th><th>Kendall's tau</th></tr>"
+            + "".join(
+                f"<tr><td>{_e(r['voter_a'])} · {_e(r['voter_b'])}</td><td class='num'>{r['votes_a']} · {r['votes_b']}</td>"
+                f"<td class='num'>{r['shared_pairs']}</td>{_num(r['same_choice'], 2)}"
+                f"<td class='num'>{r['cells']}</td>{_num(r['tau'], 2)}</tr>"
+                for r in human.voters.to_dict("records")
+            )
+            + "</table><p class='muted'>Same choice: the share of cell pairs both voted on where both leaned the same way; "
+            "tau compares each voter's own Bradley-Terry ranking over the cells both voted on.</p>"
+        )
+    return "".join(parts)
+
+
+def _interval(low: float, high: float) -> str:
+    return "–" if math.isnan(low) else f"{low:.2f} .. {high:.2f}"

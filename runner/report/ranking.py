@@ -32,6 +32,20 @@ def cell_axes(plan: pd.DataFrame) -> list[str]:
     return axes
 
 
+def cell_label(values: tuple) -> str:
+    """A cell's name: its axis values joined (the `cell` column of ranking.csv, the key votes are ranked by)."""
+    return " · ".join(str(v) for v in values)
+
+
+def cell_labels(plan: pd.DataFrame) -> pd.Series:
+    """Each plan row's cell label, indexed by image id (one cell, "all images", when nothing varies but the seed)."""
+    axes = cell_axes(plan)
+    if not axes:
+        return pd.Series("all images", index=plan["id"].to_numpy(), name="cell")
+    labels = [cell_label(values) for values in plan[axes].itertuples(index=False, name=None)]
+    return pd.Series(labels, index=plan["id"].to_numpy(), name="cell")
+
+
 def bootstrap_interval(values: np.ndarray, rng: np.random.Generator, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean (NaN, NaN for fewer than two values)."""
     if len(values) < 2:
@@ -60,7 +74,7 @@ def rank_cells(plan: pd.DataFrame, results: pd.DataFrame, scores: list[str], ran
         ok = group[group["status"] == "ok"]
         values = ok[rank_by].dropna().to_numpy(dtype=float)
         low, high = bootstrap_interval(values, rng)
-        row = {"cell": " · ".join(str(k) for k in key), **dict(zip(keys, key))}
+        row = {"cell": cell_label(key), **dict(zip(keys, key))}
         row |= {
             "images": len(ok),
             "failed": int((group["status"] == "failed").sum()),

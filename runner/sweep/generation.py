@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner.engines.base import Engine
 from runner.engines.factory import create_engine
+from runner.errors import UserError
 from runner.registry import Registry
 from runner.store import SweepStore
 from runner.sweep.summary import Summary
@@ -77,6 +78,8 @@ class Generation:
         if pending.empty:
             return
         self.engine.prepare(pending)
+        if problems := self.engine.check_loras(pending):  # a LoRA that would be dropped in whole or in part: no image yet
+            raise UserError(problems)
         if self.started is None:
             self.started = time.perf_counter()  # images/s counts generation + writing, not imports and loading
         bar = tqdm(

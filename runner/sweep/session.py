@@ -32,6 +32,7 @@ from runner.engines.remote import with_remote_ids
 from runner.prepare import PreparedSweep
 from runner.registry import changed_files
 from runner.report import ReportFiles, make_report
+from runner.report.human import HumanReport
 from runner.scores import compute_scores
 from runner.store import SweepStore, locked_store
 from runner.sweep.generation import Generation
@@ -101,6 +102,7 @@ class SweepSession:
         self.parent_params = dict(parent_params or {})
         self.summary = Summary(self.name, self.folder, len(prepared.plan))
         self.checkpoints = pd.DataFrame()  # the report's per-checkpoint scores, for the parent run's best_checkpoint tags
+        self.human: HumanReport | None = None  # the report's people's votes, for the parent run
         self.rows: dict[str, dict[str, Any]] = {}  # the writer's and the back-fill's view of each image
         self.store: SweepStore | None = None
         self.tracker: Tracker | None = None
@@ -152,6 +154,7 @@ class SweepSession:
         for line in changed_files(self.store.read_identity(), identity):
             print(line, file=self.out)
         self.store.write_identity(identity)
+        self.store.write_lora_files(self.prepared.registry.lora_files())
 
     def _start_parent(self) -> None:
         if self.attach:
@@ -287,6 +290,7 @@ class SweepSession:
     def report(self, plan: pd.DataFrame, results: pd.DataFrame) -> ReportFiles:
         files = write_report(self.cfg, self.store, plan, results)
         self.checkpoints = files.checkpoints
+        self.human = files.human
         s = self.summary
         s.grids, s.report, s.ranking, s.rank_by = files.grids, files.html, files.ranking, files.rank_by
         return files
@@ -298,6 +302,7 @@ class SweepSession:
             self.tracker.log_parent_files({"report": files.html, "report/ranking": self.store.root / "ranking.csv"})
             if files.ranking is not None:
                 self.tracker.log_ranking(files.ranking.drop(columns=["ids"], errors="ignore"))
+            self._log_human()
         return files
 
     def finish(self, plan: pd.DataFrame, results: pd.DataFrame | None = None) -> Summary:
@@ -332,10 +337,16 @@ class SweepSession:
             )
             if summary.ranking is not None:
                 self.tracker.log_ranking(summary.ranking.drop(columns=["ids"], errors="ignore"))
+            self._log_human()
             self.tracker.tag_parent(best_checkpoint_tags(self.checkpoints, summary.rank_by))
         except Exception as exc:
             summary.tracking_errors += 1
             print(f"warning: could not finish the MLflow parent run ({first_line(exc)})", file=self.out)
+
+    def _log_human(self) -> None:
+        """People's ranking and the scores' agreement with it onto the parent run (after the score ranking)."""
+        if self.human is not None and not self.human.ranking.empty:
+            self.tracker.log_human(self.human.ranking.drop(columns=["ids"], errors="ignore"), self.human.scores)
 
 
 def write_report(cfg: DictConfig, store: SweepStore, plan: pd.DataFrame, results: pd.DataFrame) -> ReportFiles:
