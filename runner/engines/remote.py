@@ -253,6 +253,10 @@ class RemoteEngine:
         if self._stop.wait(seconds):
             raise RemoteError("stopped before the result arrived", fatal=False)
 
+    def check_loras(self, plan: pd.DataFrame) -> list[str]:
+        """The provider's LoRA ids name its files, not ours: nothing to match here."""
+        return []
+
     def prepare(self, plan: pd.DataFrame) -> None:
         """Nothing to load: the provider holds the models."""
 
