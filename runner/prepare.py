@@ -17,7 +17,6 @@ from runner.checkpoints import (
     checkpoints,
     info_line,
     is_checkpoint_source,
-    lora_info,
     lycoris_kind,
     safetensors_metadata,
     tag_suggestions,
@@ -87,12 +86,11 @@ def describe_plan(prepared: PreparedSweep, out: TextIO) -> None:
     models = prepared.registry.models if prepared.registry is not None else {}
     if models:
         print("models: " + ", ".join(f"{k} ({label(m.family)})" for k, m in sorted(models.items())), file=out)
-    loras = prepared.registry.loras if prepared.registry is not None else {}
-    for lora_id, lora in sorted(loras.items()):
-        if not lora.builtin and lora.path.exists() and lora.path.suffix == ".safetensors":
-            info = lora_info(lora.path, safetensors_keys(lora.path))
+    registry = prepared.registry
+    for lora_id, info in (registry.lora_files() if registry is not None else {}).items():
+        if not registry.loras[lora_id].builtin:
             print("lora " + info_line(lora_id, info), file=out)
-            if "trigger" not in info and (tags := tag_suggestions(lora.path)):  # said, not applied: set trigger: to use one
+            if "trigger" not in info and (tags := tag_suggestions(registry.loras[lora_id].path)):  # said, not applied
                 print(f"  its captions' most frequent tags (trigger: suggestions, not applied): {', '.join(tags)}", file=out)
     for run, ids in prepared.checkpoints.items():
         shown = ", ".join(ids) if len(ids) <= 8 else ", ".join(ids[:3] + ["..."] + ids[-3:])

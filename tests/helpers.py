@@ -343,3 +343,17 @@ def render(pipe, prompt: str, seed: int, size: int = 64, steps: int = 4, guidanc
             output_type="np",
         ).images[0]
     return (np.clip(image, 0, 1) * 255).round().astype(np.int16)
+
+
+def two_lora_sweep(name: str, scores: list[str], description: str = "", **base: Any) -> dict[str, Any]:
+    """The report and page tests' sweep: the demo's sunset and star LoRAs x strengths 0.5, 1 x seeds 0, 1, plus the two
+    no-LoRA baseline images (10 images, 5 cells), as lora_strength (x) by lora_model (y); `base` overrides the request."""
+    request = {"prompt": "a red circle on a blue background", "width": 64, "height": 64, "num_inference_steps": 4}
+    return {
+        "name": name,
+        "description": description,
+        "base": request | base,
+        "grid": {"lora_model": {"each": ["sunset", "star"]}, "lora_strength": [0.5, 1.0], "seed": [0, 1]},
+        "report": {"grid": {"x": "lora_strength", "y": "lora_model"}, "baseline": True},
+        "scores": scores,
+    }

@@ -22,7 +22,7 @@ import httpx
 import pandas as pd
 import pytest
 from browser import browser
-from helpers import Workspace, free_port, run_cli, wait_until_healthy
+from helpers import Workspace, free_port, run_cli, two_lora_sweep, wait_until_healthy
 
 from runner.compare.pairs import Candidate, candidate_pairs, choose_pair, pair_key
 from runner.report.human import human_ranking, vote_cells
@@ -30,19 +30,9 @@ from runner.store import SweepStore
 
 pytestmark = pytest.mark.slow
 
-VOTED_SWEEP = {  # tests/test_report.py's `scored` sweep without the scorers: 2 LoRAs x 2 strengths x 2 seeds + 2 baselines
-    "name": "voted",
-    "base": {
-        "prompt": "a red circle on a blue background",
-        "width": 128,
-        "height": 128,
-        "num_inference_steps": 8,
-        "scheduler": "EulerDiscreteScheduler",
-    },
-    "grid": {"lora_model": {"each": ["sunset", "star"]}, "lora_strength": [0.5, 1.0], "seed": [0, 1]},
-    "report": {"baseline": True},
-    "scores": [],
-}
+VOTED_SWEEP = two_lora_sweep(
+    "voted", [], width=128, height=128, num_inference_steps=8, scheduler="EulerDiscreteScheduler"
+)  # test_report's sweep without its scorers
 PAIRS = 20  # per seed: 5 cells (no LoRA, sunset 0.5, sunset 1, star 0.5, star 1), 10 pairs of them
 
 

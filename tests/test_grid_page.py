@@ -14,23 +14,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import Workspace, mlflow_runs
+from helpers import Workspace, mlflow_runs, two_lora_sweep
 from PIL import Image
 
 pytestmark = pytest.mark.slow
 
-GRID_SWEEP = {
-    "name": "gridpage",
-    "description": "the grid page's sweep",
-    "base": {"prompt": "a red circle on a blue background", "width": 96, "height": 64, "num_inference_steps": 4},
-    "grid": {
-        "lora_model": {"each": ["sunset", "star"]},
-        "lora_strength": [0.5, 1.0],
-        "seed": [0, 1],
-    },
-    "report": {"grid": {"x": "lora_strength", "y": "lora_model"}, "baseline": True},
-    "scores": ["clip_score", "aesthetic"],
-}
+GRID_SWEEP = two_lora_sweep("gridpage", ["clip_score", "aesthetic"], "the grid page's sweep", width=96)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import Workspace, mlflow_runs
+from helpers import Workspace, mlflow_runs, two_lora_sweep
 
 from runner.report.human import (
     Comparisons,
@@ -29,14 +29,7 @@ from runner.store import SweepStore
 
 pytestmark = pytest.mark.slow
 
-VOTED_SWEEP = {
-    "name": "voted",
-    "description": "two LoRAs at two strengths, scored, then voted on",
-    "base": {"prompt": "a red circle on a blue background", "width": 64, "height": 64, "num_inference_steps": 4},
-    "grid": {"lora_model": {"each": ["sunset", "star"]}, "lora_strength": [0.5, 1.0], "seed": [0, 1]},
-    "report": {"grid": {"x": "lora_strength", "y": "lora_model"}, "baseline": True},
-    "scores": ["clip_score", "lora_effect"],
-}
+VOTED_SWEEP = two_lora_sweep("voted", ["clip_score", "lora_effect"], "two LoRAs at two strengths, scored, then voted on")
 VOTERS = ("ann", "bob")
 
 

@@ -27,6 +27,23 @@ def lora_factors(weight: torch.Tensor, rank: int, generator: torch.Generator) ->
     return down, up
 
 
+def run_one(workspace, name: str, file, strength: float):
+    """`lora-sweep run` of one image with the file as LoRA `name` at `strength`: (CLI result, result rows, pixels)."""
+    path = workspace.sweep(name, {"base": {**BASE, "lora_model": name, "lora_strength": strength}})
+    result = workspace.cli("run", f"sweep={path}", f"sweep.name={name}", "tracking=none", f"+loras.{name}={{source: '{file}'}}")
+    assert result.code == 0, result.err[-2000:]
+    rows, pixels = sweep_images(workspace.outputs, name)
+    return result, rows, pixels(rows["id"].item())
+
+
+def render_merged(pipe, merged: dict) -> np.ndarray:
+    """The reference: the base pipeline with the hand-merged weights written into its layers."""
+    with torch.no_grad():
+        for layer, weight in merged.items():
+            layer.weight.copy_(weight)
+    return render(pipe, BASE["prompt"], seed=2)
+
+
 def test_a_kohya_dora_file_runs_fused_as_the_web_uis_merge_it(workspace, tmp_path):
     """dora_scale beside lora_down/lora_up: W' = m (W + dW) / ||W + dW|| per input column; strength s gives W + s (W' - W)."""
     torch.set_num_threads(1)
@@ -47,18 +64,10 @@ def test_a_kohya_dora_file_runs_fused_as_the_web_uis_merge_it(workspace, tmp_pat
         tensors[f"{name}.dora_scale"] = magnitude.reshape(1, -1, *[1] * (weight.dim() - 2))
         merged[layer] = weight + 0.6 * (dora - weight)
     save_file(tensors, str(tmp_path / "dora.safetensors"), metadata={"ss_network_module": "lycoris.kohya", "ss_network_dim": "2"})
-    path = workspace.sweep("kd", {"base": {**BASE, "lora_model": "kd", "lora_strength": 0.6}})
-    result = workspace.cli(
-        "run", f"sweep={path}", "sweep.name=kd", "tracking=none", f"+loras.kd={{source: '{tmp_path / 'dora.safetensors'}'}}"
-    )
-    assert result.code == 0, result.err[-2000:]
+    result, rows, image = run_one(workspace, "kd", tmp_path / "dora.safetensors", 0.6)
     assert "lora kd: LyCORIS (kohya), DoRA rank 2" in result.out
-    rows, pixels = sweep_images(workspace.outputs, "kd")
     assert set(rows["meta.lora_mode"]) == {"fused"}
-    with torch.no_grad():
-        for layer, weight in merged.items():
-            layer.weight.copy_(weight)
-    assert np.abs(pixels(rows["id"].item()) - render(pipe, BASE["prompt"], seed=2)).max() <= 1
+    assert np.abs(image - render_merged(pipe, merged)).max() <= 1
 
 
 def test_a_kohya_locon_file_with_3x3_convolutions_equals_its_hand_merge(workspace, tmp_path):
@@ -80,17 +89,9 @@ def test_a_kohya_locon_file_with_3x3_convolutions_equals_its_hand_merge(workspac
         str(tmp_path / "locon.safetensors"),
         metadata={"ss_network_module": "networks.lora", "ss_network_args": '{"conv_dim": "4"}'},
     )
-    path = workspace.sweep("lc", {"base": {**BASE, "lora_model": "lc", "lora_strength": 0.8}})
-    result = workspace.cli(
-        "run", f"sweep={path}", "sweep.name=lc", "tracking=none", f"+loras.lc={{source: '{tmp_path / 'locon.safetensors'}'}}"
-    )
-    assert result.code == 0, result.err[-2000:]
+    result, _, image = run_one(workspace, "lc", tmp_path / "locon.safetensors", 0.8)
     assert "lora lc: kohya, LoCon" in result.out
-    rows, pixels = sweep_images(workspace.outputs, "lc")
-    with torch.no_grad():
-        for layer, weight in merged.items():
-            layer.weight.copy_(weight)
-    assert np.abs(pixels(rows["id"].item()) - render(pipe, BASE["prompt"], seed=2)).max() <= 1
+    assert np.abs(image - render_merged(pipe, merged)).max() <= 1
 
 
 def test_a_lycoris_file_in_sdxl_sgm_layout_loads_as_in_diffusers_layout(workspace, sdxl_dir, tmp_path):

@@ -12,26 +12,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import Workspace, fake_hub_cache, mlflow_runs
+from helpers import Workspace, fake_hub_cache, mlflow_runs, two_lora_sweep
 from PIL import Image
 
 pytestmark = pytest.mark.slow
 
 SCORES = ["clip_score", "aesthetic", "lora_effect", "seed_spread"]
-SCORED_SWEEP = {
-    "name": "scored",
-    "description": "two LoRAs at two strengths, scored",
-    "base": {
-        "prompt": "a red circle on a blue background",
-        "width": 128,
-        "height": 128,
-        "num_inference_steps": 8,
-        "scheduler": "EulerDiscreteScheduler",
-    },
-    "grid": {"lora_model": {"each": ["sunset", "star"]}, "lora_strength": [0.5, 1.0], "seed": [0, 1]},
-    "report": {"grid": {"x": "lora_strength", "y": "lora_model"}, "baseline": True},
-    "scores": SCORES,
-}
+SCORED_SWEEP = two_lora_sweep(
+    "scored", SCORES, "two LoRAs at two strengths, scored", width=128, height=128, num_inference_steps=8, scheduler="EulerDiscreteScheduler"
+)
 
 
 @pytest.fixture(scope="module")

@@ -86,14 +86,19 @@
     state.busy = true;
     if (action === 'left' || action === 'right') { $(action).classList.add('picked'); }
     api('/api/vote', { left: state.pair.left, right: state.pair.right, choice: action, voter: voter() }).then(function (data) {
-      state.acked.push(data.vote);
       state.history.push(data.vote);
-      document.body.dataset.acked = state.acked.length;
-      status('');
-      reveal(data);
-      counts(data);
-      show(data.next);
+      answered(data);
     }, failed);
+  }
+
+  // the server wrote the line (vote or undo): count it, show what the last pair was, move on
+  function answered(data) {
+    state.acked.push(data.vote);
+    document.body.dataset.acked = state.acked.length;
+    status('');
+    reveal(data);
+    counts(data);
+    show(data.next);
   }
 
   function undo() {
@@ -102,12 +107,7 @@
     var last = state.history[state.history.length - 1];
     api('/api/undo', { vote: last, voter: voter() }).then(function (data) {
       state.history.pop();
-      state.acked.push(data.vote);
-      document.body.dataset.acked = state.acked.length;
-      status('');
-      reveal(data);
-      counts(data);
-      show(data.next);
+      answered(data);
     }, failed);
   }
 

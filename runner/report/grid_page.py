@@ -219,6 +219,8 @@ def pick_defaults(axes: list[str], wanted: dict[str, str | None]) -> dict[str, s
     for key in ("x", "y"):
         if chosen[key] is None and spare and not (key == "y" and spare[0] == "seed" and chosen["x"] is None):
             chosen[key] = spare.pop(0)
+    if chosen["page"] is None:  # another axis (a prompt...): one page each, cells hold the seeds
+        chosen["page"] = next((a for a in spare if a not in ("seed", "blend")), None)
     return chosen
 
 
