@@ -29,13 +29,17 @@ if XDIST_WORKERS > 1:
 # leave one worker running a long file alone at the end. A stale list costs minutes, never correctness.
 LONGEST_FILES = [  # longest first on 2 cores (2026-12-02; the family and prompt files measured alone, one thread)
     "test_families.py",
+    "test_compare.py",
     "test_ray.py",
+    "test_grid_page.py",
+    "test_lora_files.py",
     "test_faults.py",
     "test_serve.py",
     "test_prompts.py",
     "test_family_services.py",
     "test_search.py",
     "test_report.py",
+    "test_human_ranking.py",
     "test_remote.py",
     "test_mlflow_server.py",
     "test_sdxl.py",

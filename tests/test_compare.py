@@ -30,9 +30,7 @@ from runner.store import SweepStore
 
 pytestmark = pytest.mark.slow
 
-VOTED_SWEEP = two_lora_sweep(
-    "voted", [], width=128, height=128, num_inference_steps=8, scheduler="EulerDiscreteScheduler"
-)  # test_report's sweep without its scorers
+VOTED_SWEEP = two_lora_sweep("voted", [])  # 10 images, no scorers: the votes are the scores here
 PAIRS = 20  # per seed: 5 cells (no LoRA, sunset 0.5, sunset 1, star 0.5, star 1), 10 pairs of them
 
 
