@@ -295,6 +295,9 @@ CHECKPOINTS = (
 LORA_MARKERS = (
     # UNet names first: SD's attention blocks hold `transformer_blocks` too
     ("to_qkv_mlp_proj", ("flux2", "flux2-klein", "flux2-klein-distilled")),
+    # BFL's layout (kohya's Flux files) before Qwen-Image's img_mlp, which BFL's double blocks hold too
+    ("double_blocks", ("flux", "flux-schnell", "chroma", "flux2", "flux2-klein", "flux2-klein-distilled")),
+    ("single_blocks", ("flux", "flux-schnell", "chroma", "flux2", "flux2-klein", "flux2-klein-distilled")),
     ("img_mlp", ("qwen-image",)),
     ("txt_mlp", ("qwen-image",)),
     ("down_blocks", ("sd", "sdxl")),
@@ -308,8 +311,6 @@ LORA_MARKERS = (
     ("attention.to_q", ("z-image",)),
     ("distilled_guidance_layer", ("chroma",)),
     ("single_transformer_blocks", ("flux", "flux-schnell", "chroma", "flux2", "flux2-klein", "flux2-klein-distilled")),
-    ("double_blocks", ("flux", "flux-schnell", "chroma", "flux2", "flux2-klein", "flux2-klein-distilled")),
-    ("single_blocks", ("flux", "flux-schnell", "chroma", "flux2", "flux2-klein", "flux2-klein-distilled")),
     ("joint_blocks", ("sd3",)),
     ("transformer_blocks", ("sd3", "flux", "flux-schnell", "chroma", "qwen-image", "flux2", "flux2-klein", "flux2-klein-distilled")),
 )
@@ -332,7 +333,6 @@ DROPPED_LORA_KEYS = (
         "its input, embedding and final layers (kohya lora_unet_img_in/txt_in/time_in/vector_in/guidance_in/final_layer)",
     ),
     (FLUX_LIKE, ("lora_te2_",), "its T5 text-encoder layers (lora_te2_)"),
-    (FLUX_LIKE, ("dora_scale",), "its DoRA magnitudes (dora_scale): it runs as a plain LoRA"),
 )
 
 

@@ -132,18 +132,6 @@ def fit_problems(plan: pd.DataFrame, registry: Registry) -> list[str]:
         model, lora = registry.models.get(model_id), registry.loras.get(lora_id)
         if model is None or lora is None or not lora.path.exists():
             continue
-        kind = lycoris_kind(safetensors_keys(lora.path)) if lora.path.suffix == ".safetensors" else None
-        if model.family not in ("sd", "sdxl") and kind:
-            problems.append(
-                str(
-                    Problem(
-                        f"loras.{lora_id}",
-                        f"is a LyCORIS {kind}, which this version loads on SD 1.x/2.x and SDXL, not {label(model.family)}",
-                        "use a LoRA export of it, or an SD/SDXL model",
-                    )
-                )
-            )
-            continue
         lora_width, model_width = lora_cross_attention_width(lora.path), model_cross_attention_width(model)
         if lora_width and model_width and lora_width != model_width:
             made_for = CROSS_ATTENTION_WIDTHS.get(lora_width, f"a model with text width {lora_width}")
@@ -309,6 +297,8 @@ def dropped_lora_warnings(plan: pd.DataFrame, registry: Registry) -> list[str]:
         if model is None or lora is None or lora.path.suffix != ".safetensors" or not lora.path.exists():
             continue
         keys = safetensors_keys(lora.path)
+        if lycoris_kind(keys):  # loaded as weight deltas by lora-sweep itself (engines/deltas.py): nothing is dropped
+            continue
         for families, fragments, what in DROPPED_LORA_KEYS:
             if model.family in families and any(f in k for k in keys for f in fragments):
                 lines.append(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tiny_families import FAMILIES as TINY
 from tiny_families import build_tiny_family
@@ -80,22 +81,50 @@ class FamilyWorld:
 
 def hand_merged(model: FamilyModel, blend: dict[str, float], call: dict, seed: int):
     """Pixels (uint8 HxWx3) of the tiny model with W += strength * B @ A (alpha = rank) per LoRA, run by diffusers."""
+    from safetensors.torch import load_file
+
+    edits = []
+    for name, strength in blend.items():
+        tensors = load_file(str(model.loras[name]))
+        for key, a in tensors.items():
+            if ".lora_A." in key:
+                b = tensors[key.replace(".lora_A.", ".lora_B.")]
+                edits.append(
+                    ("transformer", key.removeprefix("transformer.").split(".lora_A.")[0], slice(None), strength * (b.float() @ a.float()))
+                )
+    return merged_render(model, edits, call, seed)
+
+
+def merged_render(model: FamilyModel, edits: list[tuple[str, str, slice, Any]], call: dict, seed: int):
+    """Pixels (uint8 HxWx3) of the tiny model with each (component, layer, rows, delta) added to that layer's weight
+    rows, run by diffusers directly: the reference the engine's fused LoRAs are checked against."""
     import diffusers
     import numpy as np
     import torch
-    from safetensors.torch import load_file
 
     pipe = diffusers.DiffusionPipeline.from_pretrained(model.folder)
     pipe.set_progress_bar_config(disable=True)
-    modules = dict(pipe.transformer.named_modules())
     with torch.no_grad():
-        for name, strength in blend.items():
-            tensors = load_file(str(model.loras[name]))
-            for key, a in tensors.items():
-                if ".lora_A." not in key:
-                    continue
-                module = modules[key.removeprefix("transformer.").split(".lora_A.")[0]]
-                b = tensors[key.replace(".lora_A.", ".lora_B.")]
-                module.weight += strength * (b.float() @ a.float()).to(module.weight.dtype)
+        for component, layer, rows, delta in edits:
+            weight = getattr(pipe, component).get_submodule(layer).weight
+            weight[rows] += delta.to(weight.dtype)
         image = pipe(**call, generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images[0]
     return (np.clip(image, 0, 1) * 255).round().astype(np.int16)
+
+
+def blend_of(row) -> dict[str, float]:
+    names = row["lora_model"].split(",")
+    return dict(zip(names, [float(s) for s in row["lora_strength"].split(",")]))
+
+
+def family_call(family: str, row) -> dict:
+    """The pipeline call the sweep's row asks for, written out from the family table (prompt as one string)."""
+    from runner.families import FAMILIES
+
+    f = FAMILIES[family]
+    call = {"prompt": row["prompt"], "width": 64, "height": 64, "num_inference_steps": int(row["num_inference_steps"])}
+    if f.guidance != "none":
+        call["guidance_scale"] = float(row["guidance_scale"])
+    if f.negative_prompt:
+        call["negative_prompt"] = row["negative_prompt"] or ""
+    return call

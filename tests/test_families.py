@@ -8,7 +8,7 @@ import io
 
 import numpy as np
 import pytest
-from family_world import TINY_OF, hand_merged
+from family_world import TINY_OF, blend_of, family_call, hand_merged
 from helpers import assert_complete, mlflow_runs, sweep_images
 
 from runner.families import FAMILIES, family_of_pipeline, label
@@ -65,22 +65,6 @@ def test_sd_keeps_the_spec_defaults_and_its_ids(workspace):
     plan = prepared.plan
     assert set(plan["scheduler_used"]) <= {"UniPCMultistepScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler"}
     assert plan["true_cfg_scale"].isna().all() and plan["shift"].isna().all()
-
-
-def blend_of(row) -> dict[str, float]:
-    names = row["lora_model"].split(",")
-    return dict(zip(names, [float(s) for s in row["lora_strength"].split(",")]))
-
-
-def family_call(family: str, row) -> dict:
-    """The pipeline call the sweep's row asks for, written out from the family table (prompt as one string)."""
-    f = FAMILIES[family]
-    call = {"prompt": row["prompt"], "width": 64, "height": 64, "num_inference_steps": int(row["num_inference_steps"])}
-    if f.guidance != "none":
-        call["guidance_scale"] = float(row["guidance_scale"])
-    if f.negative_prompt:
-        call["negative_prompt"] = row["negative_prompt"] or ""
-    return call
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

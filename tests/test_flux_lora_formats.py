@@ -570,3 +570,27 @@ def test_kohya_file_loads_as_a_peft_adapter_on_the_meta_model(tmp_path, diffuser
     assert {m.scaling["kohya"] for m in wrapped.values()} == {1.0}
     te_wrapped = {name for name, m in clip.named_modules() if isinstance(m, LoraLayer)}
     assert te_wrapped == {f"{CLIP_ROOT}encoder.layers.{i}.{m}" for i in (0, 11) for m in CLIP_MODULES}
+
+
+def test_lycoris_names_map_every_bfl_module_at_real_shapes():
+    """LyCORIS files are not converted by diffusers: runner/engines/deltas.py maps their kohya BFL names itself, from the
+    model's own layers. On the real-config Flux.1-dev (meta device), every module of the 19 double and 38 single blocks
+    and the outer layers maps to its diffusers layers in order, the rows adding up to the source's fan-out; the final
+    modulation's halves swapped (BFL's shift, scale is diffusers' scale, shift)."""
+    from runner.engines.deltas import layer_names
+
+    pipe = flux_pipeline(meta_flux(), meta_clip())
+    names = layer_names(pipe, "transformer")
+    layers = dict(pipe.transformer.named_modules())
+    for source in block_sources(outer=True):
+        target = names.get(kohya_name(source.name))
+        assert target is not None, source.name
+        assert target.component == "transformer"
+        if source.swap:
+            layer = layers[source.targets[0][0]]
+            assert [(p[0], p[1]) for p in target.pieces] == [(layer, slice(D, None)), (layer, slice(0, D))]
+            continue
+        assert [p[0] for p in target.pieces] == [layers[m] for m, _ in source.targets], source.name
+        assert [p[0].weight[p[1]].shape for p in target.pieces] == [(rows, source.fan_in) for _, rows in source.targets], source.name
+        assert names.get("diffusion_model." + source.name) == target  # ai-toolkit's / ComfyUI's dotted BFL names
+    assert names["lora_te1_text_model_encoder_layers_11_mlp_fc2"].component == "text_encoder"

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from runner.engines.deltas import DeltaFile
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,16 @@ def delta_weight(layer: nn.Module, name: str) -> torch.Tensor | None:
     return delta * unit_scale(layer, name)
 
 
+Delta = Callable[[], tuple[slice, torch.Tensor]]  # a delta at strength 1 and the rows of its weight it adds to
+
+
+def _peft_delta(layer: nn.Module, name: str) -> tuple[slice, torch.Tensor]:
+    delta = delta_weight(layer, name)
+    if delta is None:
+        raise ValueError(f"adapter {name} cannot be fused into {type(layer).__name__}")
+    return slice(None), delta
+
+
 class FusedBlends:
     """Writes one blend at a time into the base weights of the given models, and restores them exactly."""
 
@@ -81,11 +94,11 @@ class FusedBlends:
         self._touched: set[int] = set()  # weights holding a blend now
         self._layers: list[nn.Module] | None = None
         self._text_layers: set[int] = set()  # ids of the LoRA layers in the text encoders
-        # adapters that are weight deltas, not peft layers (LyCORIS files: engines/deltas.py): name -> module -> (delta, text encoder?)
-        self._deltas: dict[str, dict[nn.Module, tuple[torch.Tensor, bool]]] = {}
+        # adapters that are weight deltas, not peft layers (LyCORIS and kohya DoRA files: engines/deltas.py)
+        self._deltas: dict[str, DeltaFile] = {}
 
-    def add_deltas(self, name: str, deltas: dict[nn.Module, tuple[torch.Tensor, bool]]) -> None:
-        self._deltas[name] = deltas
+    def add_deltas(self, name: str, file: DeltaFile) -> None:
+        self._deltas[name] = file
 
     def drop_deltas(self, names: Sequence[str]) -> None:
         for name in names:
@@ -121,39 +134,42 @@ class FusedBlends:
     @torch.no_grad()
     def apply(self, names: Sequence[str], strengths: Sequence[float], te_strengths: Sequence[float] | None = None) -> int:
         """Restore, then fuse this blend (adapter names at their strengths; the text encoders' layers at
-        `te_strengths` where given). Returns the number of weights written."""
+        `te_strengths` where given). Each weight is its loaded value plus every delta in float32, cast once.
+        Returns the number of weights written."""
         self.restore()
-        written = 0
+        parts: dict[int, tuple[torch.Tensor, list[tuple[float, Delta]]]] = {}  # id(weight) -> (weight, deltas)
+
+        def add(weight: torch.Tensor, strength: float, delta: Delta) -> None:
+            parts.setdefault(id(weight), (weight, []))[1].append((strength, delta))
+
         for layer in self.layers():
             chosen = te_strengths if te_strengths is not None and id(layer) in self._text_layers else strengths
-            present = [(n, float(s)) for n, s in zip(names, chosen) if n in layer.lora_A]
-            if not present:
-                continue
-            weight = layer.get_base_layer().weight
-            key = id(weight)
-            if key not in self._pristine:
-                self._pristine[key] = (weight, weight.detach().clone())
-            total = self._pristine[key][1].float()
-            for name, strength in present:
-                delta = delta_weight(layer, name)
-                if delta is None:
-                    raise ValueError(f"adapter {name} cannot be fused into {type(layer).__name__}")
-                total = total + strength * delta.to(total.device)
+            for name, strength in zip(names, chosen):
+                if name in layer.lora_A:
+                    add(layer.get_base_layer().weight, float(strength), partial(_peft_delta, layer, name))
+        for index, name in enumerate(names):
+            file = self._deltas.get(name)
+            for layer, module, piece, in_text in file.pieces() if file is not None else ():
+                strength = float((te_strengths if in_text and te_strengths is not None else strengths)[index])
+                add(layer.weight, strength, partial(file.piece, module, piece, self._loaded))
+        for key, (weight, deltas) in parts.items():
+            total = self._loaded_weight(weight).to(torch.float32, copy=True)  # never the kept copy itself
+            for strength, delta in deltas:
+                rows, value = delta()
+                total[rows] += strength * value.to(total.device)
             weight.copy_(total.to(weight.dtype))
             self._touched.add(key)
-            written += 1
-        for index, name in enumerate(names):
-            for module, (delta, in_text) in self._deltas.get(name, {}).items():
-                strength = float((te_strengths if in_text and te_strengths is not None else strengths)[index])
-                weight = module.weight
-                key = id(weight)
-                if key not in self._pristine:
-                    self._pristine[key] = (weight, weight.detach().clone())
-                base = weight.float() if key in self._touched else self._pristine[key][1].float()
-                weight.copy_((base + strength * delta.to(base.device)).to(weight.dtype))
-                self._touched.add(key)
-                written += 1
-        return written
+        return len(parts)
+
+    def _loaded_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight's value as loaded (kept the first time a blend touches it, for the exact restore)."""
+        key = id(weight)
+        if key not in self._pristine:
+            self._pristine[key] = (weight, weight.detach().clone())
+        return self._pristine[key][1]
+
+    def _loaded(self, layer: nn.Module) -> torch.Tensor:
+        return self._loaded_weight(layer.weight)
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -710,7 +710,7 @@ class LocalEngine:
 
     def _load_lycoris(self, lora_id: str, path: Path) -> bool:
         """A LoHa/LoKr file or a kohya DoRA as weight deltas (engines/deltas.py) in the fuser; False: not one of those."""
-        from runner.engines.deltas import lycoris_deltas
+        from runner.engines.deltas import match_file
 
         kind = lycoris_kind(safetensors_keys(path)) if path.suffix == ".safetensors" else None
         if kind is None:
@@ -718,20 +718,26 @@ class LocalEngine:
         from safetensors.torch import load_file
 
         family, adapters = self.loaded.family, self.adapters
-        if adapters.fuser.fused:  # a DoRA delta is computed from the base weights: never from a fused blend's
-            adapters.fuser.restore()
-            adapters.blend = None
-        deltas, unmatched, total = lycoris_deltas(self.pipe, load_file(str(path)))
-        if unmatched or not deltas:
+        if self.loaded.quantization:
+            raise LoraMismatch(
+                f"loras.{lora_id}: {path.name} is a LyCORIS {kind}, whose deltas are written into the weights, and this model's "
+                f"weights are quantized ({self.loaded.quantization}); use a LoRA export of it or the unquantized model"
+            )
+        try:
+            file, unmatched, total = match_file(self.pipe, load_file(str(path)), family.denoiser)
+        except ValueError as exc:  # factors that do not fit their layer, Tucker factors
+            problem = f"loras.{lora_id}: {path.name} (LyCORIS {kind}): {one_line(exc)}"
+            raise LoraMismatch(f"{problem}; use a LoRA made for {family.label}") from None
+        if unmatched or not file.targets:
             example = f" (e.g. {unmatched[0]})" if unmatched else ""
             raise LoraMismatch(
                 f"loras.{lora_id}: {path.name} (LyCORIS {kind}, {_count(total, 'module')}) matched {total - len(unmatched)} of its "
                 f"{total} modules on this {family.label} model: {_count(len(unmatched), 'module')} name no layer{example}; "
                 f"use a LoRA made for {family.label} or drop it from the blend"
             )
-        adapters.fuser.add_deltas(lora_id, {layer: (delta, part != family.denoiser) for layer, (delta, part) in deltas.items()})
+        adapters.fuser.add_deltas(lora_id, file)
         adapters.loaded.add(lora_id)
-        if any(part != family.denoiser for _, part in deltas.values()):
+        if any(t.component != family.denoiser for t in file.targets.values()):
             adapters.in_text_encoder.add(lora_id)
         if not self.fast_path.fuse_loras:
             log.warning("LoRA %s is a LyCORIS %s: it runs fused (as weight deltas) whatever engine.fuse_loras says", lora_id, kind)
