@@ -27,29 +27,30 @@ if XDIST_WORKERS > 1:
 # The files that take longest on 2 cores, longest first (pytest --durations=0). xdist's loadfile mode hands files to
 # its two workers in collection order (with --no-loadscope-reorder, pyproject.toml): started first, they no longer
 # leave one worker running a long file alone at the end. A stale list costs minutes, never correctness.
-LONGEST_FILES = [  # longest first on 2 cores (2026-12-02; the family and prompt files measured alone, one thread)
-    "test_families.py",
-    "test_compare.py",
-    "test_ray.py",
-    "test_grid_page.py",
-    "test_lora_files.py",
+LONGEST_FILES = [  # longest first on 2 cores (pytest --durations, 2026-12-02, the whole suite under xdist)
     "test_faults.py",
     "test_serve.py",
-    "test_prompts.py",
+    "test_ray.py",
+    "test_families.py",
     "test_family_services.py",
+    "test_mlflow_server.py",
+    "test_compare.py",
     "test_search.py",
     "test_report.py",
-    "test_human_ranking.py",
-    "test_remote.py",
-    "test_mlflow_server.py",
+    "test_grid_page.py",
     "test_sdxl.py",
-    "test_family_files.py",
-    "test_from_image.py",
+    "test_remote.py",
+    "test_human_ranking.py",
+    "test_lycoris_dit.py",
     "test_world.py",
-    "test_run.py",
-    "test_models.py",
     "test_reproduce.py",
-    "test_validation.py",
+    "test_models.py",
+    "test_lora_files.py",
+    "test_run.py",
+    "test_prompts.py",
+    "test_checkpoints.py",
+    "test_flux_lora_formats.py",
+    "test_engine_features.py",
 ]
 
 

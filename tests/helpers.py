@@ -5,6 +5,7 @@ Imported as `from helpers import ...` (tests/ is on sys.path, as for tiny_models
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -96,6 +97,20 @@ class Workspace:
         out = io.StringIO()
         summary = run_sweep(self.config(*overrides), out=out)
         return RunResult(summary, out.getvalue())
+
+    def folder_command(self, command: str, folder: Path, *overrides: str) -> str:
+        """`lora-sweep report|score FOLDER OVERRIDES` in this process (see run); returns what it printed."""
+        import io
+
+        from runner import folder_commands
+
+        out = io.StringIO()
+        if command == "report":
+            assert not overrides, "report takes no overrides"
+            folder_commands.report_folder(str(folder), out=out)
+        else:
+            folder_commands.score_folder(str(folder), list(overrides), out=out)
+        return out.getvalue()
 
 
 @dataclass
@@ -284,6 +299,58 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Outage:
+    """A port in front of a server that goes down (connections refused, open ones cut) and comes back, as a tracking
+    server's network does, without restarting the server behind it (a restart costs a server start on 2 cores)."""
+
+    def __init__(self, target_port: int):
+        self.port, self.target = free_port(), target_port
+        self._listener: socket.socket | None = None
+        self._open: list[socket.socket] = []
+        self.up()
+
+    def up(self) -> None:
+        import threading
+
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def down(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        for conn in self._open:
+            with contextlib.suppress(OSError):
+                conn.close()
+        self._open.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # closed by down()
+                return
+            server = socket.create_connection(("127.0.0.1", self.target))
+            self._open += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for conn in (source, sink):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
 
 def wait_until_healthy(url: str, proc: subprocess.Popen, timeout: float, what: str, log: Any = None) -> None:

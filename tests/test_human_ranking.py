@@ -68,15 +68,13 @@ def cast_votes(store: SweepStore, plan: pd.DataFrame, count: int, seed: int, vot
 def voted(tmp_path_factory, assets_dir):
     """One scored run of 10 images (5 cells), its report before any vote, then 400 votes and `lora-sweep report`."""
     ws = Workspace(tmp_path_factory.mktemp("voted"), assets_dir)
-    result = ws.cli("run", f"sweep={ws.sweep('voted', VOTED_SWEEP)}")
-    assert result.code == 0, result.err
+    ws.run(f"sweep={ws.sweep('voted', VOTED_SWEEP)}").assert_all_ok()
     folder = ws.outputs / "voted"
     before = (folder / "report.html").read_text()
     store = SweepStore(folder)
     plan = store.read_plan()
     cast_votes(store, plan, 400, seed=1)
-    report = ws.cli("report", str(folder))
-    assert report.code == 0, report.err
+    ws.folder_command("report", folder)
     return ws, folder, store, plan, before
 
 
@@ -239,8 +237,7 @@ def test_score_puts_the_people_ranking_on_the_mlflow_parent(voted):
     from mlflow.tracking import MlflowClient
 
     ws, folder, store, plan, _ = voted
-    scored = ws.cli("score", str(folder))
-    assert scored.code == 0, scored.err
+    ws.folder_command("score", folder)
     parent, _ = mlflow_runs(ws.outputs, "voted")
     run_id = parent["run_id"].iloc[0]
     client = MlflowClient(f"sqlite:///{ws.outputs / 'mlflow.db'}")
@@ -264,8 +261,7 @@ def test_votes_rank_a_sweep_that_has_no_scores(voted, tmp_path):
     config = (copy / "config.yaml").read_text()
     assert "  scores:\n  - clip_score\n  - lora_effect\n" in config
     (copy / "config.yaml").write_text(config.replace("  scores:\n  - clip_score\n  - lora_effect\n", "  scores: []\n"))
-    report = ws.cli("report", str(copy))
-    assert report.code == 0, report.err
+    ws.folder_command("report", copy)
     ranking = pd.read_csv(copy / "ranking.csv")
     expected = human_ranking(plan, store.read_votes())
     assert list(ranking["cell"]) == list(expected["cell"]) and "clip_score_mean" not in ranking
@@ -281,8 +277,7 @@ def test_report_command_follows_new_votes(voted):
     ws, folder, store, plan, _ = voted
     before = pd.read_csv(folder / "ranking.csv").set_index("cell")["human_votes"]
     cast_votes(store, plan, 60, seed=2, voters=("cat",))
-    report = ws.cli("report", str(folder))
-    assert report.code == 0, report.err
+    ws.folder_command("report", folder)
     ranking = pd.read_csv(folder / "ranking.csv").set_index("cell")
     expected = human_ranking(plan, store.read_votes()).set_index("cell")
     assert ranking["human_votes"].sum() > before.sum()

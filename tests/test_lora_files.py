@@ -28,10 +28,10 @@ def lora_factors(weight: torch.Tensor, rank: int, generator: torch.Generator) ->
 
 
 def run_one(workspace, name: str, file, strength: float):
-    """`lora-sweep run` of one image with the file as LoRA `name` at `strength`: (CLI result, result rows, pixels)."""
+    """`lora-sweep run` (in this process) of one image with the file as LoRA `name` at `strength`: (its output, rows, pixels)."""
     path = workspace.sweep(name, {"base": {**BASE, "lora_model": name, "lora_strength": strength}})
-    result = workspace.cli("run", f"sweep={path}", f"sweep.name={name}", "tracking=none", f"+loras.{name}={{source: '{file}'}}")
-    assert result.code == 0, result.err[-2000:]
+    result = workspace.run(f"sweep={path}", f"sweep.name={name}", "tracking=none", f"+loras.{name}={{source: '{file}'}}")
+    result.assert_all_ok()
     rows, pixels = sweep_images(workspace.outputs, name)
     return result, rows, pixels(rows["id"].item())
 
@@ -128,10 +128,9 @@ def test_a_lycoris_file_in_sdxl_sgm_layout_loads_as_in_diffusers_layout(workspac
     for name in ("xl_loha", "xl_loha_sgm"):
         path = workspace.sweep(name, {"base": {**BASE, "lora_model": "ly", "lora_strength": 0.9}})
         overrides = [f"+models.tiny-xl={{source: {sdxl_dir / 'tiny-xl'}}}", "model.id=tiny-xl", "tracking=none"]
-        result = workspace.cli(
-            "run", f"sweep={path}", f"sweep.name={name}", *overrides, f"+loras.ly={{source: '{tmp_path / name}.safetensors'}}"
-        )
-        assert result.code == 0, result.err[-2000:]
+        workspace.run(
+            f"sweep={path}", f"sweep.name={name}", *overrides, f"+loras.ly={{source: '{tmp_path / name}.safetensors'}}"
+        ).assert_all_ok()
         rows, pixels = sweep_images(workspace.outputs, name)
         images.append(pixels(rows["id"].item()))
     assert np.array_equal(images[0], images[1])

@@ -27,8 +27,8 @@ SCORED_SWEEP = two_lora_sweep(
 def scored(tmp_path_factory, assets_dir):
     """One scored run (2 LoRAs x 2 strengths x 2 seeds + 2 baseline rows = 10 images), shared by the read-only tests."""
     ws = Workspace(tmp_path_factory.mktemp("scored"), assets_dir)
-    result = ws.cli("run", f"sweep={ws.sweep('scored', SCORED_SWEEP)}")
-    assert result.code == 0, result.err
+    result = ws.run(f"sweep={ws.sweep('scored', SCORED_SWEEP)}")
+    result.assert_all_ok()
     folder = ws.outputs / "scored"
     return ws, result, folder, pd.read_parquet(folder / "results.parquet"), pd.read_parquet(folder / "plan.parquet")
 
@@ -257,9 +257,7 @@ def test_grids_keep_aspect_stay_within_the_pixel_budget_and_report_works_midway(
     lines = (folder / "results.jsonl").read_text().splitlines()
     (folder / "results.jsonl").write_text("\n".join(lines[:5]) + "\n")
     (folder / "results.parquet").unlink()
-    report = workspace.cli("report", str(folder))
-    assert report.code == 0, report.err
-    assert "report of 5 of 24 images" in report.out
+    assert "report of 5 of 24 images" in workspace.folder_command("report", folder)
     assert "19 images not generated yet" in (folder / "report.html").read_text()
 
 
@@ -295,9 +293,8 @@ def test_scores_made_without_mlflow_reach_the_runs_later(workspace, small_sweep)
     assert "logged 8 earlier images to MLflow" in again.out and "scored" not in again.out
     _, children = mlflow_runs(workspace.outputs, "small")
     assert len(children) == 8 and "metrics.clip_score" not in children
-    logged = workspace.cli("score", str(workspace.outputs / "small"))
-    assert logged.code == 0, logged.err
-    assert "nothing to score" in logged.out and "logged the scores of 8 images to MLflow" in logged.out
+    logged = workspace.folder_command("score", workspace.outputs / "small")
+    assert "nothing to score" in logged and "logged the scores of 8 images to MLflow" in logged
     _, children = mlflow_runs(workspace.outputs, "small")
     results = pd.read_parquet(workspace.outputs / "small" / "results.parquet").set_index("id")
     for row in children.to_dict("records"):
