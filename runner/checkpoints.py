@@ -223,6 +223,7 @@ def tag_suggestions(path: Path, count: int = 5) -> list[str]:
 KEY_PARTS = (
     ("lora_unet_", "denoiser"),
     ("lora_transformer_", "denoiser"),
+    ("lycoris_", "denoiser"),  # LyCORIS' own names over the diffusers model
     ("unet.", "denoiser"),
     ("transformer.", "denoiser"),
     ("diffusion_model.", "denoiser"),

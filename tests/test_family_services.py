@@ -94,13 +94,12 @@ RAY_SWEEP = {"name": "pooled", "base": BASE, "grid": {"lora_model": ["a", "b"], 
 def test_two_ray_workers_make_every_flux_image_once_with_one_process_pixels(family_world, workspace):
     """`engine.workers=2` on the Flux model: every planned id once, made by both Ray workers (the model reaching them as
     registry overrides), with the ids and exact pixels of the same sweep run in one process (batch size 1 and one
-    thread on both sides, so no image is made in another batch or with another thread count)."""
+    thread on both sides, so no image is made in another batch or with another thread count), and one MLflow run per
+    image from the driver. (SD on Ray: tests/test_ray.py's killed workers and drivers.)"""
     pytest.importorskip("ray")
     model = family_world.get("flux")
     path = workspace.sweep("pooled", RAY_SWEEP)
-    pooled = workspace.cli(
-        "run", f"sweep={path}", "engine.workers=2", "engine.batch_size=1", "tracking=none", *model.overrides, env=ONE_THREAD
-    )
+    pooled = workspace.cli("run", f"sweep={path}", "engine.workers=2", "engine.batch_size=1", *model.overrides, env=ONE_THREAD)
     assert pooled.code == 0, pooled.out + pooled.err
     assert "done: 4 ok, 0 failed" in pooled.out
     plan = pd.read_parquet(workspace.outputs / "pooled" / "plan.parquet")
@@ -108,6 +107,10 @@ def test_two_ray_workers_make_every_flux_image_once_with_one_process_pixels(fami
     assert len(plan) == 4 and pooled_rows["id"].is_unique and sorted(pooled_rows["id"]) == sorted(plan["id"]), "every id once"
     assert pooled_rows["meta.worker"].nunique() == 2, "both workers made images"
     assert set(pooled_rows["meta.family"]) == {"flux"} and set(pooled_rows["meta.lora_mode"]) == {"fused"}
+    parent, children = mlflow_runs(workspace.outputs, "pooled")
+    assert len(parent) == 1 and len(children) == 4 and children["tags.lora_sweep.id"].is_unique
+    assert set(children["tags.lib.workers"]) == {"2"}
+    assert set(children["tags.mlflow.loggedImages"]) == {"True"}, "the chart view's copy, made from the workers' PNGs"
 
     with torch_threads(1):  # Ray gives each CPU actor one thread
         single = workspace.run(f"sweep={path}", "sweep.name=single", "engine.batch_size=1", "tracking=none", *model.overrides)
