@@ -2,6 +2,8 @@
 
 One sweep (2 LoRAs x 2 strengths x 2 seeds + baseline rows, 96x64, scored, tracked) serves the
 module; the browser tests open its grid.html from file:// and save screenshots under the workspace's outputs.
+A running sweep's page (grid-live.js) is tested in pieces: the page written for half the results follows the
+live file written for all of them, and a real run stopped midway (SIGSTOP, then kill -9) has left both files.
 """
 
 from __future__ import annotations
@@ -10,16 +12,22 @@ import contextlib
 import json
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import Workspace, mlflow_runs, two_lora_sweep
+from helpers import Workspace, mlflow_runs, start_run, two_lora_sweep, wait_for_results
 from PIL import Image
 
 pytestmark = pytest.mark.slow
 
 GRID_SWEEP = two_lora_sweep("gridpage", ["clip_score", "aesthetic"], "the grid page's sweep", width=96)
+LIVE_SWEEP = {  # 8 small images, one at a time: stopped after the first
+    "name": "gridlive",
+    "base": {"prompt": "a red circle on a blue background", "width": 64, "height": 64, "num_inference_steps": 4},
+    "grid": {"lora_model": ["sunset"], "seed": {"start": 0, "count": 8}},
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +53,12 @@ def index_of(folder: Path) -> dict:
     return json.loads(re.search(r"<script type='application/json' id='grid-index'>(.*?)</script>", text, re.S).group(1))
 
 
+def live_index_of(folder: Path) -> dict:
+    """The index in grid-live.js (`window.gridLive && gridLive({...});`)."""
+    text = (folder / "grid-live.js").read_text()
+    return json.loads(re.fullmatch(r"window\.gridLive && gridLive\((.*)\);\s*", text, re.S).group(1))
+
+
 def open_grid(page, folder: Path, fragment: str = "") -> None:
     """A fresh load of grid.html (a new fragment alone would not reload it), waited for until it has drawn."""
     from selenium.webdriver.support.ui import WebDriverWait
@@ -61,13 +75,22 @@ def wait(page, script: str, timeout: float = 10):
     return WebDriverWait(page, timeout).until(lambda d: d.execute_script(f"return {script}"))
 
 
+BUILT_IN_VIEW = """
+const view = document.getElementById('scroller').getBoundingClientRect();
+const near = e => { const r = e.getBoundingClientRect();
+  return r.bottom > view.top && r.top < view.bottom && r.right > view.left && r.left < view.right; };
+const all = selector => Array.from(document.querySelectorAll(selector)).filter(near);
+return all('.grow').every(r => r.dataset.filled) && all('.gcell:not(.absent)').every(c => c.dataset.complete)
+  && all('.slot img').every(i => i.complete && i.naturalWidth > 0);
+"""
+
+
 def thumbnails_loaded(page) -> None:
-    """The thumbnails in view have loaded (those out of view load lazily, as they come near)."""
-    wait(
-        page,
-        "Array.from(document.querySelectorAll('.slot img')).filter(i => i.getBoundingClientRect().top < innerHeight)"
-        ".every(i => i.complete && i.naturalWidth > 0)",
-    )
+    """The rows and cells in view are built (a few images a frame) and their thumbnails have loaded (those out of
+    view come as they come near)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(page, 10).until(lambda d: d.execute_script(BUILT_IN_VIEW))
 
 
 def shot(page, ws: Workspace, name: str) -> Path:
@@ -146,6 +169,14 @@ def test_the_page_is_offline_its_index_columnar_and_thumbnails_small(sweep):
     for image_id in results.loc[results["status"] == "ok", "id"]:
         with Image.open(folder / "thumbs" / f"{image_id}.webp") as thumb:
             assert max(thumb.size) <= 128 and abs(thumb.width / thumb.height - 96 / 64) < 0.03, thumb.size
+
+
+def test_a_finished_run_leaves_its_live_index_finished(sweep):
+    _, folder, plan, _ = sweep
+    live, page = live_index_of(folder), index_of(folder)
+    assert live["running"] is False and page["running"] is False, "a page open during the run stops polling"
+    assert live["ids"] == page["ids"] and live["status"] == page["status"] == [0] * len(plan)
+    assert live["scores"] == page["scores"] and "clip_score" in live["scores"], "the final index: scores and ranking too"
 
 
 def test_a_second_report_keeps_thumbnails_and_a_running_sweep_shows_pending_cells(sweep, page):
@@ -284,6 +315,119 @@ def test_an_image_opens_full_size_with_its_parameters_and_keys_step_along_x_y_an
     key(page, Keys.ESCAPE)
     wait(page, "document.getElementById('viewer').hidden")
     assert "view=" not in page.execute_script("return location.hash")
+
+
+def test_arrow_keys_at_the_edge_of_a_page_go_on_to_the_next_page_and_back(sweep, page):
+    from selenium.webdriver.common.keys import Keys
+
+    _, folder, plan, _ = sweep
+    open_grid(page, folder, "#x=lora_strength&y=lora_model&page=seed")
+    thumbnails_loaded(page)
+    steps = (  # (key, the image it shows, the page it is on)
+        (Keys.ARROW_RIGHT, dict(lora_model="sunset", lora_strength="0.5", seed=1), "1"),  # page 2's first x in this row ("-": none)
+        (Keys.ARROW_LEFT, dict(lora_model="sunset", lora_strength="1", seed=0), "0"),  # page 1's last x
+        (Keys.ARROW_DOWN, dict(lora_model="star", lora_strength="1", seed=0), "0"),  # within the page
+        (Keys.ARROW_DOWN, dict(lora_model="sunset", lora_strength="1", seed=1), "1"),  # page 2's first y in this column
+        (Keys.ARROW_UP, dict(lora_model="star", lora_strength="1", seed=0), "0"),  # page 1's last y
+    )
+    click_image(page, image_of(plan, lora_model="sunset", lora_strength="1", seed=0))
+    wait(page, "!document.getElementById('viewer').hidden")
+    for keys, where, page_value in steps:
+        key(page, keys)
+        image = image_of(plan, **where)
+        wait(page, f"document.getElementById('viewer').dataset.id === {image!r}")
+        assert page.find_element("id", "page-value").get_attribute("value") == page_value, (where, "the page selector follows")
+        assert f"pv={page_value}" in page.execute_script("return location.hash")
+    assert texts(page, ".xl") == ["-", "0.5", "1"], "the grid behind the viewer is the page's"
+
+
+def test_an_open_page_follows_a_running_sweep_without_a_reload_and_stops_when_it_ends(sweep, page):
+    from runner.report.grid_page import write_grid_page
+
+    ws, folder, plan, results = sweep
+    copy = ws.outputs / "gridpage-live"
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("mlflow*", "grid-live.js"))
+    done, coming = results["id"].iloc[:5].tolist(), results["id"].iloc[5:].tolist()
+    for image_id in coming:  # not made yet: no thumbnail either
+        (copy / "thumbs" / f"{image_id}.webp").unlink()
+    axes = {"x": "lora_strength", "y": "lora_model"}
+    half = results[results["id"].isin(done)][["id", "status", "file", "seed"]]
+    write_grid_page(copy, plan, half, None, [], name="gridpage", defaults=axes, runs={}, running=True)
+    assert live_index_of(copy)["running"] is True and index_of(copy)["running"] is True
+    hidden = plan.loc[plan["lora_strength"] == "0.5", "id"].tolist()
+    viewed = next(i for i in coming if i not in hidden)
+    open_grid(page, copy, f"#size=512&hide=lora_strength%3D0.5&view={viewed}")
+    assert page.execute_script("return document.body.dataset.live") == "polling"
+    assert "not generated yet" in page.find_element("id", "vmissing").text
+    page.execute_script("window.__marker = 'not reloaded'; document.getElementById('scroller').scrollTo(120, 80)")
+    thumbnails_loaded(page)
+    kept = page.execute_script("const slot = document.querySelector('.slot.ok'); slot.__kept = true; return slot.dataset.id")
+    scroll = page.execute_script("const s = document.getElementById('scroller'); return [s.scrollLeft, s.scrollTop]")
+    assert scroll[0] > 0 and scroll[1] > 0, "the grid scrolls at this size"
+
+    ranking = pd.read_csv(folder / "ranking.csv")
+    write_grid_page(copy, plan, results, ranking, ["clip_score", "aesthetic"], name="gridpage", defaults=axes, runs={}, running=False)
+    assert all((copy / "thumbs" / f"{image_id}.webp").exists() for image_id in coming), "the new images' thumbnails"
+    wait(page, "document.body.dataset.live === 'finished'", timeout=20)
+    assert page.execute_script("return window.__marker") == "not reloaded"
+    kept_node = f"document.querySelector('.slot[data-id=\"{kept}\"]').__kept"
+    assert page.execute_script(f"return {kept_node}") is True, "an image done before is not drawn again"
+    assert_shown(page, [i for i in plan["id"] if i not in hidden])
+    assert page.execute_script("return document.querySelectorAll('.slot.pending').length") == 0
+    thumbnails_loaded(page)
+    sources = page.execute_script("return Array.from(document.querySelectorAll('.slot img')).map(i => i.getAttribute('src'))")
+    assert sources and all(src.startswith("thumbs/") for src in sources), "thumbnails, not the PNGs"
+    assert page.execute_script("const s = document.getElementById('scroller'); return [s.scrollLeft, s.scrollTop]") == scroll
+    assert page.find_element("css selector", ".chip[data-axis='lora_strength'][data-value='0.5']").get_attribute("aria-pressed") == "false"
+    viewer = page.find_element("id", "viewer")
+    assert viewer.is_displayed() and viewer.get_attribute("data-id") == viewed, "the viewer stays open, on its image"
+    wait(page, "document.getElementById('vimage').complete && document.getElementById('vimage').naturalWidth === 96")
+    assert "clip_score" in viewer.text, "with its scores now"
+    stats = page.find_element("id", "stats").text
+    assert "pending" not in stats and "running" not in stats, stats
+    shot(page, ws, "grid-live-finished")
+
+
+def test_a_page_whose_plan_grows_loads_the_new_page_once_keeping_its_view(sweep, page):
+    """A search adds trials' rows as it goes: the open page reloads for the new grid.html, its view and scroll kept."""
+    from runner.report.grid_page import write_grid_page
+
+    ws, folder, plan, results = sweep
+    copy = ws.outputs / "gridpage-grows"
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("mlflow*", "grid-live.js"))
+    first = plan[plan["lora_model"] != "star"]
+    write_grid_page(copy, first, results, None, [], name="gridpage", runs={}, running=True)
+    open_grid(page, copy, "#x=seed&y=blend&size=512")
+    page.execute_script("window.__marker = 'first page'; document.getElementById('scroller').scrollTo(0, 150)")
+    write_grid_page(copy, plan, results, None, [], name="gridpage", runs={}, running=False)
+    wait(page, "window.__marker === undefined && document.body.dataset.ready === 'yes'", timeout=20)
+    assert page.find_element("id", "stats").text.startswith(f"{len(plan)} images"), "the new plan's page"
+    assert page.execute_script("return [location.hash.includes('x=seed'), document.getElementById('scroller').scrollTop]") == [True, 150]
+    assert page.execute_script("return document.body.dataset.live") == "off", "a finished sweep's page does not poll"
+
+
+def test_a_run_writes_its_page_first_and_report_works_while_it_runs(workspace):
+    ws = workspace
+    folder = ws.outputs / "gridlive"
+    proc = start_run(ws, f"sweep={ws.sweep('gridlive', LIVE_SWEEP)}", "tracking=none", "engine.batch_size=1")
+    try:
+        wait_for_results(folder, 1, proc)
+        proc.send_signal(signal.SIGSTOP)  # the run, midway: it holds the folder's lock and makes no more images
+        page, live = index_of(folder), live_index_of(folder)
+        assert page["n"] == 8 and page["running"] is True and live["running"] is True
+        assert 2 in live["status"], "images still to come are pending"
+        report = ws.cli("report", str(folder), "tracking=none")
+        assert report.code == 0, report.err
+        page = index_of(folder)
+        assert page["running"] is True and live_index_of(folder)["running"] is True, "the report's page knows the run goes on"
+        assert 0 in page["status"] and 2 in page["status"]
+        proc.send_signal(signal.SIGKILL)  # interrupted for good: the page it wrote stays
+        proc.communicate(timeout=30)
+        assert (folder / "grid.html").exists() and index_of(folder)["n"] == 8
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
 
 
 def test_two_cells_are_compared_side_by_side_and_in_an_overlay_at_the_same_seed(sweep, page):

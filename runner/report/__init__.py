@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from runner.report.grid import make_grids
-from runner.report.grid_page import write_grid_page
+from runner.report.grid_page import LiveGridPage, write_grid_page
 from runner.report.html import write_html
 from runner.report.human import HumanReport, human_report, merge_human
 from runner.report.ranking import checkpoint_scores, default_rank_by, plot_checkpoints, plot_curves, rank_cells, response_curves
@@ -104,4 +104,4 @@ def make_report(
     return ReportFiles(html, grids, ranking, ranking_csv, curves, rank_by, checkpoints, human)
 
 
-__all__ = ["ReportFiles", "make_grids", "make_report"]
+__all__ = ["LiveGridPage", "ReportFiles", "make_grids", "make_report"]

@@ -30,6 +30,7 @@
     return node;
   }
   const $ = function (id) { return document.getElementById(id); };
+  const SYNC_BUILD = new URLSearchParams(location.hash.slice(1)).get('build') === 'sync';  // the old cell building (bench/)
   function label(axis, i) { return AX[axis].values[AX[axis].codes[i]]; }
   function fmt(v) { return v === null || v === undefined ? '–' : Math.abs(v) >= 1000 || Number.isInteger(v) ? String(v) : v.toPrecision(4); }
   function size(i) { return D.size.values[D.size.codes[i]]; }
@@ -243,9 +244,10 @@
     grid.appendChild(head);
     if (L.rest.length && L.k > 1) grid.appendChild(el('div', { cls: 'restnote', text: 'each cell: ' + L.rest.join(' × ') + ' (' + L.k + ' images, in order)' }));
     if (rows) { rows.disconnect(); cells.disconnect(); }
+    building = [];
     const root = $('scroller');
     rows = new IntersectionObserver(onRows, { root: root, rootMargin: '1200px 0px' });
-    cells = new IntersectionObserver(onCells, { root: root, rootMargin: '700px 500px' });
+    cells = new IntersectionObserver(onCells, { root: root, rootMargin: SYNC_BUILD ? '700px 500px' : '600px 100px' });
     L.ys.forEach(function (yc) {
       const text = S.y ? AX[S.y].values[yc] : '';
       const row = el('div', { cls: 'grow', 'data-y': yc }, [el('div', { cls: 'yl', title: text, text: text })]);
@@ -289,15 +291,75 @@
       const node = entry.target;
       if (entry.isIntersecting && !node.dataset.filled) {
         node.dataset.filled = '1';
-        const cell = L.cells.get(node.dataset.x + ':' + node.parentNode.dataset.y);
-        const frag = document.createDocumentFragment();
-        for (let s = 0; s < L.k; s++) frag.appendChild(slotNode(cell[s], s));
-        node.appendChild(frag);
+        if (SYNC_BUILD) fillCell(node, L.k);
+        else queueCell(node, entry.boundingClientRect, entry.rootBounds);
       } else if (!entry.isIntersecting && node.dataset.filled) {
         delete node.dataset.filled;
+        delete node.dataset.built;
+        delete node.dataset.complete;
         node.textContent = '';
       }
     }
+  }
+
+  /* A cell's images are built a few at a time, nearest cells first, within a budget per animation frame that adapts
+   * to the frames: halved after a slow frame, grown after a quick one, smaller while the grid scrolls. A cell of 100
+   * images built at once made frames of 100-270 ms (100 image loads started in one microtask checkpoint, and all of
+   * them painted and layerized in one frame). Cells fill 100 px left and right of the view, not 500 (a column of
+   * 100-image cells outside the view was loaded for nothing), their images load as they are built (lazy loading
+   * started them in bursts of its own), and slots are not clipped, positioned boxes (a paint layer and clip each).
+   * `#build=sync` keeps the old way, for bench/ to compare. */
+  const SLOTS_PER_FRAME = { least: 1, scrolling: 12, resting: 60 };
+  const SLOW_FRAME_MS = 20;
+  const BUILD_BUDGET_MS = 6;
+  let building = [];     // cells in range still waiting for images: [node, distance to the view]
+  let buildFrame = 0;
+  let lastFrameAt = 0;
+  let slotsPerFrame = SLOTS_PER_FRAME.resting;
+  let scrolledAt = -1e9;
+
+  function queueCell(node, box, view) {
+    const cx = (box.left + box.right) / 2, cy = (box.top + box.bottom) / 2;
+    const vx = view ? (view.left + view.right) / 2 : 0, vy = view ? (view.top + view.bottom) / 2 : 0;
+    building.push([node, Math.abs(cx - vx) + Math.abs(cy - vy)]);
+    building.sort(function (a, b) { return a[1] - b[1]; });
+    if (!buildFrame) buildFrame = requestAnimationFrame(buildSome);
+  }
+
+  function buildSome(now) {
+    buildFrame = 0;
+    const start = performance.now();
+    let left = adaptRate(now);
+    while (building.length && left > 0 && performance.now() - start < BUILD_BUDGET_MS) {
+      const node = building[0][0];
+      if (!node.isConnected || !node.dataset.filled) { building.shift(); continue; }  // emptied or gone meanwhile
+      left -= fillCell(node, left);
+      if (Number(node.dataset.built) >= L.k) building.shift();
+    }
+    if (building.length) buildFrame = requestAnimationFrame(buildSome);
+  }
+
+  /* Slots for this frame: half as many after a slow frame, two more after a quick one, within the scroll's cap. */
+  function adaptRate(now) {
+    const gap = now - lastFrameAt;
+    lastFrameAt = now;
+    const cap = now - scrolledAt < 150 ? SLOTS_PER_FRAME.scrolling : SLOTS_PER_FRAME.resting;
+    if (gap < 200) slotsPerFrame = gap > SLOW_FRAME_MS ? slotsPerFrame / 2 : slotsPerFrame + 2;  // else: the first frame of a build
+    slotsPerFrame = Math.max(SLOTS_PER_FRAME.least, Math.min(cap, slotsPerFrame));
+    return Math.floor(slotsPerFrame);
+  }
+
+  /* Up to `count` more of a cell's slots (in order); how many were added. */
+  function fillCell(node, count) {
+    const cell = L.cells.get(node.dataset.x + ':' + node.parentNode.dataset.y);
+    const from = Number(node.dataset.built || 0);
+    const to = Math.min(L.k, from + count);
+    const frag = document.createDocumentFragment();
+    for (let s = from; s < to; s++) frag.appendChild(slotNode(cell[s], s));
+    node.appendChild(frag);
+    node.dataset.built = String(to);
+    if (to >= L.k) node.dataset.complete = '1';
+    return to - from;
   }
 
   function slotNode(i, s) {
@@ -306,13 +368,12 @@
     const id = D.ids[i];
     const node = el('div', { cls: 'slot ' + status, 'data-i': i, 'data-id': id, title: slotTitle(i, s) });
     if (status === 'ok') {
-      const img = el('img', { loading: 'lazy', decoding: 'async', alt: id, width: L.tw, height: L.th, src: D.thumbs + '/' + id + '.webp' });
-      img.onerror = function () { img.onerror = null; img.src = 'images/' + id + '.png'; };
-      node.appendChild(img);
+      node.appendChild(el('img', { loading: SYNC_BUILD ? 'lazy' : 'eager', decoding: 'async', alt: id, width: L.tw, height: L.th, src: D.thumbs + '/' + id + '.webp' }));
     } else {
       node.appendChild(el('span', { cls: 'tag', text: status === 'failed' ? 'failed' : 'pending' }));
     }
     if (L.col) {
+      node.classList.add('marked');
       const v = L.col.value(i);
       const mark = el('div', { cls: L.col.kind === 'cell' && S.cmode === 'band' ? 'band cellband' : S.cmode === 'heat' ? 'heat' : 'band', text: S.cmode === 'heat' && v !== null ? fmt(v) : '' });
       mark.style.background = v === null ? 'transparent' : colour(L.col.t(v));
@@ -320,6 +381,14 @@
     }
     if (picking === i) node.classList.add('picked');
     return node;
+  }
+
+  /* A thumbnail that cannot be loaded (not made yet, cut short): the PNG itself. One listener for the grid. */
+  function onThumbError(event) {
+    const img = event.target;
+    if (img.tagName !== 'IMG' || img.dataset.fallback || !img.closest('.slot')) return;
+    img.dataset.fallback = '1';
+    img.src = 'images/' + img.closest('.slot').dataset.id + '.png';
   }
 
   function slotTitle(i, s) {
@@ -333,7 +402,7 @@
     let ok = 0, failed = 0;
     for (let i = 0; i < N; i++) { if (D.status[i] === 0) ok++; else if (D.status[i] === 1) failed++; }
     const pending = N - ok - failed;
-    $('stats').textContent = N + ' images: ' + ok + ' ok' + (failed ? ', ' + failed + ' failed' : '') + (pending ? ', ' + pending + ' pending' : '') + ' · ' + L.items.length + ' shown';
+    $('stats').textContent = N + ' images: ' + ok + ' ok' + (failed ? ', ' + failed + ' failed' : '') + (pending ? ', ' + pending + ' pending' : '') + ' · ' + L.items.length + ' shown' + (D.running ? ' · running: updates itself' : '');
   }
 
   function renderPageNav() {
@@ -454,6 +523,7 @@
       el('div', { id: 'hint', role: 'status' }),
     ]);
     const main = el('main', { id: 'scroller', tabindex: '-1' }, [el('div', { id: 'grid' })]);
+    main.addEventListener('scroll', function () { scrolledAt = performance.now(); }, { passive: true });
     document.body.append(bar, main, viewerNode(), compareNode());
     $('toggles').addEventListener('click', onToggle);
     $('toggle-filters').addEventListener('click', function () {
@@ -466,13 +536,15 @@
     $('cmode').addEventListener('change', function () { S.cmode = this.value; render(); });
     $('compare-btn').addEventListener('click', function () { startPicking(null); });
     $('grid').addEventListener('click', onGridClick);
+    $('grid').addEventListener('error', onThumbError, true);  // error does not bubble: caught on its way down
+    document.body.classList.toggle('sync-build', SYNC_BUILD);
     window.addEventListener('resize', function () { if (S.fit) render(); });
   }
 
   // ------------------------------------------------------------ stepping: the image next along an axis
 
   /* The image at the same place but one value further along x, y or a cell's axis (seed): the first that
-   * exists in that direction; `wrap` goes round (seeds), arrows stop at the edge. */
+   * exists in that direction; `wrap` goes round (seeds); at the edge it stays (arrows then go on to the next page). */
   function neighbour(i, axis, dir, wrap) {
     if (!L || L.where[i] < 0 || !axis) return i;
     const xc = S.x ? AX[S.x].codes[i] : 0, yc = S.y ? AX[S.y].codes[i] : 0;
@@ -502,6 +574,31 @@
     return options[k][1];
   }
 
+  /* An arrow at a page's last (first) x or y value goes on to the next (previous) page: to the first (last) cell
+   * along that axis in the same row or column, at the same seed where that page has them. */
+  function acrossPages(i, axis, dir) {
+    if (!axis || !S.page || (axis !== S.x && axis !== S.y) || !L.pages.length) return i;
+    const values = L.pages.map(function (c) { return AX[S.page].values[c]; });
+    const k = values.indexOf(S.pv) + dir;
+    if (k < 0 || k >= values.length) return i;
+    const across = axis === S.x ? S.y : S.x;
+    const keep = across ? AX[across].codes[i] : 0;
+    const place = { rest: L.rest.join(), combo: (L.combos[L.where[i]] || []).join() };
+    S.pv = values[k];
+    render();
+    return pageEntry(axis, dir, keep, place);
+  }
+
+  function pageEntry(axis, dir, keep, place) {
+    const list = axis === S.x ? L.xs : L.ys;
+    const order = dir > 0 ? list : list.slice().reverse();
+    const cellsInOrder = order.map(function (c) { return L.cells.get(axis === S.x ? c + ':' + keep : keep + ':' + c); }).filter(Boolean);
+    const slot = place.rest === L.rest.join() ? L.combos.findIndex(function (c) { return c.join() === place.combo; }) : -1;
+    for (const cell of cellsInOrder) if (slot >= 0 && cell[slot] >= 0) return cell[slot];
+    for (const cell of cellsInOrder) for (const j of cell) if (j >= 0) return j;
+    return dir > 0 ? L.items[0] : L.items[L.items.length - 1];
+  }
+
   function seedAxis() {
     if (AX.seed) return 'seed';
     return L && L.rest.length ? L.rest[0] : null;
@@ -521,7 +618,7 @@
           el('table', { id: 'vscores', cls: 'kv' }),
           el('details', {}, [el('summary', { text: 'all parameters' }), el('table', { id: 'vconst', cls: 'kv' })]),
           el('p', { id: 'vlinks' }),
-          el('p', { cls: 'keys', text: '← → x · ↑ ↓ y · s / S seed · c compare · Esc close' }),
+          el('p', { cls: 'keys', text: '← → x · ↑ ↓ y (at the edge: on to the next page) · s / S seed · c compare · Esc close' }),
         ]),
       ]),
     ]);
@@ -715,8 +812,12 @@
   function viewerKey(event) {
     const i = Number($('viewer').dataset.i);
     const moves = { ArrowRight: [S.x, 1, false], ArrowLeft: [S.x, -1, false], ArrowDown: [S.y, 1, false], ArrowUp: [S.y, -1, false], s: [seedAxis(), 1, true], S: [seedAxis(), -1, true] };
+    const move = moves[event.key];
     if (event.key === 'Escape') closeModal();
-    else if (moves[event.key]) openViewer(neighbour(i, moves[event.key][0], moves[event.key][1], moves[event.key][2]));
+    else if (move) {
+      const next = neighbour(i, move[0], move[1], move[2]);
+      openViewer(next === i && !move[2] ? acrossPages(i, move[0], move[1]) : next);
+    }
     else if (event.key === 'c') { closeModal(); startPicking(i); }
     else return;
     event.preventDefault();
@@ -736,6 +837,100 @@
     event.preventDefault();
   }
 
+  // ------------------------------------------------------------ a running sweep: grid-live.js
+
+  /* While the index says the sweep runs, the page loads grid-live.js (the sweep rewrites it as images land) again
+   * every few seconds through a <script> tag: fetch() of a file is blocked from file://, a script is not. Its index's
+   * statuses, scores and ranking replace ours and only the slots that changed are drawn again, so the axes, hidden
+   * values, scroll position and an open viewer stay as they are. A finished sweep's index stops the polling. */
+  const LIVE_EVERY_MS = 2000;
+  let liveTimer = 0;
+
+  function startLive() {
+    window.gridLive = applyLive;
+    document.body.dataset.live = D.running ? 'polling' : 'off';
+    if (D.running) liveTimer = setTimeout(pollLive, LIVE_EVERY_MS);
+  }
+
+  function pollLive() {
+    liveTimer = 0;
+    const script = document.createElement('script');
+    script.src = 'grid-live.js?t=' + Date.now();
+    script.onload = script.onerror = function () {
+      script.remove();
+      if (D.running && !liveTimer) liveTimer = setTimeout(pollLive, LIVE_EVERY_MS);
+    };
+    document.head.appendChild(script);
+  }
+
+  function applyLive(next) {
+    if (!samePlan(next)) { reloadForPlan(next); return; }
+    const changed = changedImages(next);
+    const colours = S.color && JSON.stringify(colourData(D)) !== JSON.stringify(colourData(next));
+    const options = Object.keys(D.scores).join() !== Object.keys(next.scores).join() || Object.keys(D.cell.columns).join() !== Object.keys(next.cell.columns).join();
+    ['status', 'errors', 'scores', 'cell', 'mlflow', 'running'].forEach(function (k) { D[k] = next[k]; });
+    if (options) { $('color').replaceChildren(...scoreOptions()); syncControls(); }
+    if (colours || options) { L.col = scoreColumn(); legend(L.col); }
+    redrawSlots(colours ? null : changed);
+    renderStats();
+    refreshModal(changed, colours || options);
+    document.body.dataset.liveUpdates = String(Number(document.body.dataset.liveUpdates || 0) + 1);
+    if (!D.running) document.body.dataset.live = 'finished';
+  }
+
+  function samePlan(next) {
+    if (next.n !== N) return false;
+    for (let i = 0; i < N; i++) if (next.ids[i] !== D.ids[i]) return false;
+    return true;
+  }
+
+  /* New rows in the plan (a search's next trials): grid.html has been written again, so load it (the view is in
+   * the URL; the scroll position is kept for the reload), once per plan. */
+  function reloadForPlan(next) {
+    const plan = next.n + ':' + next.ids[next.n - 1];
+    try {
+      if (sessionStorage.getItem('grid-plan') === plan) return;
+      sessionStorage.setItem('grid-plan', plan);
+      sessionStorage.setItem('grid-scroll', JSON.stringify([$('scroller').scrollLeft, $('scroller').scrollTop]));
+    } catch (e) {
+      return;  // no storage here: without the once-per-plan guard, no reload either (a reload shows the new plan)
+    }
+    location.reload();
+  }
+
+  function restoreScroll() {
+    let kept = null;
+    try { kept = sessionStorage.getItem('grid-scroll'); sessionStorage.removeItem('grid-scroll'); } catch (e) { return; }
+    if (!kept) return;
+    const [left, top] = JSON.parse(kept);
+    $('scroller').scrollTo(left, top);
+  }
+
+  function changedImages(next) {
+    const changed = new Set();
+    for (let i = 0; i < N; i++) if (next.status[i] !== D.status[i] || next.errors[i] !== D.errors[i]) changed.add(i);
+    return changed;
+  }
+
+  function colourData(index) {
+    const kind = S.color.slice(0, S.color.indexOf(':')), name = S.color.slice(S.color.indexOf(':') + 1);
+    return kind === 'image' ? index.scores[name] : [index.cell.columns[name], index.cell.row];
+  }
+
+  /* The built slots of the changed images (all of them when the colours changed) made again, in place. */
+  function redrawSlots(changed) {
+    $('grid').querySelectorAll('.slot[data-i]').forEach(function (node) {
+      const i = Number(node.dataset.i);
+      if (!changed || changed.has(i)) node.replaceWith(slotNode(i, L.where[i]));
+    });
+  }
+
+  function refreshModal(changed, all) {
+    const cmp = compareIndices();
+    if (!$('compare').hidden && cmp && (all || changed.has(cmp[0]) || changed.has(cmp[1]))) openCompare(cmp[0], cmp[1]);
+    if (!$('viewer').hidden) openViewer(Number($('viewer').dataset.i));  // its scores may be new too
+  }
+
   // ------------------------------------------------------------ start
 
   function openFromState() {
@@ -752,7 +947,9 @@
     syncControls();
     renderToggles();
     render();
+    restoreScroll();
     openFromState();
+    startLive();
     document.addEventListener('keydown', onKey);
     $('cv-side').addEventListener('click', function () { setCompareView('side'); });
     $('cv-overlay').addEventListener('click', function () { setCompareView('overlay'); });

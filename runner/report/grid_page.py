@@ -3,6 +3,8 @@
 Written with the report, for any sweep folder (also one still running: pending images are empty cells):
   thumbs/<id>.webp   small thumbnails (THUMB_SIZE px long side, aspect kept), made once per image
   grid.html          the page, with its script, style and the image index inlined (it works from file://)
+  grid-live.js       while the sweep runs: the same index as a script, rewritten as images land (LiveGridPage);
+                     the open page loads it again every few seconds (a <script> works from file://, fetch() does not)
 
 The index is columnar so that 10,000 images stay small and parse fast: per axis a table of value labels and
 one small integer code per image; scores as one number list per column; no dict per image. The page itself
@@ -14,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import html
 import json
+import logging
 import math
 import os
 import sqlite3
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,14 +31,19 @@ import pandas as pd
 
 from runner.plan import varying_fields
 from runner.report.grid import axis_label, axis_order
-from runner.store import RESULT_COLUMNS
+from runner.store import RESULT_COLUMNS, SweepStore, atomic_write_bytes, pid_alive
 from runner.tracking import ID_TAG
+
+log = logging.getLogger(__name__)
 
 THUMB_SIZE = 128  # long side of a thumbnail; the viewer shows the full PNG
 THUMBS = "thumbs"
 MLFLOW_HOST = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 STATUS_CODES = {"ok": 0, "failed": 1}  # any other status (none yet, running) is 2: pending
 HERE = Path(__file__).parent
+LIVE = "grid-live.js"
+LIVE_EVERY_S = 3.0  # the running sweep's grid-live.js is rewritten at most this often
+LIVE_SHARE = 0.02  # ... and less often when writing it takes longer (a big sweep): at most this share of the run's time
 
 
 def write_grid_page(
@@ -47,21 +56,110 @@ def write_grid_page(
     name: str = "",
     defaults: dict[str, str | None] | None = None,
     runs: dict[str, tuple[str, str]] | None = None,
+    running: bool | None = None,
 ) -> Path:
     """Thumbnails (new images only) and grid.html; `runs` maps image id -> (experiment id, run id) where known,
-    else one query of the default sqlite MLflow store beside the sweep folder finds them."""
+    else one query of the default sqlite MLflow store beside the sweep folder finds them.
+
+    `running` (by default: another live process holds the folder's lock, as when `lora-sweep report` runs beside
+    the sweep) makes the page poll grid-live.js; that file is written too where it exists, so a page open on a
+    running sweep learns its final state (and stops polling) from the report at the end."""
     root = Path(root)
+    running = sweep_running(root) if running is None else running
+    index = page_index(root, plan, results, ranking, list(scores), name=name, defaults=defaults, runs=runs, running=running)
+    path = root / "grid.html"
+    atomic_write_bytes(path, page_html(index).encode("utf-8"))
+    if running or (root / LIVE).exists():
+        write_live(root, index)
+    return path
+
+
+def page_index(
+    root: Path,
+    plan: pd.DataFrame,
+    results: pd.DataFrame,
+    ranking: pd.DataFrame | None,
+    scores: list[str],
+    *,
+    name: str,
+    defaults: dict[str, str | None] | None,
+    runs: dict[str, tuple[str, str]] | None,
+    running: bool,
+) -> dict[str, Any]:
+    """The thumbnails made, then the page's index (see grid_index) with the sweep's name and whether it runs."""
     table = plan[["id"]].merge(results, on="id", how="left") if "id" in results else plan[["id"]].assign(status=None)
     make_thumbnails(root, table)
     if runs is None:
         runs = mlflow_runs(root.parent / "mlflow.db", name or root.name)
-    index = grid_index(plan, table, ranking, list(scores), defaults or {}, runs, root)
-    index["name"] = name or root.name
-    path = root / "grid.html"
-    tmp = path.with_name(".grid.html.tmp")
-    tmp.write_text(page_html(index), encoding="utf-8")
-    tmp.replace(path)
+    index = grid_index(plan, table, ranking, scores, defaults or {}, runs, root)
+    return index | {"name": name or root.name, "running": bool(running)}
+
+
+def sweep_running(root: Path) -> bool:
+    """Whether another live process holds the sweep folder's lock: the sweep is still being made."""
+    try:
+        owner = int(SweepStore(root).lock_path.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return False
+    return owner > 0 and owner != os.getpid() and pid_alive(owner)
+
+
+def write_live(root: Path, index: dict[str, Any]) -> Path:
+    """grid-live.js: the index as a script that hands it to the open page (which defines window.gridLive)."""
+    path = root / LIVE
+    data = json.dumps(index, separators=(",", ":"), allow_nan=False)
+    atomic_write_bytes(path, f"window.gridLive && gridLive({data});\n".encode())
     return path
+
+
+class LiveGridPage:
+    """grid.html and grid-live.js while a sweep runs, from what its folder holds: the page when the plan is new
+    (a run's start, a search's next trials), the live index as images land, throttled by time (`tick`).
+
+    MLflow links and the ranking come with the report at the end (the run's own store is not queried meanwhile);
+    a failed write is logged and never stops the sweep."""
+
+    def __init__(self, store: SweepStore, scores: list[str], name: str, defaults: dict[str, str | None], every_s: float = LIVE_EVERY_S):
+        self.store, self.scores, self.name, self.defaults, self.every_s = store, scores, name, defaults, every_s
+        self.plan: pd.DataFrame | None = None
+        self.page_ids: list[str] | None = None  # the ids of the grid.html last written
+        self.index: dict[str, Any] | None = None  # the live index last written
+        self.next_at = 0.0
+
+    def start(self, plan: pd.DataFrame) -> None:
+        """Before the plan's images: grid.html (what is not done yet shows as pending) and grid-live.js."""
+        self.plan = plan
+        self.write()
+
+    def tick(self) -> None:
+        """Called as images come: grid-live.js again when it is due."""
+        if self.plan is not None and time.monotonic() >= self.next_at:
+            self.write()
+
+    def write(self) -> None:
+        started = time.monotonic()
+        try:
+            self._write()
+        except Exception:
+            log.warning("could not write the live grid page in %s", self.store.root, exc_info=True)
+        spent = time.monotonic() - started
+        self.next_at = time.monotonic() + max(self.every_s, spent / LIVE_SHARE)
+
+    def _write(self) -> None:
+        root = self.store.root
+        results = self.store.read_results()
+        index = page_index(root, self.plan, results, None, self.scores, name=self.name, defaults=self.defaults, runs={}, running=True)
+        if index["ids"] != self.page_ids:
+            atomic_write_bytes(root / "grid.html", page_html(index).encode("utf-8"))
+            self.page_ids = index["ids"]
+        write_live(root, index)
+        self.index = index
+
+    def stop(self) -> None:
+        """The sweep ended without its report (an error): the open page stops polling, its last state kept."""
+        if self.index is not None:
+            with contextlib.suppress(OSError):
+                write_live(self.store.root, self.index | {"running": False})
 
 
 # ------------------------------------------------------------ thumbnails

@@ -71,8 +71,10 @@ class Generation:
             raise
         self.started: float | None = None
 
-    def run(self, pending: pd.DataFrame, summary: Summary, desc: str | None = None) -> None:
-        """Generate `pending`, counting into `summary`; KeyboardInterrupt passes through (the caller marks the run KILLED)."""
+    def run(self, pending: pd.DataFrame, summary: Summary, desc: str | None = None, on_result: Callable[[], None] | None = None) -> None:
+        """Generate `pending`, counting into `summary`; KeyboardInterrupt passes through (the caller marks the run KILLED).
+
+        `on_result` is called after each result (the live grid page: it throttles itself)."""
         from tqdm import tqdm
 
         if pending.empty:
@@ -101,6 +103,8 @@ class Generation:
                     summary.failed += 1
                 bar.update(1)
                 bar.set_postfix(**progress_state(self.engine, summary), refresh=False)
+                if on_result is not None:
+                    on_result()
         finally:
             bar.close()
         self.writer.drain()

@@ -31,7 +31,7 @@ from runner.engines.base import ImageResult
 from runner.engines.remote import with_remote_ids
 from runner.prepare import PreparedSweep
 from runner.registry import changed_files
-from runner.report import ReportFiles, make_report
+from runner.report import LiveGridPage, ReportFiles, make_report
 from runner.report.human import HumanReport
 from runner.scores import compute_scores
 from runner.store import SweepStore, locked_store
@@ -107,6 +107,7 @@ class SweepSession:
         self.store: SweepStore | None = None
         self.tracker: Tracker | None = None
         self._generation: Generation | None = None
+        self._live: LiveGridPage | None = None  # grid.html and grid-live.js while images are made
         self._ended = False
 
     # ------------------------------------------------------------ open and close
@@ -138,6 +139,9 @@ class SweepSession:
         try:
             self.close_generation()
         finally:
+            if self._live is not None:  # no report came: the open grid page stops polling
+                self._live.stop()
+                self._live = None
             if self.tracker is not None and not self._ended and not self.attach:
                 with contextlib.suppress(Exception):  # MLflow down: the next run sets the parent's status
                     self.tracker.end_parent(status)
@@ -242,7 +246,19 @@ class SweepSession:
             rows = with_remote_ids(rows, self.store.read_results())
             engine = self.cfg.engine
             print(f"sending {len(rows)} requests to {engine.base_url} ({engine.max_in_flight} at a time)", file=self.out)
-        self.generation().run(rows, self.summary, desc=desc)
+        live = self.live_page()
+        live.start(self.store.read_plan())  # the page can be opened while the images come
+        self.generation().run(rows, self.summary, desc=desc, on_result=live.tick)
+        live.write()
+
+    def live_page(self) -> LiveGridPage:
+        """grid.html at the start and grid-live.js as images land, so an open grid page follows the sweep."""
+        if self._live is None:
+            sweep = self.cfg.sweep
+            grid = sweep.report.grid
+            axes = {"x": grid.x, "y": grid.y, "page": grid.get("page")}
+            self._live = LiveGridPage(self.store, list(sweep.scores), sweep.name, axes)
+        return self._live
 
     @contextlib.contextmanager
     def interruptible(self) -> Iterator[None]:
@@ -310,6 +326,7 @@ class SweepSession:
         self.close_generation()
         results = self.store.snapshot() if results is None else results
         self.report(plan, results)
+        self._live = None  # the report's grid page and grid-live.js are the final ones
         if self.tracker is not None:
             results.to_csv(self.store.root / "results.csv", index=False)
             self._finish_parent()
