@@ -260,11 +260,13 @@ def test_cell_size_slider_and_fit_to_width_keep_the_aspect_ratio_and_labels_stic
     )
     assert head == pytest.approx(box["top"], abs=1) and label == pytest.approx(box["left"], abs=1), "axis labels stay in view"
     page.find_element(By.ID, "fit").click()
-    right, view = page.execute_script(
-        "return [Math.max(...Array.from(document.querySelectorAll('.gcell')).map(c => c.getBoundingClientRect().right)),"
+    wait(page, "document.querySelectorAll('.gcell').length > 0")  # the grid is drawn again, its cells a frame or more later
+    thumbnails_loaded(page)
+    rights, view = page.execute_script(
+        "return [Array.from(document.querySelectorAll('.gcell')).map(c => c.getBoundingClientRect().right),"
         " document.getElementById('scroller').getBoundingClientRect().left + document.getElementById('scroller').clientWidth]"
     )
-    assert right <= view, "fit to width: every column in view"
+    assert rights and max(rights) <= view, "fit to width: every column in view"
     assert "fit=1" in page.execute_script("return location.hash")
 
 
