@@ -166,7 +166,7 @@ class SearchConfig:
     """`search:` in a sweep file: find the best setting for a score with Optuna instead of a full grid (runner/search/)."""
 
     space: dict[str, Any] = field(default_factory=dict)  # field -> [low, high] | {low, high, step, log} | [choices] | {choices}
-    objective: str = ""  # a score of sweep.scores, or an expression of them: clip_score - 0.5 * seed_spread
+    objective: str = ""  # a score of sweep.scores, `human` (people's votes), or an expression of them: clip_score - 0.5 * seed_spread
     direction: str = "maximize"  # maximize | minimize
     seeds: Any = field(default_factory=lambda: [0, 1])  # every trial is judged on these seeds (a list or {range: [a, b]})
     trials: int = 20
@@ -174,6 +174,7 @@ class SearchConfig:
     sampler: str = "tpe"  # tpe | cmaes | random | grid
     sampler_seed: int = 0  # the same seed, space and scores ask the same trials
     compare_grid: bool = False  # also run a grid of at most `trials` settings over the space, reported beside the search
+    votes_per_trial: int | None = None  # objective `human`: the votes each trial waits for before it is told (default 5)
 
 
 @dataclass

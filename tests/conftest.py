@@ -41,6 +41,7 @@ LONGEST_FILES = [  # longest first on 2 cores (pytest --durations, 2026-12-02, t
     "test_sdxl.py",
     "test_remote.py",
     "test_human_ranking.py",
+    "test_human_search.py",
     "test_lycoris_dit.py",
     "test_world.py",
     "test_reproduce.py",

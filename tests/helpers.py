@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -424,3 +425,47 @@ def two_lora_sweep(name: str, scores: list[str], description: str = "", **base: 
         "report": {"grid": {"x": "lora_strength", "y": "lora_model"}, "baseline": True},
         "scores": scores,
     }
+
+
+# ---------------------------------------------------------------- `lora-sweep compare`, a real server
+
+
+@dataclass
+class Compare:
+    """A running `lora-sweep compare` server: its process, URL, folder and log."""
+
+    proc: subprocess.Popen
+    url: str
+    folder: Path
+    log: Path
+
+    def post(self, path: str, body: object, **kwargs) -> Any:
+        import httpx
+
+        return httpx.post(f"{self.url}{path}", json=body, timeout=30, **kwargs)
+
+    def get(self, path: str, **kwargs) -> Any:
+        import httpx
+
+        return httpx.get(f"{self.url}{path}", timeout=30, **kwargs)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=30)
+
+
+def start_compare(folder: Path, *overrides: str, port: int | None = None, env: dict[str, str] | None = None) -> Compare:
+    """`lora-sweep compare FOLDER` in its own process, on 127.0.0.1; returns once /health answers."""
+    port = port or free_port()
+    log = folder.parent / f"compare-{port}-{time.monotonic_ns()}.log"
+    args = [sys.executable, "-m", "runner.cli", "compare", str(folder), f"compare.port={port}", *overrides]
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(args, cwd=folder.parent, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    server = Compare(proc, f"http://127.0.0.1:{port}", folder, log)
+    wait_until_healthy(f"{server.url}/health", proc, 90, "compare", log=log.read_text)
+    return server

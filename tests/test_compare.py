@@ -4,25 +4,19 @@ back, and the pair choice on its own. One real sweep on the tiny model; each tes
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import threading
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pandas as pd
 import pytest
 from browser import browser
-from helpers import Workspace, free_port, run_cli, two_lora_sweep, wait_until_healthy
+from helpers import Workspace, run_cli, start_compare, two_lora_sweep
 
 from runner.compare.pairs import Candidate, candidate_pairs, choose_pair, pair_key
 from runner.report.human import human_ranking, vote_cells
@@ -44,38 +38,6 @@ def sweep(tmp_path_factory, assets_dir) -> Path:
 def copy_of(sweep: Path, where: Path) -> Path:
     """The sweep folder copied (ten small PNGs): a test's votes are its own."""
     return Path(shutil.copytree(sweep, where / "voted"))
-
-
-@dataclass
-class Compare:
-    proc: subprocess.Popen
-    url: str
-    folder: Path
-    log: Path
-
-    def post(self, path: str, body: object, **kwargs) -> httpx.Response:
-        return httpx.post(f"{self.url}{path}", json=body, timeout=30, **kwargs)
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=30)
-
-
-def start_compare(folder: Path, *overrides: str, port: int | None = None, env: dict[str, str] | None = None) -> Compare:
-    """`lora-sweep compare FOLDER` in its own process, on 127.0.0.1; returns once /health answers."""
-    port = port or free_port()
-    log = folder.parent / f"compare-{port}-{time.monotonic_ns()}.log"
-    args = [sys.executable, "-m", "runner.cli", "compare", str(folder), f"compare.port={port}", *overrides]
-    with open(log, "w") as sink:
-        proc = subprocess.Popen(args, cwd=folder.parent, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    server = Compare(proc, f"http://127.0.0.1:{port}", folder, log)
-    wait_until_healthy(f"{server.url}/health", proc, 90, "compare", log=log.read_text)
-    return server
 
 
 @pytest.fixture(scope="module")

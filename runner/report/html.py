@@ -260,6 +260,14 @@ def search_section(root: Path, table: pd.DataFrame) -> str:
         budget += f"; the full grid of this space at its steps: {grid['settings']} settings, {grid['images']} images"
         budget += f" ({share:.0%} of it generated)"
     trials = f"{info['trials_complete']} complete, {info['trials_failed']} failed of {info['trials_planned']} ({_e(info['sampler'])})"
+    if info.get("trials_waiting"):
+        trials += (
+            f"; {info['trials_waiting']} waiting for votes ({info['votes_per_trial']} each): "
+            f"<code>lora-sweep compare {_e(str(root))}</code>, then run the search again"
+        )
+    judged = "each score's mean over the trial's images"
+    if info.get("votes_per_trial"):
+        judged += "; human: its cells' Bradley-Terry strength from the votes"
     versus = []
     compared = info.get("grid_at_budget")
     if compared and best:
@@ -278,7 +286,7 @@ def search_section(root: Path, table: pd.DataFrame) -> str:
     parts.append(
         _facts(
             [
-                ("objective", f"{_e(info['direction'])} <code>{_e(info['objective'])}</code> (each score's mean over the trial's images)"),
+                ("objective", f"{_e(info['direction'])} <code>{_e(info['objective'])}</code> ({judged})"),
                 ("trials", trials),
                 ("budget", _e(budget)),
                 ("space", "<br>".join(_e(s) for s in info["space"])),

@@ -23,9 +23,11 @@ from runner.errors import UserError
 from runner.plan import with_ids
 from runner.prepare import PreparedSweep, check_rows, registry_entries
 from runner.registry import HashCache
+from runner.request import split_loras
+from runner.search.people import TOLD, PeopleFit, fit_people
 from runner.search.prepare import build_requests, images_per_trial, plain, prepare_search_or_fail, search_given, search_grid
 from runner.search.record import write_search_files
-from runner.search.spec import GivenTrial, SearchSpec, budget_grid, grid_settings, trial_params, trial_request
+from runner.search.spec import HUMAN, GivenTrial, SearchSpec, budget_grid, grid_settings, trial_params, trial_request
 from runner.sweep import Summary, SweepSession
 from runner.validate import apply_family_defaults
 from runner.world.assets import copy_demo_world_if
@@ -100,7 +102,8 @@ class TrialResult:
     params: dict[str, Any]
     means: dict[str, float]
     ids: list[str]
-    error: str = ""
+    error: str = ""  # a failure's reason; a trial WAITING for votes: how many it has
+    votes: int | None = None  # a human objective: the votes its images are in
 
 
 class Search:
@@ -119,6 +122,7 @@ class Search:
         self.plan = pd.DataFrame()  # every row a trial of this search has needed; grows with the trials
         self.done: list[TrialResult] = []  # trials told in this run
         self.logged: set[int] = set()  # trial numbers with their MLflow run
+        self.waiting: list[TrialResult] = []  # a human objective: trials made, not yet told (too few votes)
 
     # ------------------------------------------------------------ the study
 
@@ -180,14 +184,15 @@ class Search:
         target = self.target()
         describe = f"search '{cfg.sweep.name}': {target} trials, {self.spec.direction} {self.spec.objective.text}"
         if finished or stale:
-            describe += f"; continuing: {len(finished)} trials done" + (f", {len(stale)} to finish" if stale else "")
+            unfinished = "waiting for votes" if self.spec.by_people else "to finish"
+            describe += f"; continuing: {len(finished)} trials done" + (f", {len(stale)} {unfinished}" if stale else "")
         print(describe, file=out)
 
         comparison = None
         with session.interruptible():
             if stale:
                 self.evaluate(study, [(t.number, GivenTrial(t.params)) for t in stale])
-            while len(finished) + len(self.done) < target:
+            while not self.waiting and len(finished) + len(self.done) < target:
                 count = min(self.spec.batch, target - len(finished) - len(self.done))
                 asked = [study.ask() for _ in range(count)]
                 self.evaluate(study, [(t.number, t) for t in asked])
@@ -211,6 +216,14 @@ class Search:
             params = "  ".join(f"{k}={v}" for k, v in best.params.items())
             print(f"best trial {best.number}: {self.spec.objective.text} = {best.value:.4f}  {params}", file=out)
             print(f"         its images: {' '.join(best.ids[:8])}{' ...' if len(best.ids) > 8 else ''}", file=out)
+        if self.waiting:
+            have = ", ".join(f"trial {r.number}: {r.votes}" for r in self.waiting)
+            count = f"{len(self.waiting)} trials wait" if len(self.waiting) > 1 else "1 trial waits"
+            print(
+                f"{count} for people's votes ({self.spec.votes_per_trial} each; {have}): "
+                f"vote with `lora-sweep compare {store.root}`, then run this command again to tell them and ask the next",
+                file=out,
+            )
         return summary
 
     # ------------------------------------------------------------ one batch of trials
@@ -219,8 +232,14 @@ class Search:
         """One batch of trials made and judged, then each told to Optuna, logged and announced."""
         import optuna
 
-        for record in self.make_and_judge(trials):
+        for record in self.make_and_judge(trials, study=study):
+            if record.state == "WAITING":  # asked, made, not told: the next run tells it once people have voted
+                self.waiting.append(record)
+                self.announce(study, record)
+                continue
             if record.state == "COMPLETE":
+                if self.spec.by_people:  # the scale later trials are told on (runner/search/people.py)
+                    study.set_user_attr(TOLD, {**study.user_attrs.get(TOLD, {}), str(record.number): record.means[HUMAN]})
                 study.tell(record.number, record.value)
             else:
                 study.tell(record.number, state=optuna.trial.TrialState.FAIL)
@@ -239,8 +258,9 @@ class Search:
             plan = apply_family_defaults(plan, self.families, self.given)
         return list(with_ids(plan, self.identity)[0]["id"])
 
-    def make_and_judge(self, trials: list[tuple[int, Any]], label: str = "trial") -> list[TrialResult]:
-        """Rows for each trial, one engine workload for all of them, their scores, and each trial's objective."""
+    def make_and_judge(self, trials: list[tuple[int, Any]], label: str = "trial", study: Any = None) -> list[TrialResult]:
+        """Rows for each trial, one engine workload for all of them, their scores, and each trial's objective
+        (a human objective's from the votes that stand, given the `study` that holds what earlier trials were told)."""
         requests = [trial_request(self.spec, self.base, trial) for _, trial in trials]
         plans, problems = build_requests(self.cfg, self.spec, requests)
         good = [k for k, plan in enumerate(plans) if not problems[k] and not plan.empty]
@@ -263,14 +283,40 @@ class Search:
             self.session.generate(pending, desc=f"{label}s {first}-{last}" if last != first else f"{label} {first}")
             self.session.score(checked.plan, quiet=True)
         results = self.store.read_results().set_index("id")  # a snapshot per batch would rewrite results.parquet each time
+        people = self.people(study) if self.spec.by_people and study is not None else None
         records = []
         for k, (number, _) in enumerate(trials):
             params = trial_params(self.spec, requests[k])
             if k not in ids:
                 records.append(TrialResult(number, "FAIL", float("nan"), params, {}, [], "; ".join(problems[k])[:500]))
             else:
-                records.append(self.judge(number, params, ids[k], results))
+                records.append(self.judge(number, params, ids[k], results, people, self.own_ids(ids[k], requests[k])))
         return records
+
+    # ------------------------------------------------------------ a human objective
+
+    def own_ids(self, ids: list[str], request: dict[str, Any]) -> list[str]:
+        """A trial's own images: without the no-LoRA rows `report.baseline` adds, which every trial with LoRAs shares."""
+        if not split_loras(request.get("lora_model")) or "lora_model" not in self.plan:
+            return ids
+        blank = set(self.plan.loc[self.plan["lora_model"].fillna("").astype(str) == "", "id"])
+        return [i for i in ids if i not in blank]
+
+    def trial_rows(self, params: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """A study trial's request and image ids, from its parameters."""
+        request = trial_request(self.spec, self.base, GivenTrial(params))
+        plans, problems = build_requests(self.cfg, self.spec, [request])
+        return request, self.trial_ids(plans[0]) if not problems[0] and not plans[0].empty else []
+
+    def people(self, study: Any) -> PeopleFit:
+        """The votes that stand, fitted over every cell of the search, shifted onto the scale of the values already told."""
+        trials = {t.number: t for t in study.trials}
+        told = {}
+        for number, value in study.user_attrs.get(TOLD, {}).items():
+            if int(number) in trials:
+                request, ids = self.trial_rows(trials[int(number)].params)
+                told[int(number)] = (float(value), self.own_ids(ids, request))
+        return fit_people(self.plan, self.store.read_votes(), told)
 
     def compare_grid(self) -> dict[str, Any] | None:
         """`search.compare_grid`: what a grid of at most the search's trials, over the same space, finds (its images reused by id)."""
@@ -295,8 +341,17 @@ class Search:
             "values": [r.value for r in complete],
         }
 
-    def judge(self, number: int, params: dict[str, Any], ids: list[str], results: pd.DataFrame) -> TrialResult:
-        """The objective over the trial's images: each score's mean over its seeds (and prompts), then the expression."""
+    def judge(
+        self,
+        number: int,
+        params: dict[str, Any],
+        ids: list[str],
+        results: pd.DataFrame,
+        people: PeopleFit | None = None,
+        own: list[str] | None = None,
+    ) -> TrialResult:
+        """The objective over the trial's images: each score's mean over its seeds (and prompts), then the expression;
+        `human`, its own images' strength from the votes, once they are in enough votes (until then it is WAITING)."""
         rows = results.reindex(ids)
         ok = rows[rows["status"] == "ok"] if "status" in rows else rows.iloc[0:0]
         if ok.empty:
@@ -304,13 +359,19 @@ class Search:
         means = {
             name: float(pd.to_numeric(ok[name], errors="coerce").mean()) if name in ok else float("nan") for name in self.cfg.sweep.scores
         }
+        votes = None
+        if people is not None:
+            means[HUMAN], votes = people.of(own if own is not None else ids)
+            if votes < self.spec.votes_per_trial:
+                have = f"{votes} of {self.spec.votes_per_trial} votes"
+                return TrialResult(number, "WAITING", float("nan"), params, means, ids, have, votes)
         missing = [n for n in self.spec.objective.names if means.get(n) != means.get(n)]
         if missing:
             return TrialResult(number, "FAIL", float("nan"), params, means, ids, f"no {', '.join(missing)} for its images")
         value = self.spec.objective.value(means)
         if value != value:
-            return TrialResult(number, "FAIL", value, params, means, ids, "the objective is not a number (a division by zero?)")
-        return TrialResult(number, "COMPLETE", value, params, means, ids)
+            return TrialResult(number, "FAIL", value, params, means, ids, "the objective is not a number (a division by zero?)", votes)
+        return TrialResult(number, "COMPLETE", value, params, means, ids, votes=votes)
 
     def log_trial(self, record: TrialResult) -> None:
         try:
@@ -322,6 +383,9 @@ class Search:
 
     def announce(self, study, record: TrialResult) -> None:
         params = "  ".join(f"{k}={v}" for k, v in record.params.items())
+        if record.state == "WAITING":
+            print(f"trial {record.number}: waits for votes ({record.error})  {params}", file=self.out, flush=True)
+            return
         if record.state != "COMPLETE":
             print(f"trial {record.number}: failed ({record.error})  {params}", file=self.out, flush=True)
             return
@@ -335,17 +399,23 @@ class Search:
         import optuna
 
         indexed = results.set_index("id") if len(results) else pd.DataFrame(columns=["status"])
+        people = self.people(study) if self.spec.by_people else None
+        shown = [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+        if self.spec.by_people:
+            shown.append(optuna.trial.TrialState.RUNNING)  # made and waiting for votes
         records = []
         for trial in study.trials:
-            if trial.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL):
+            if trial.state not in shown:
                 continue
-            request = trial_request(self.spec, self.base, GivenTrial(trial.params))
-            plans, problems = build_requests(self.cfg, self.spec, [request])
-            ids = self.trial_ids(plans[0]) if not problems[0] and not plans[0].empty else []
+            request, ids = self.trial_rows(trial.params)
             params = trial_params(self.spec, request)
-            if trial.state == optuna.trial.TrialState.COMPLETE:
-                record = self.judge(trial.number, params, ids, indexed)
-                record.value = float(trial.value)
+            if trial.state == optuna.trial.TrialState.RUNNING:  # its votes may have come since: the next run tells it
+                record = self.judge(trial.number, params, ids, indexed, people, self.own_ids(ids, request))
+                record.state, record.value = "WAITING", float("nan")
+                record.error = f"{record.votes or 0} of {self.spec.votes_per_trial} votes"
+            elif trial.state == optuna.trial.TrialState.COMPLETE:  # what Optuna was told (the scores' means as they are now)
+                record = self.judge(trial.number, params, ids, indexed, people, self.own_ids(ids, request))
+                record.state, record.value, record.error = "COMPLETE", float(trial.value), ""
             else:
                 record = TrialResult(trial.number, "FAIL", float("nan"), params, {}, ids, "failed")
             records.append(record)

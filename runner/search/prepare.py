@@ -110,6 +110,12 @@ def describe_search(prepared: PreparedSweep, spec: SearchSpec, cfg: DictConfig, 
     )
     for param in spec.params:
         print(f"  {param.describe()}", file=out)
+    if spec.by_people:
+        print(
+            f"  human: each run makes {spec.batch} trials and stops; they are told once their images are in "
+            f"{spec.votes_per_trial} votes each (lora-sweep compare), at the next run",
+            file=out,
+        )
     if settings is not None:
         print(f"  the full grid of this space at its steps: {len(settings)} settings, {len(settings) * per_trial} images", file=out)
     probes = len(probe_trials(spec))

@@ -27,6 +27,8 @@ NOT_SEARCHABLE = {
     "prompt": "a search compares settings on the same prompts; put prompts in sweep.grid.prompt",
 }
 STRENGTH = "lora_strength."
+HUMAN = "human"  # the objective's name for people's votes: each trial's Bradley-Terry strength from `lora-sweep compare`
+VOTES_PER_TRIAL = 5  # votes a trial's images are in before a human objective tells it (search.votes_per_trial)
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,12 @@ class SearchSpec:
     compare_grid: bool = False  # also run a grid of at most `trials` settings (budget_grid) and report both
     base_blend: str = ""  # the base request's lora_model when the blend itself is not searched
     strength_names: dict[str, Param] = field(default_factory=dict)  # lora id -> its strength parameter
+    votes_per_trial: int = VOTES_PER_TRIAL  # a human objective: the votes a trial waits for
+
+    @property
+    def by_people(self) -> bool:
+        """The objective names `human`: trials are judged from votes, a batch at a time, between runs."""
+        return HUMAN in self.objective.names
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -145,6 +153,7 @@ def parse_search(
     base_blend = ",".join(split_loras(base.get("lora_model")))
     strengths = _check_strengths(params, base_blend, problems)
     objective = _parse_objective(str(search.get("objective") or "").strip(), scores, problems)
+    votes_per_trial = _parse_votes(search, objective, problems)
     direction = str(search.get("direction", "maximize")).strip().lower()
     if direction not in DIRECTIONS:
         problems.append(Problem("search.direction", f"'{direction}' is not maximize or minimize", "use maximize (the default) or minimize"))
@@ -168,8 +177,24 @@ def parse_search(
         bool(search.get("compare_grid", False)),
         base_blend,
         strengths,
+        votes_per_trial,
     )
     return spec, []
+
+
+def _parse_votes(search: Mapping[str, Any], objective: Objective | None, problems: list[Problem]) -> int:
+    """`search.votes_per_trial`, which only a human objective reads; a grid beside it would wait for votes of its own."""
+    by_people = objective is not None and HUMAN in objective.names
+    given = search.get("votes_per_trial")
+    if given is not None and objective is not None and not by_people:
+        problems.append(
+            Problem("search.votes_per_trial", "only an objective that names human waits for votes", "drop it, or use objective: human")
+        )
+    if by_people and int(search.get("batch", 4) or 0) == 1:
+        problems.append(Problem("search.batch", "a human objective's votes compare the trials of a batch", "use 2 or more"))
+    if by_people and search.get("compare_grid"):
+        problems.append(Problem("search.compare_grid", "a grid beside a human objective would need votes of its own", "drop compare_grid"))
+    return _positive("search.votes_per_trial", given, problems) if given is not None else VOTES_PER_TRIAL
 
 
 def _parse_space(space: Mapping[str, Any], problems: list[Problem]) -> list[Param]:
@@ -359,14 +384,16 @@ def _parse_objective(text: str, scores: list[str], problems: list[Problem]) -> O
             )
         )
         return None
-    unknown = [n for n in names if n not in scores]
+    unknown = [n for n in names if n not in scores and n != HUMAN]
     for name in unknown:
-        hint = did_you_mean(name, scores)
+        hint = did_you_mean(name, [*scores, HUMAN])
         problems.append(
             Problem(
                 "search.objective",
                 f"'{name}' is not a score of this sweep",
-                (hint + " " if hint else "") + f"add it to sweep.scores (now: {', '.join(scores) or 'none'})",
+                (hint + " " if hint else "")
+                + f"add it to sweep.scores (now: {', '.join(scores) or 'none'})"
+                + ("" if hint else ", or use human (people's votes)"),
             )
         )
     return None if unknown else Objective(text, names, tree)
