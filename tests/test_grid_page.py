@@ -390,6 +390,25 @@ def test_an_open_page_follows_a_running_sweep_without_a_reload_and_stops_when_it
     shot(page, ws, "grid-live-finished")
 
 
+def test_a_running_page_whose_run_went_quiet_says_so_and_keeps_looking(sweep, page):
+    """A run killed with kill -9 never writes that it ended; its page says how long nothing has come."""
+    import time
+
+    from runner.report.grid_page import write_grid_page, write_live
+
+    ws, folder, plan, results = sweep
+    copy = ws.outputs / "gridpage-quiet"
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("mlflow*", "grid-live.js"))
+    write_grid_page(copy, plan, results.iloc[:5], None, [], name="gridpage", runs={}, running=True)
+    open_grid(page, copy)
+    assert "running: updates itself" in page.find_element("id", "stats").text
+    write_live(copy, live_index_of(copy) | {"written": round(time.time()) - 3600})  # the run's last word, an hour ago
+    wait(page, "document.body.dataset.quiet === 'yes'", timeout=20)
+    stats = page.find_element("id", "stats").text
+    assert "running? nothing new for 60 min (if the run has stopped, `lora-sweep report` on this folder" in stats, stats
+    assert page.execute_script("return document.body.dataset.live") == "polling", "it keeps looking: the run may go on"
+
+
 def test_a_page_whose_plan_grows_loads_the_new_page_once_keeping_its_view(sweep, page):
     """A search adds trials' rows as it goes: the open page reloads for the new grid.html, its view and scroll kept."""
     from runner.report.grid_page import write_grid_page

@@ -402,7 +402,18 @@
     let ok = 0, failed = 0;
     for (let i = 0; i < N; i++) { if (D.status[i] === 0) ok++; else if (D.status[i] === 1) failed++; }
     const pending = N - ok - failed;
-    $('stats').textContent = N + ' images: ' + ok + ' ok' + (failed ? ', ' + failed + ' failed' : '') + (pending ? ', ' + pending + ' pending' : '') + ' · ' + L.items.length + ' shown' + (D.running ? ' · running: updates itself' : '');
+    $('stats').textContent = N + ' images: ' + ok + ' ok' + (failed ? ', ' + failed + ' failed' : '') + (pending ? ', ' + pending + ' pending' : '') + ' · ' + L.items.length + ' shown' + runningNote();
+  }
+
+  /* A run killed outright (kill -9, a lost machine) never says it ended: its page would say "running" for ever.
+   * The index carries the time it was written; after a quiet spell the page says so, and keeps looking. */
+  const QUIET_S = 300;
+  function runningNote() {
+    if (!D.running) return '';
+    const quiet = D.written ? Date.now() / 1000 - D.written : 0;
+    document.body.dataset.quiet = quiet >= QUIET_S ? 'yes' : 'no';
+    if (quiet < QUIET_S) return ' · running: updates itself';
+    return ' · running? nothing new for ' + Math.round(quiet / 60) + ' min (if the run has stopped, `lora-sweep report` on this folder brings the page up to date)';
   }
 
   function renderPageNav() {
@@ -868,7 +879,7 @@
     const changed = changedImages(next);
     const colours = S.color && JSON.stringify(colourData(D)) !== JSON.stringify(colourData(next));
     const options = Object.keys(D.scores).join() !== Object.keys(next.scores).join() || Object.keys(D.cell.columns).join() !== Object.keys(next.cell.columns).join();
-    ['status', 'errors', 'scores', 'cell', 'mlflow', 'running'].forEach(function (k) { D[k] = next[k]; });
+    ['status', 'errors', 'scores', 'cell', 'mlflow', 'running', 'written'].forEach(function (k) { D[k] = next[k]; });
     if (options) { $('color').replaceChildren(...scoreOptions()); syncControls(); }
     if (colours || options) { L.col = scoreColumn(); legend(L.col); }
     redrawSlots(colours ? null : changed);

@@ -92,7 +92,7 @@ def page_index(
     if runs is None:
         runs = mlflow_runs(root.parent / "mlflow.db", name or root.name)
     index = grid_index(plan, table, ranking, scores, defaults or {}, runs, root)
-    return index | {"name": name or root.name, "running": bool(running)}
+    return index | {"name": name or root.name, "running": bool(running), "written": round(time.time())}
 
 
 def sweep_running(root: Path) -> bool:
