@@ -153,7 +153,6 @@ def parse_search(
     base_blend = ",".join(split_loras(base.get("lora_model")))
     strengths = _check_strengths(params, base_blend, problems)
     objective = _parse_objective(str(search.get("objective") or "").strip(), scores, problems)
-    votes_per_trial = _parse_votes(search, objective, problems)
     direction = str(search.get("direction", "maximize")).strip().lower()
     if direction not in DIRECTIONS:
         problems.append(Problem("search.direction", f"'{direction}' is not maximize or minimize", "use maximize (the default) or minimize"))
@@ -161,6 +160,7 @@ def parse_search(
     seeds = _parse_seeds(search.get("seeds", [0, 1]), problems)
     trials = _positive("search.trials", search.get("trials", 20), problems)
     batch = _positive("search.batch", search.get("batch", 4), problems)
+    votes_per_trial = _check_human(search, objective, batch, problems)
     if not params:
         problems.append(Problem("search.space", "is empty", "give at least one field to search, e.g. guidance_scale: [3, 12]"))
     if problems or objective is None:
@@ -182,15 +182,16 @@ def parse_search(
     return spec, []
 
 
-def _parse_votes(search: Mapping[str, Any], objective: Objective | None, problems: list[Problem]) -> int:
-    """`search.votes_per_trial`, which only a human objective reads; a grid beside it would wait for votes of its own."""
+def _check_human(search: Mapping[str, Any], objective: Objective | None, batch: int, problems: list[Problem]) -> int:
+    """`search.votes_per_trial`, which only a human objective reads; such a search compares the trials of each batch,
+    and a grid beside it would wait for votes of its own."""
     by_people = objective is not None and HUMAN in objective.names
     given = search.get("votes_per_trial")
     if given is not None and objective is not None and not by_people:
         problems.append(
             Problem("search.votes_per_trial", "only an objective that names human waits for votes", "drop it, or use objective: human")
         )
-    if by_people and int(search.get("batch", 4) or 0) == 1:
+    if by_people and batch == 1:
         problems.append(Problem("search.batch", "a human objective's votes compare the trials of a batch", "use 2 or more"))
     if by_people and search.get("compare_grid"):
         problems.append(Problem("search.compare_grid", "a grid beside a human objective would need votes of its own", "drop compare_grid"))
